@@ -1,0 +1,16 @@
+//! tproxy-cni: a chained CNI plugin that installs a service mesh's transparent-proxy redirect in a
+//! pod's network namespace, so application pods need no privileged init container.
+//!
+//! The pipeline (see `docs/architecture.md`):
+//! [`cni`] (protocol) → [`pod`] (annotations) → [`mesh`] (dialect) → [`redirect`] (typed model) →
+//! [`rules`] (rules as data) → [`netfilter`] (one transaction in the pod's [`netns`]).
+
+pub mod cli;
+pub mod cni;
+pub mod log;
+pub mod mesh;
+pub mod netfilter;
+pub mod netns;
+pub mod pod;
+pub mod redirect;
+pub mod rules;

@@ -1,0 +1,23 @@
+//! Entry point: CNI mode when the runtime set `CNI_COMMAND`, otherwise the command line.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let env: HashMap<String, String> =
+        std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect();
+    if env.contains_key("CNI_COMMAND") {
+        tproxy_cni::log::init(log::LevelFilter::Warn);
+        let mut stdin = Vec::new();
+        if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
+            log::warn!("cannot read stdin: {e}");
+        }
+        let outcome = tproxy_cni::cni::run(&env, &stdin);
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(outcome.stdout.as_bytes());
+        let _ = out.flush();
+        return ExitCode::from(u8::try_from(outcome.exit_code).unwrap_or(1));
+    }
+    tproxy_cni::cli::main()
+}

@@ -1,0 +1,385 @@
+//! The Consul dialect: consul-k8s's webhook annotations → [`ConsulRedirect`].
+//!
+//! A pod is Consul's when it carries a non-empty `connect-inject-status` (or `mesh-inject-status`)
+//! and a non-empty `transparent-proxy-status`. Its configuration is the JSON the webhook writes into
+//! `redirect-traffic-config` (keys are Go field names); when that is missing (a webhook run without
+//! its CNI flag) the same configuration is rebuilt from the individual annotations and the webhook's
+//! defaults. Nomad hands the same JSON in `CNI_ARGS`, parsed by [`from_json`].
+
+use serde::Deserialize;
+
+use super::{AnnotationError, Annotations, PodNetwork};
+use crate::redirect::{
+    Cidrs, ConsulDns, ConsulRedirect, Families, Port, ValueError, parse_cidr, parse_ip, parse_port_range, parse_uid,
+    parse_uid_range, port_from_number, split_list,
+};
+
+const MESH: &str = "consul";
+
+pub const INJECT_STATUS: &str = "consul.hashicorp.com/connect-inject-status";
+pub const MESH_INJECT_STATUS: &str = "consul.hashicorp.com/mesh-inject-status";
+pub const TPROXY_STATUS: &str = "consul.hashicorp.com/transparent-proxy-status";
+pub const REDIRECT_CONFIG: &str = "consul.hashicorp.com/redirect-traffic-config";
+pub const DUAL_STACK: &str = "consul.hashicorp.com/dual-stack";
+pub const EXCLUDE_INBOUND_PORTS: &str = "consul.hashicorp.com/transparent-proxy-exclude-inbound-ports";
+pub const EXCLUDE_OUTBOUND_PORTS: &str = "consul.hashicorp.com/transparent-proxy-exclude-outbound-ports";
+pub const EXCLUDE_OUTBOUND_CIDRS: &str = "consul.hashicorp.com/transparent-proxy-exclude-outbound-cidrs";
+pub const EXCLUDE_UIDS: &str = "consul.hashicorp.com/transparent-proxy-exclude-uids";
+pub const CONSUL_DNS: &str = "consul.hashicorp.com/consul-dns";
+pub const ENABLE_METRICS: &str = "consul.hashicorp.com/enable-metrics";
+pub const PROMETHEUS_SCRAPE_PORT: &str = "consul.hashicorp.com/prometheus-scrape-port";
+pub const USE_PROXY_HEALTH_CHECK: &str = "consul.hashicorp.com/use-proxy-health-check";
+/// Where Nomad's configuration comes from, for error messages.
+pub const NOMAD_CNI_ARG: &str = "CNI_ARGS CONSUL_IPTABLES_CONFIG";
+
+/// The webhook's defaults (consul-k8s constants).
+pub const DEFAULT_PROXY_UID: u32 = 5995;
+pub const DEFAULT_CONNECT_INIT_UID: u32 = 5996;
+pub const DEFAULT_INBOUND_PORT: u16 = 20000;
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+pub const DEFAULT_DNS_PORT: u16 = 8600;
+pub const DEFAULT_PROMETHEUS_PORT: u16 = 20200;
+pub const PROXY_HEALTH_PORT: u16 = 21000;
+
+/// Is this pod in Consul's mesh with transparent proxy on?
+pub fn owns(annotations: &Annotations) -> bool {
+    let set = |k: &str| annotations.get(k).is_some_and(|v| !v.is_empty());
+    (set(INJECT_STATUS) || set(MESH_INJECT_STATUS)) && set(TPROXY_STATUS)
+}
+
+/// The pod's Consul redirect, or `None` when the pod is not a Consul transparent-proxy pod.
+pub fn redirect(annotations: &Annotations, net: PodNetwork) -> Result<Option<ConsulRedirect>, AnnotationError> {
+    if !owns(annotations) {
+        return Ok(None);
+    }
+    let dual_stack = match annotations.get(DUAL_STACK).map(String::as_str) {
+        None | Some("") => false,
+        Some(v) if v.eq_ignore_ascii_case("true") => true,
+        Some(v) if v.eq_ignore_ascii_case("false") => false,
+        Some(v) => {
+            return Err(err(DUAL_STACK, format!("{} is not true or false", crate::redirect::Quoted::new(v))));
+        }
+    };
+    let config = match annotations.get(REDIRECT_CONFIG) {
+        Some(json) => parse_json(json, REDIRECT_CONFIG)?,
+        None => from_individual_annotations(annotations, dual_stack)?,
+    };
+    build(config, dual_stack, net, REDIRECT_CONFIG).map(Some)
+}
+
+/// Nomad's path: the configuration JSON straight from `CNI_ARGS`. Nomad does not do dual-stack.
+pub fn from_json(json: &str, net: PodNetwork) -> Result<ConsulRedirect, AnnotationError> {
+    build(parse_json(json, NOMAD_CNI_ARG)?, false, net, NOMAD_CNI_ARG)
+}
+
+/// consul sdk's `iptables.Config`, as the webhook marshals it (Go field names, no tags).
+#[derive(Debug, Default, Deserialize)]
+struct Config {
+    #[serde(rename = "ConsulDNSIP", default)]
+    consul_dns_ip: String,
+    #[serde(rename = "ConsulDNSPort", default)]
+    consul_dns_port: i64,
+    #[serde(rename = "ProxyUserID", default)]
+    proxy_user_id: String,
+    #[serde(rename = "ProxyInboundPort", default)]
+    proxy_inbound_port: i64,
+    #[serde(rename = "ProxyOutboundPort", default)]
+    proxy_outbound_port: i64,
+    #[serde(rename = "ExcludeInboundPorts", default)]
+    exclude_inbound_ports: Option<Vec<String>>,
+    #[serde(rename = "ExcludeOutboundPorts", default)]
+    exclude_outbound_ports: Option<Vec<String>>,
+    #[serde(rename = "ExcludeOutboundCIDRs", default)]
+    exclude_outbound_cidrs: Option<Vec<String>>,
+    #[serde(rename = "ExcludeUIDs", default)]
+    exclude_uids: Option<Vec<String>>,
+    /// The CNI's netns wins; accepted and ignored.
+    #[serde(rename = "NetNS", default)]
+    _net_ns: Option<serde_json::Value>,
+    /// Always null in what the webhook writes; accepted and ignored.
+    #[serde(rename = "IptablesProvider", default)]
+    _iptables_provider: Option<serde_json::Value>,
+}
+
+fn parse_json(json: &str, source: &'static str) -> Result<Config, AnnotationError> {
+    serde_json::from_str(json).map_err(|e| err(source, format!("is not the redirect JSON: {e}")))
+}
+
+/// Rebuilds what the webhook would have written, from the individual annotations.
+fn from_individual_annotations(a: &Annotations, dual_stack: bool) -> Result<Config, AnnotationError> {
+    let list = |k: &str| a.get(k).map(|v| split_list(v).map(str::to_owned).collect::<Vec<_>>()).unwrap_or_default();
+    let is_true = |k: &str| a.get(k).is_some_and(|v| v.eq_ignore_ascii_case("true"));
+
+    let mut inbound = Vec::new();
+    if is_true(ENABLE_METRICS) {
+        inbound.push(a.get(PROMETHEUS_SCRAPE_PORT).cloned().unwrap_or_else(|| DEFAULT_PROMETHEUS_PORT.to_string()));
+    }
+    if is_true(USE_PROXY_HEALTH_CHECK) {
+        inbound.push(PROXY_HEALTH_PORT.to_string());
+    }
+    inbound.extend(list(EXCLUDE_INBOUND_PORTS));
+    let mut uids = vec![DEFAULT_CONNECT_INIT_UID.to_string()];
+    uids.extend(list(EXCLUDE_UIDS));
+    let (dns_ip, dns_port) = if is_true(CONSUL_DNS) {
+        (if dual_stack { "::1" } else { "127.0.0.1" }.to_owned(), i64::from(DEFAULT_DNS_PORT))
+    } else {
+        (String::new(), 0)
+    };
+    Ok(Config {
+        consul_dns_ip: dns_ip,
+        consul_dns_port: dns_port,
+        proxy_user_id: DEFAULT_PROXY_UID.to_string(),
+        proxy_inbound_port: i64::from(DEFAULT_INBOUND_PORT),
+        proxy_outbound_port: i64::from(DEFAULT_OUTBOUND_PORT),
+        exclude_inbound_ports: Some(inbound),
+        exclude_outbound_ports: Some(list(EXCLUDE_OUTBOUND_PORTS)),
+        exclude_outbound_cidrs: Some(list(EXCLUDE_OUTBOUND_CIDRS)),
+        exclude_uids: Some(uids),
+        ..Config::default()
+    })
+}
+
+/// Validates a configuration into a typed redirect.
+fn build(
+    c: Config,
+    dual_stack: bool,
+    net: PodNetwork,
+    source: &'static str,
+) -> Result<ConsulRedirect, AnnotationError> {
+    let v = |e: ValueError| err(source, e.to_string());
+    if c.proxy_user_id.is_empty() {
+        return Err(err(source, "ProxyUserID is required".into()));
+    }
+    let proxy_uid = parse_uid(&c.proxy_user_id, "ProxyUserID").map_err(v)?;
+    let inbound_port = match c.proxy_inbound_port {
+        0 => return Err(err(source, "ProxyInboundPort is required".into())),
+        n => number_port(n, "ProxyInboundPort").map_err(v)?,
+    };
+    let outbound_port = match c.proxy_outbound_port {
+        0 => Port::new(DEFAULT_OUTBOUND_PORT).expect("non-zero"),
+        n => number_port(n, "ProxyOutboundPort").map_err(v)?,
+    };
+    let ports = |l: Option<Vec<String>>, what| {
+        l.unwrap_or_default().iter().map(|p| parse_port_range(p, what)).collect::<Result<Vec<_>, _>>()
+    };
+    let exclude_inbound_ports = ports(c.exclude_inbound_ports, "ExcludeInboundPorts entry").map_err(v)?;
+    let exclude_outbound_ports = ports(c.exclude_outbound_ports, "ExcludeOutboundPorts entry").map_err(v)?;
+    let mut exclude_outbound_cidrs = Cidrs::default();
+    for s in c.exclude_outbound_cidrs.unwrap_or_default() {
+        exclude_outbound_cidrs.push(parse_cidr(&s, "ExcludeOutboundCIDRs entry").map_err(v)?);
+    }
+    let exclude_uids = c
+        .exclude_uids
+        .unwrap_or_default()
+        .iter()
+        .map(|u| parse_uid_range(u, "ExcludeUIDs entry"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(v)?;
+
+    let dns_ip = match c.consul_dns_ip.as_str() {
+        "" => None,
+        s => Some(parse_ip(s, "ConsulDNSIP").map_err(v)?),
+    };
+    if let Some(ip) = dns_ip {
+        if dual_stack && ip.is_ipv4() {
+            return Err(err(
+                source,
+                format!("ConsulDNSIP {ip} is IPv4 but the pod is dual-stack (expected an IPv6 address such as ::1)"),
+            ));
+        }
+        if !dual_stack && ip.is_ipv6() {
+            return Err(err(
+                source,
+                format!("ConsulDNSIP {ip} is IPv6 but the pod is not dual-stack ({DUAL_STACK} is not \"true\")"),
+            ));
+        }
+    }
+    let dns = match (dns_ip, c.consul_dns_port) {
+        (ip, port) if port != 0 => Some(ConsulDns::Port { ip, port: number_port(port, "ConsulDNSPort").map_err(v)? }),
+        (Some(ip), _) => Some(ConsulDns::All { ip }),
+        (None, _) => None,
+    };
+    Ok(ConsulRedirect {
+        proxy_uid,
+        inbound_port,
+        outbound_port,
+        exclude_inbound_ports,
+        exclude_outbound_ports,
+        exclude_outbound_cidrs,
+        exclude_uids,
+        dns,
+        dual_stack,
+        families: Families { ipv6: dual_stack || net.has_ipv6 },
+    })
+}
+
+fn number_port(n: i64, what: &'static str) -> Result<Port, ValueError> {
+    let text = n.to_string();
+    u64::try_from(n)
+        .map_err(|_| ValueError::OutOfRange { what, value: crate::redirect::Quoted::new(&text), range: "1-65535" })
+        .and_then(|n| port_from_number(n, &text, what))
+}
+
+fn err(annotation: &'static str, reason: String) -> AnnotationError {
+    AnnotationError { mesh: MESH, annotation, reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redirect::Family;
+
+    pub(crate) fn pod(pairs: &[(&str, &str)]) -> Annotations {
+        let mut a: Annotations = [(INJECT_STATUS, "injected"), (TPROXY_STATUS, "enabled")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        for (k, v) in pairs {
+            a.insert(k.to_string(), v.to_string());
+        }
+        a
+    }
+
+    const TYPICAL: &str = r#"{"ConsulDNSIP":"127.0.0.1","ConsulDNSPort":8600,"ProxyUserID":"5995","ProxyInboundPort":20000,"ProxyOutboundPort":15001,"ExcludeInboundPorts":null,"ExcludeOutboundPorts":null,"ExcludeOutboundCIDRs":null,"ExcludeUIDs":["5996"],"NetNS":"","IptablesProvider":null}"#;
+
+    fn ok(a: &Annotations) -> ConsulRedirect {
+        redirect(a, PodNetwork::default()).unwrap().unwrap()
+    }
+
+    fn refused(a: &Annotations) -> String {
+        redirect(a, PodNetwork::default()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn only_injected_tproxy_pods_are_ours() {
+        let mut a = Annotations::new();
+        assert!(!owns(&a));
+        a.insert(INJECT_STATUS.into(), "injected".into());
+        assert!(!owns(&a), "transparent proxy not on");
+        a.insert(TPROXY_STATUS.into(), "".into());
+        assert!(!owns(&a), "empty status is off");
+        a.insert(TPROXY_STATUS.into(), "enabled".into());
+        assert!(owns(&a));
+        a.remove(INJECT_STATUS);
+        a.insert(MESH_INJECT_STATUS.into(), "injected".into());
+        assert!(owns(&a), "mesh v2 status counts too");
+        assert_eq!(redirect(&Annotations::new(), PodNetwork::default()), Ok(None));
+    }
+
+    #[test]
+    fn reads_the_typical_webhook_json() {
+        let r = ok(&pod(&[(REDIRECT_CONFIG, TYPICAL)]));
+        assert_eq!(r.proxy_uid, 5995);
+        assert_eq!(r.inbound_port.get(), 20000);
+        assert_eq!(r.outbound_port.get(), 15001);
+        assert_eq!(r.exclude_uids.iter().map(ToString::to_string).collect::<Vec<_>>(), ["5996"]);
+        assert_eq!(
+            r.dns,
+            Some(ConsulDns::Port { ip: Some("127.0.0.1".parse().unwrap()), port: Port::new(8600).unwrap() })
+        );
+        assert_eq!(r.families.iter().collect::<Vec<_>>(), [Family::V4]);
+    }
+
+    #[test]
+    fn outbound_port_zero_means_15001() {
+        let r = ok(&pod(&[(REDIRECT_CONFIG, r#"{"ProxyUserID":"1","ProxyInboundPort":1,"ProxyOutboundPort":0}"#)]));
+        assert_eq!(r.outbound_port.get(), 15001);
+        assert_eq!(r.dns, None);
+    }
+
+    #[test]
+    fn dns_ip_alone_sends_all_dns_there() {
+        let r =
+            ok(&pod(&[(REDIRECT_CONFIG, r#"{"ProxyUserID":"1","ProxyInboundPort":1,"ConsulDNSIP":"10.96.0.10"}"#)]));
+        assert_eq!(r.dns, Some(ConsulDns::All { ip: "10.96.0.10".parse().unwrap() }));
+    }
+
+    #[test]
+    fn falls_back_to_individual_annotations_with_webhook_defaults() {
+        let r = ok(&pod(&[
+            (EXCLUDE_INBOUND_PORTS, "8080, 9090"),
+            (EXCLUDE_OUTBOUND_PORTS, "5432"),
+            (EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/8,2001:db8::/32"),
+            (EXCLUDE_UIDS, "42"),
+            (CONSUL_DNS, "true"),
+            (ENABLE_METRICS, "true"),
+            (USE_PROXY_HEALTH_CHECK, "true"),
+        ]));
+        assert_eq!(r.proxy_uid, 5995);
+        assert_eq!(r.inbound_port.get(), 20000);
+        assert_eq!(
+            r.exclude_inbound_ports.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["20200", "21000", "8080", "9090"]
+        );
+        assert_eq!(r.exclude_uids.iter().map(ToString::to_string).collect::<Vec<_>>(), ["5996", "42"]);
+        assert_eq!(r.exclude_outbound_cidrs.v4.len(), 1);
+        assert_eq!(r.exclude_outbound_cidrs.v6.len(), 1);
+        assert!(matches!(r.dns, Some(ConsulDns::Port { port, .. }) if port.get() == 8600));
+    }
+
+    #[test]
+    fn dual_stack_turns_on_ipv6_and_wants_an_ipv6_dns_ip() {
+        let json = r#"{"ProxyUserID":"5995","ProxyInboundPort":20000,"ConsulDNSIP":"::1","ConsulDNSPort":8600}"#;
+        let r = ok(&pod(&[(REDIRECT_CONFIG, json), (DUAL_STACK, "true")]));
+        assert!(r.dual_stack && r.families.ipv6);
+        let e = refused(&pod(&[(REDIRECT_CONFIG, TYPICAL), (DUAL_STACK, "true")]));
+        assert!(e.contains("is IPv4 but the pod is dual-stack"), "{e}");
+        let e = refused(&pod(&[(REDIRECT_CONFIG, json)]));
+        assert!(e.contains("is IPv6 but the pod is not dual-stack"), "{e}");
+        assert!(refused(&pod(&[(REDIRECT_CONFIG, json), (DUAL_STACK, "yes")])).contains("not true or false"));
+    }
+
+    #[test]
+    fn a_pod_with_ipv6_gets_an_ipv6_pass_even_without_dual_stack() {
+        let r = redirect(&pod(&[(REDIRECT_CONFIG, TYPICAL)]), PodNetwork { has_ipv6: true }).unwrap().unwrap();
+        assert!(r.families.ipv6 && !r.dual_stack);
+    }
+
+    #[test]
+    fn refuses_what_upstream_refuses_and_what_could_inject() {
+        let cases = [
+            (r#"{"ProxyInboundPort":20000}"#, "ProxyUserID is required"),
+            (r#"{"ProxyUserID":"5995"}"#, "ProxyInboundPort is required"),
+            (r#"{"ProxyUserID":"5995","ProxyInboundPort":70000}"#, "out of range"),
+            (r#"{"ProxyUserID":"5995","ProxyInboundPort":-1}"#, "out of range"),
+            (r#"{"ProxyUserID":"root","ProxyInboundPort":1}"#, "not a number"),
+            (
+                r#"{"ProxyUserID":"5995","ProxyInboundPort":1,"ConsulDNSIP":"dns.local","ConsulDNSPort":53}"#,
+                "not an IP",
+            ),
+            (
+                r#"{"ProxyUserID":"5995","ProxyInboundPort":1,"ExcludeOutboundCIDRs":["10.0.0.0/8 -j ACCEPT"]}"#,
+                "not a CIDR",
+            ),
+            (
+                r#"{"ProxyUserID":"5995","ProxyInboundPort":1,"ExcludeInboundPorts":["22\n-A OUTPUT -j ACCEPT"]}"#,
+                "not a number",
+            ),
+            (r#"{"ProxyUserID":"5995","ProxyInboundPort":1,"ExcludeUIDs":[5996]}"#, "not the redirect JSON"),
+            (r#"{"ProxyUserID":"5995","ProxyUserID":"1","ProxyInboundPort":1}"#, "duplicate field"),
+            ("not json", "not the redirect JSON"),
+        ];
+        for (json, want) in cases {
+            let e = refused(&pod(&[(REDIRECT_CONFIG, json)]));
+            assert!(e.contains(want), "{json}: {e}");
+            assert!(e.starts_with("consul pod: annotation consul.hashicorp.com/redirect-traffic-config: "), "{e}");
+            assert!(!e.contains('\n'), "messages are one line: {e}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_individual_annotations() {
+        let e = refused(&pod(&[(EXCLUDE_OUTBOUND_PORTS, "65536")]));
+        assert!(e.contains("out of range"), "{e}");
+        let e = refused(&pod(&[(EXCLUDE_UIDS, "-1")]));
+        assert!(e.contains("not a number"), "{e}");
+    }
+
+    #[test]
+    fn nomad_json_comes_without_annotations() {
+        let r = from_json(TYPICAL, PodNetwork::default()).unwrap();
+        assert_eq!(r.proxy_uid, 5995);
+        let e = from_json("{}", PodNetwork::default()).unwrap_err();
+        assert_eq!(e.annotation, NOMAD_CNI_ARG);
+    }
+}

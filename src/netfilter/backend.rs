@@ -1,0 +1,182 @@
+//! Which iptables the node uses (nft or legacy), and where its restore and save tools are.
+//!
+//! A pod namespace starts empty, so it cannot tell us; the node can. Like kubelet's iptables wrapper
+//! we look for the `KUBE-IPTABLES-HINT` chain kubelet creates in the host's mangle table, first with
+//! the nft tools, then with the legacy ones (only when the legacy mangle table exists at all, so we
+//! never load legacy modules on an nft node). A hint found is cached under `/run/tproxy-cni` (tmpfs:
+//! a reboot clears it) so later ADDs spawn no probe. Without a hint we choose nft, the default of
+//! every current distribution. `iptables_mode` in the conflist skips all of this.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use thiserror::Error;
+
+use crate::redirect::Family;
+
+/// The conflist's `iptables_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Auto,
+    Nft,
+    Legacy,
+}
+
+/// A concrete iptables backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Nft,
+    Legacy,
+}
+
+/// Where executables are looked up, in order. A CNI plugin inherits the runtime's environment,
+/// whose `PATH` is not ours to trust, so the standard directories are searched instead.
+const TOOL_DIRS: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/local/bin"];
+
+/// The hint chain kubelet creates in the host's mangle table with the iptables it uses.
+const KUBE_HINT_CHAIN: &str = ":KUBE-IPTABLES-HINT ";
+
+/// Where the detected backend is remembered until reboot.
+pub const RUNTIME_DIR: &str = "/run/tproxy-cni";
+
+#[derive(Debug, Error)]
+pub enum BackendError {
+    #[error("{tool} not found in {dirs} (install the iptables package with the {backend} backend)", dirs = TOOL_DIRS.join(":"))]
+    ToolMissing { tool: String, backend: &'static str },
+}
+
+/// The restore and save executables of one backend and family.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub restore: PathBuf,
+    pub save: PathBuf,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+        }
+    }
+
+    /// Resolves the conflist's mode to a backend, probing the host when asked to.
+    pub fn resolve(mode: Mode) -> Backend {
+        match mode {
+            Mode::Nft => Backend::Nft,
+            Mode::Legacy => Backend::Legacy,
+            Mode::Auto => detect(Path::new(RUNTIME_DIR)),
+        }
+    }
+
+    /// The tools of this backend for `family`.
+    pub fn tools(self, family: Family) -> Result<Tools, BackendError> {
+        Ok(Tools { restore: self.find(family, "restore")?, save: self.find(family, "save")? })
+    }
+
+    fn find(self, family: Family, verb: &str) -> Result<PathBuf, BackendError> {
+        let base = match family {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        };
+        let specific = format!("{base}-{}-{verb}", self.name());
+        if let Some(p) = lookup(&specific) {
+            return Ok(p);
+        }
+        // Distributions that ship one backend only may have just `iptables-restore`, a link to
+        // xtables-nft-multi or xtables-legacy-multi: accept it when it is the backend we want.
+        let generic = format!("{base}-{verb}");
+        if let Some(p) = lookup(&generic) {
+            let target = fs::canonicalize(&p).unwrap_or_else(|_| p.clone());
+            let name = target.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if name.contains(self.name()) {
+                return Ok(p);
+            }
+        }
+        Err(BackendError::ToolMissing { tool: specific, backend: self.name() })
+    }
+}
+
+fn lookup(name: &str) -> Option<PathBuf> {
+    TOOL_DIRS.iter().map(|d| Path::new(d).join(name)).find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn detect(runtime_dir: &Path) -> Backend {
+    let cache = runtime_dir.join("iptables-backend");
+    match fs::read_to_string(&cache).as_deref().map(str::trim) {
+        Ok("nft") => return Backend::Nft,
+        Ok("legacy") => return Backend::Legacy,
+        _ => {}
+    }
+    let legacy_mangle_exists =
+        fs::read_to_string("/proc/net/ip_tables_names").is_ok_and(|t| t.lines().any(|l| l == "mangle"));
+    let hinted = [Backend::Nft, Backend::Legacy]
+        .into_iter()
+        .filter(|b| *b == Backend::Nft || legacy_mangle_exists)
+        .find(|b| host_has_hint(*b));
+    match hinted {
+        Some(b) => {
+            log::debug!(
+                "kubelet's {} chain is in the {} tables: using iptables-{}",
+                KUBE_HINT_CHAIN.trim(),
+                b.name(),
+                b.name()
+            );
+            if let Err(e) = remember(&cache, b) {
+                log::debug!("cannot cache the iptables backend in {}: {e}", cache.display());
+            }
+            b
+        }
+        None => {
+            log::debug!("no kubelet hint chain on the host: using iptables-nft");
+            Backend::Nft
+        }
+    }
+}
+
+fn host_has_hint(b: Backend) -> bool {
+    let Ok(tools) = b.tools(Family::V4) else { return false };
+    Command::new(&tools.save)
+        .args(["-t", "mangle"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with(KUBE_HINT_CHAIN)))
+}
+
+fn remember(cache: &Path, b: Backend) -> io::Result<()> {
+    let dir = cache.parent().expect("cache file has a directory");
+    fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".iptables-backend.{}", std::process::id()));
+    fs::write(&tmp, b.name())?;
+    fs::rename(&tmp, cache)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_decision_is_used_without_probing() {
+        let dir = std::env::temp_dir().join(format!("tproxy-cni-backend-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        remember(&dir.join("iptables-backend"), Backend::Legacy).unwrap();
+        assert_eq!(detect(&dir), Backend::Legacy);
+        remember(&dir.join("iptables-backend"), Backend::Nft).unwrap();
+        assert_eq!(detect(&dir), Backend::Nft);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn explicit_modes_do_not_probe() {
+        assert_eq!(Backend::resolve(Mode::Legacy), Backend::Legacy);
+        assert_eq!(Backend::resolve(Mode::Nft), Backend::Nft);
+    }
+}

@@ -1,0 +1,116 @@
+//! A pod's network namespace: an owned file descriptor, entered only by child processes.
+//!
+//! We never move a thread of the plugin into the pod's namespace. A command that must run there is
+//! given a `pre_exec` hook that calls `setns(2)` in the forked child, just before `exec`; the parent
+//! stays in the host namespace whatever happens in the child.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use thiserror::Error;
+
+/// `f_type` of files on nsfs (`/proc/*/ns/*` and their bind mounts under `/run/netns`).
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+#[derive(Debug, Error)]
+pub enum NetnsError {
+    /// The namespace no longer exists. DEL treats this as success: the pod's rules died with it.
+    #[error("network namespace {0} does not exist")]
+    Gone(PathBuf),
+    #[error("{0} is not a network namespace (is the netns bind mount gone?)")]
+    NotANetns(PathBuf),
+    #[error("cannot open network namespace {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl NetnsError {
+    /// Is the namespace simply gone (so there is nothing left to clean up)?
+    pub fn is_gone(&self) -> bool {
+        matches!(self, NetnsError::Gone(_) | NetnsError::NotANetns(_))
+    }
+}
+
+/// An open network namespace.
+#[derive(Debug)]
+pub struct Netns {
+    file: File,
+    path: PathBuf,
+}
+
+impl Netns {
+    /// Opens the namespace at `path` and checks it really is one.
+    pub fn open(path: &Path) -> Result<Netns, NetnsError> {
+        let file = File::open(path).map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => NetnsError::Gone(path.to_owned()),
+            _ => NetnsError::Open { path: path.to_owned(), source },
+        })?;
+        // Safety: `statfs` is plain data; an all-zero value is valid and fstatfs overwrites it.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // Safety: the descriptor is open for the duration of the call and `st` is a valid out-pointer.
+        if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+            return Err(NetnsError::Open { path: path.to_owned(), source: io::Error::last_os_error() });
+        }
+        #[allow(clippy::unnecessary_cast)] // f_type's width differs between architectures.
+        if st.f_type as i64 != NSFS_MAGIC {
+            return Err(NetnsError::NotANetns(path.to_owned()));
+        }
+        Ok(Netns { file, path: path.to_owned() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A name for this namespace that is stable while it lives: its device and inode.
+    pub fn id(&self) -> io::Result<String> {
+        let m = self.file.metadata()?;
+        Ok(format!("{}-{}", m.dev(), m.ino()))
+    }
+
+    /// Makes `cmd` run inside this namespace. The namespace must stay open until `cmd` is spawned.
+    pub fn enter_on_spawn(&self, cmd: &mut Command) {
+        let fd: RawFd = self.file.as_raw_fd();
+        // Safety: the hook runs in the forked child before exec and only calls setns(2), a single
+        // async-signal-safe system call; it touches no memory shared with the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_path_is_gone() {
+        let e = Netns::open(Path::new("/nonexistent/netns/x")).unwrap_err();
+        assert!(matches!(e, NetnsError::Gone(_)) && e.is_gone());
+    }
+
+    #[test]
+    fn a_regular_file_is_not_a_netns() {
+        let e = Netns::open(Path::new("/proc/self/status")).unwrap_err();
+        assert!(matches!(e, NetnsError::NotANetns(_)), "{e:?}");
+    }
+
+    #[test]
+    fn our_own_namespace_opens() {
+        let ns = Netns::open(Path::new("/proc/self/ns/net")).unwrap();
+        assert!(!ns.id().unwrap().is_empty());
+    }
+}
