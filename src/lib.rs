@@ -10,6 +10,7 @@ pub mod cni;
 pub mod log;
 pub mod mesh;
 pub mod netfilter;
+pub mod netlink;
 pub mod netns;
 pub mod pod;
 pub mod redirect;

@@ -21,7 +21,8 @@ use self::error::{CniError, Code};
 use self::result::ResultError;
 use self::version::Version;
 use crate::mesh::{AnnotationError, PodNetwork};
-use crate::netfilter::{Backend, CheckError, Netfilter, NetfilterError};
+use crate::netfilter::{Backend, CheckError, Mismatch, Netfilter, NetfilterError};
+use crate::netlink::{self, NetlinkError};
 use crate::netns::{Netns, NetnsError};
 use crate::pod::{self, PodRef};
 use crate::rules;
@@ -91,6 +92,8 @@ pub enum Error {
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
     Netfilter(#[from] NetfilterError),
     #[error(transparent)]
     Check(#[from] CheckError),
@@ -110,7 +113,7 @@ pub fn to_cni_error(e: &Error) -> CniError {
         Error::Config(ConfigError::Version(_)) | Error::NotInVersion(..) => Code::IncompatibleVersion,
         Error::Config(_) | Error::PrevResult(_) => Code::InvalidConfig,
         Error::Annotation(_) => Code::InvalidAnnotation,
-        Error::Netns(_) => Code::Netns,
+        Error::Netns(_) | Error::Netlink(_) => Code::Netns,
         Error::Netfilter(_) | Error::Check(CheckError::Netfilter(_)) => Code::Netfilter,
         Error::Check(CheckError::Mismatch(_)) => Code::CheckMismatch,
         Error::NotReady(_) => Code::PluginNotAvailable,
@@ -180,10 +183,14 @@ fn add(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
         log::debug!("pod is not in a mesh with transparent proxy: passing through");
         return Ok(output);
     };
-    let sets = rules::build(&redirect);
     let ns = Netns::open(inv.netns.as_deref().expect("ADD requires CNI_NETNS"))?;
+    let prepared = netlink::prepare(&ns, redirect)?;
+    let (redirect, sets) = (&prepared.redirect, rules::build(&prepared.redirect));
     let nf = Netfilter::new(Backend::resolve(conf.iptables_mode));
-    nf.apply(&ns, &sets)?;
+    if let Err(e) = nf.apply(&ns, &sets) {
+        prepared.undo(&ns);
+        return Err(e.into());
+    }
     let families: Vec<_> = sets.iter().map(|s| s.family.name()).collect();
     log::info!("{} redirect installed ({}, iptables-{})", redirect.mesh(), families.join("+"), nf.backend().name());
     Ok(output)
@@ -215,7 +222,8 @@ fn remove_from(netns: Option<&std::path::Path>, backend: Backend) -> Result<(), 
         Err(e) => return Err(e.into()),
     };
     let nf = Netfilter::new(backend);
-    nf.remove(&ns)?;
+    let removed = nf.remove(&ns)?;
+    netlink::release(&ns, &removed)?;
     nf.forget_lock(&ns);
     Ok(())
 }
@@ -226,10 +234,24 @@ fn check(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
         return Err(Error::NotInVersion(Command::Check, Version::V0_4_0, conf.cni_version));
     }
     let net = PodNetwork { has_ipv6: result::has_ipv6(conf.prev_result.as_deref()) };
-    let sets = pod::redirect(conf, &inv.args, net)?.map(|r| rules::build(&r)).unwrap_or_default();
+    let redirect = pod::redirect(conf, &inv.args, net)?;
     let ns = Netns::open(inv.netns.as_deref().expect("CHECK requires CNI_NETNS"))?;
-    Netfilter::new(Backend::resolve(conf.iptables_mode)).check(&ns, &sets)?;
-    Ok(String::new())
+    let (sets, address_diffs) = match redirect {
+        Some(r) => {
+            let (r, diffs) = netlink::inspect(&ns, r)?;
+            (rules::build(&r), diffs)
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    match Netfilter::new(Backend::resolve(conf.iptables_mode)).check(&ns, &sets) {
+        Ok(()) if address_diffs.is_empty() => Ok(String::new()),
+        Ok(()) => Err(CheckError::Mismatch(Mismatch(address_diffs)).into()),
+        Err(CheckError::Mismatch(Mismatch(mut diffs))) => {
+            diffs.extend(address_diffs);
+            Err(CheckError::Mismatch(Mismatch(diffs)).into())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// STATUS: ready when every tool ADD may run is installed.
