@@ -466,7 +466,12 @@ impl Responder {
 
     /// A UDP server that answers every datagram with `"<name>"`.
     pub fn udp(ns: &Netns, bind: SocketAddr, name: &str) -> Responder {
-        let sock = in_netns(ns, None, || bind_udp(bind)).unwrap_or_else(|e| panic!("bind udp {bind}: {e}"));
+        Responder::udp_as(ns, None, bind, name)
+    }
+
+    /// [`Responder::udp`] with a socket owned by `uid` (what `-m owner` sees on its answers).
+    pub fn udp_as(ns: &Netns, uid: Option<u32>, bind: SocketAddr, name: &str) -> Responder {
+        let sock = in_netns(ns, uid, || bind_udp(bind)).unwrap_or_else(|e| panic!("bind udp {bind}: {e}"));
         sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -555,6 +560,21 @@ pub fn dial(ns: &Netns, uid: Option<u32>, to: SocketAddr) -> Result<String, Stri
     })
 }
 
+/// [`dial`] from a given local address (which must exist in `ns`).
+pub fn dial_from(ns: &Netns, uid: Option<u32>, from: IpAddr, to: SocketAddr) -> Result<String, String> {
+    in_netns(ns, uid, || {
+        let s = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)
+            .map_err(|e| e.to_string())?;
+        s.bind(&SocketAddr::new(from, 0).into()).map_err(|e| format!("bind {from}: {e}"))?;
+        s.connect_timeout(&to.into(), TIMEOUT).map_err(|e| e.to_string())?;
+        let mut s: TcpStream = s.into();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+        Ok(out.trim().to_owned())
+    })
+}
+
 /// Sends one UDP datagram to `to` from inside `ns` and returns the reply, if one comes in time.
 pub fn udp_ask(ns: &Netns, uid: Option<u32>, to: SocketAddr) -> Result<String, String> {
     in_netns(ns, uid, || {
@@ -573,6 +593,22 @@ pub fn udp_ask(ns: &Netns, uid: Option<u32>, to: SocketAddr) -> Result<String, S
         }
         Err("no reply".into())
     })
+}
+
+/// Kuma annotations as a webhook in CNI mode writes them, with the given transparent-proxy YAML
+/// (`None`: the per-knob annotations of webhooks up to v2.14, from `extra`).
+pub fn kuma_pod(yaml: Option<&str>, extra: &[(&str, &str)]) -> serde_json::Value {
+    let mut a = serde_json::json!({
+        "kuma.io/sidecar-injected": "true",
+        "k8s.v1.cni.cncf.io/networks": "kuma-cni",
+    });
+    if let Some(y) = yaml {
+        a["traffic.kuma.io/transparent-proxy-config"] = serde_json::Value::from(y);
+    }
+    for (k, v) in extra {
+        a[*k] = serde_json::Value::from(*v);
+    }
+    a
 }
 
 /// Consul annotations as the webhook writes them, with the given redirect-traffic-config JSON.
