@@ -153,7 +153,8 @@ impl Netns {
     pub fn restore(&self, family: Fam, backend: &str, input: &str) {
         let tool = format!("{}-{backend}-restore", family.tool());
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.name, &tool, "--noflush"])
+            // --wait: a test may briefly hold the node-wide xtables lock (tests/backend.rs).
+            .args(["netns", "exec", &self.name, &tool, "--wait", "10", "--noflush"])
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
