@@ -117,3 +117,37 @@ fn gc_accepts_the_attachment_lists() {
         assert!(out.status.success() && out.stdout.is_empty(), "{key}");
     }
 }
+
+#[test]
+fn the_example_conflists_are_accepted() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cni-conf");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "conflist") {
+            continue;
+        }
+        let list: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let Some(ours) = list["plugins"].as_array().unwrap().iter().find(|p| p["type"] == "tproxy-cni") else {
+            continue;
+        };
+        assert_eq!(
+            list["plugins"].as_array().unwrap().last(),
+            Some(ours),
+            "{}: tproxy-cni must be last",
+            path.display()
+        );
+        // What libcni hands the plugin: our entry plus the list's name and version.
+        let mut conf = ours.clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["name"] = list["name"].clone();
+        // No annotations: a pass-through, which still validates every key.
+        let out = call_plugin(
+            &[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c1"), ("CNI_NETNS", "/nonexistent"), ("CNI_IFNAME", "eth0")],
+            &conf.to_string(),
+        );
+        assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stdout));
+        seen += 1;
+    }
+    assert!(seen >= 2);
+}

@@ -37,6 +37,8 @@ pub enum Code {
     Netns = 102,
     /// CHECK: the rules in the pod's namespace differ from what the pod should have.
     CheckMismatch = 103,
+    /// A bug in tproxy-cni (it panicked); the message says where.
+    Internal = 199,
 }
 
 impl Code {

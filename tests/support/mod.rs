@@ -153,7 +153,8 @@ impl Netns {
     pub fn restore(&self, family: Fam, backend: &str, input: &str) {
         let tool = format!("{}-{backend}-restore", family.tool());
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.name, &tool, "--noflush"])
+            // --wait: a test may briefly hold the node-wide xtables lock (tests/backend.rs).
+            .args(["netns", "exec", &self.name, &tool, "--wait", "10", "--noflush"])
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -249,6 +250,10 @@ impl Network {
     /// annotations capability.
     pub fn new(plugin_conf: serde_json::Value) -> Network {
         let bridge = unique("tpb");
+        // A bridge made beforehand with a fixed MAC keeps it as ports join; left to itself, Linux
+        // changes the bridge's address and the bridge plugin's CHECK then reports a mismatch.
+        sh(Command::new("ip").args(["link", "add", &bridge, "type", "bridge"]));
+        sh(Command::new("ip").args(["link", "set", &bridge, "address", "02:00:5e:00:53:01", "up"]));
         let dir = TempDir::new("net");
         let mut ours = serde_json::json!({
             "type": "tproxy-cni",
@@ -448,7 +453,9 @@ impl Responder {
             while !stop2.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((mut conn, _)) => {
-                        let dst = original_dst(&conn).map(|a| a.to_string()).unwrap_or_else(|e| format!("none({e})"));
+                        let dst = tproxy_cni::origdst::original_dst(&conn)
+                            .map(|a| a.to_string())
+                            .unwrap_or_else(|e| format!("none({e})"));
                         let line = format!("{name} {dst}");
                         seen2.lock().unwrap().push(line.clone());
                         let _ = conn.write_all(format!("{line}\n").as_bytes());
@@ -517,35 +524,6 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     }
     s.bind(&addr.into())?;
     Ok(s.into())
-}
-
-/// The destination a redirected connection was originally sent to (`SO_ORIGINAL_DST`), or the
-/// socket's own address when nothing redirected it.
-pub fn original_dst(conn: &TcpStream) -> std::io::Result<SocketAddr> {
-    const SO_ORIGINAL_DST: libc::c_int = 80; // Also IP6T_SO_ORIGINAL_DST.
-    let fd = conn.as_raw_fd();
-    let local = conn.local_addr()?;
-    // Safety: getsockopt writes at most `len` bytes into a zeroed sockaddr_storage we own.
-    unsafe {
-        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        let (level, family) =
-            if local.is_ipv4() { (libc::SOL_IP, libc::AF_INET) } else { (libc::SOL_IPV6, libc::AF_INET6) };
-        if libc::getsockopt(fd, level, SO_ORIGINAL_DST, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        if family == libc::AF_INET {
-            let sin = &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>();
-            Ok(SocketAddr::new(
-                IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()),
-                u16::from_be(sin.sin_port),
-            ))
-        } else {
-            let sin6 = &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
-            Ok(SocketAddr::new(IpAddr::from(sin6.sin6_addr.s6_addr), u16::from_be(sin6.sin6_port)))
-        }
-    }
 }
 
 /// Dials `to` from inside `ns` as `uid` (None: root) and returns the first line the server sent,
