@@ -176,7 +176,7 @@ pub struct Rule {
     pub dports: Option<Vec<PortRange>>,
     pub uid_owner: Option<Cond<UidRange>>,
     pub ctstate: Option<CtState>,
-    /// The ownership comment: [`OWNER_COMMENT`], or a Kuma comment (see [`kuma_comment!`]).
+    /// The ownership comment: [`OWNER_COMMENT`], or a Kuma comment (see [`crate::kuma_comment!`]).
     pub comment: &'static str,
     pub target: Target,
 }
