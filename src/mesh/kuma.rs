@@ -124,8 +124,14 @@ pub fn redirect(
     }
     match a.get(TPROXY_CONFIG).filter(|v| !v.trim().is_empty()) {
         Some(yaml) => {
+            // The YAML's cniMode is needed only when neither the pod spec nor Multus' list tells
+            // whose pod it is: a kuma-init pod is then passed through without reading its YAML.
+            let settled = containers.is_some() || names_kuma_cni(a.get(CNCF_NETWORKS));
+            if settled && !owns(a, containers, None) {
+                return Ok(None);
+            }
             let config = parse_yaml(yaml)?;
-            if !owns(a, containers, config.cni_mode) {
+            if !settled && !owns(a, containers, config.cni_mode) {
                 return Ok(None);
             }
             from_config(config, net).map(Some)
@@ -621,6 +627,14 @@ mod tests {
             Ok(None),
             "kuma-init installs its own rules"
         );
+        let mut broken = a.clone();
+        broken.insert(TPROXY_CONFIG.into(), "redirect: [".into());
+        assert_eq!(
+            redirect(&broken, Some(&spec(&["app", SIDECAR_CONTAINER], &[INIT_CONTAINER])), PodNetwork::default()),
+            Ok(None),
+            "a kuma-init pod is not ours, whatever its YAML says"
+        );
+        assert!(redirect(&broken, Some(&spec(&[SIDECAR_CONTAINER], &[])), PodNetwork::default()).is_err());
     }
 
     #[test]
