@@ -335,3 +335,25 @@ fn nomad_configuration_needs_no_api_call() {
     );
     assert!(api.requests().is_empty());
 }
+
+#[test]
+fn the_multus_attachment_example_is_accepted() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("cni-conf/multus-nad.yaml");
+    let nad: Value = serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(nad["kind"], "NetworkAttachmentDefinition");
+    let conf: Value = serde_json::from_str(nad["spec"]["config"].as_str().unwrap()).unwrap();
+    assert_eq!(conf["type"], "tproxy-cni");
+    // As Multus calls it: no prevResult. A pod of an excluded namespace, so no kubeconfig is needed
+    // to get past validation of every key.
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "c1"),
+        ("CNI_NETNS", "/nonexistent"),
+        ("CNI_IFNAME", "net1"),
+        ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-0"),
+    ];
+    let out = call_plugin(&env, &conf.to_string());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["cniVersion"], conf["cniVersion"]);
+}
