@@ -40,6 +40,7 @@ pub struct PodRef {
 }
 
 impl PodRef {
+    /// The pod `CNI_ARGS` names.
     pub fn from_args(args: &CniArgs) -> PodRef {
         PodRef { namespace: args.pod_namespace.clone(), name: args.pod_name.clone(), uid: args.pod_uid.clone() }
     }
@@ -158,6 +159,7 @@ pub struct Api<'c> {
 }
 
 impl<'c> Api<'c> {
+    /// The API server of `conf`'s `kubeconfig` (not read yet).
     pub fn new(conf: &'c NetConf) -> Api<'c> {
         Api { conf, client: OnceCell::new() }
     }

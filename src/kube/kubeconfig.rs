@@ -354,6 +354,26 @@ impl Kubeconfig {
     }
 }
 
+impl Kubeconfig {
+    /// The configuration of a process running in a pod, from its service account: the API server
+    /// at `host`:`port` (what `KUBERNETES_SERVICE_HOST` / `_PORT` say; the caller reads the
+    /// environment), `ca.crt` as the CA and `token` as a token file re-read per request, both in
+    /// `account_dir` (normally `/var/run/secrets/kubernetes.io/serviceaccount`).
+    pub fn in_cluster(host: &str, port: &str, account_dir: &Path) -> Result<Kubeconfig, KubeconfigError> {
+        let fail = |problem| KubeconfigError { path: account_dir.to_owned(), problem };
+        let host = host.trim();
+        let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        let url = format!("https://{authority}");
+        let server = parse_server(&url).map_err(|reason| fail(Problem::Server { url: url.clone(), reason }))?;
+        let ca = read_file(account_dir, "ca.crt", "service account ca.crt").map_err(fail)?;
+        let trust = Trust::Authorities(certificates(&ca, "service account ca.crt").map_err(fail)?);
+        let token = TokenSource::File { path: account_dir.join("token"), inline: None };
+        // Fail now, not on the first request, if the token cannot be read.
+        token.current().map_err(fail)?;
+        Ok(Kubeconfig { path: account_dir.to_owned(), server, trust, client_cert: None, token })
+    }
+}
+
 /// Checks a cluster `server` and returns it without a trailing slash. Only `https://` is accepted:
 /// a node credential must never travel in clear text.
 pub fn parse_server(url: &str) -> Result<String, &'static str> {
@@ -600,6 +620,27 @@ mod tests {
                     clusters: [{name: k, cluster: {server: 'https://h:1'}}]\nusers: null\n";
         let k = parse(yaml).unwrap();
         assert!(matches!(k.token, TokenSource::None) && k.client_cert.is_none());
+    }
+
+    #[test]
+    fn in_cluster_configuration_comes_from_the_service_account() {
+        let dir = std::env::temp_dir().join(format!("tproxy-cni-sa-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let e = Kubeconfig::in_cluster("10.96.0.1", "443", &dir).unwrap_err().to_string();
+        assert!(e.contains("ca.crt"), "{e}");
+        // A certificate is a certificate: any will do for the loader (rcgen is a dev-dependency).
+        let ca = rcgen::generate_simple_self_signed(vec!["kubernetes".to_string()]).unwrap().cert.pem();
+        fs::write(dir.join("ca.crt"), ca).unwrap();
+        let e = Kubeconfig::in_cluster("10.96.0.1", "443", &dir).unwrap_err().to_string();
+        assert!(e.contains("tokenFile"), "{e}");
+        fs::write(dir.join("token"), "sa-token\n").unwrap();
+        let k = Kubeconfig::in_cluster("10.96.0.1", "443", &dir).unwrap();
+        assert_eq!(k.server, "https://10.96.0.1:443");
+        assert!(matches!(k.trust, Trust::Authorities(ref c) if c.len() == 1));
+        assert_eq!(k.token.current().unwrap().unwrap().expose(), "sa-token");
+        assert_eq!(Kubeconfig::in_cluster("fd00::1", "6443", &dir).unwrap().server, "https://[fd00::1]:6443");
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -19,10 +19,12 @@ fn null_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) 
 pub struct ObjectMeta {
     #[serde(default)]
     pub name: String,
+    /// `None` for cluster-scoped objects (nodes).
     #[serde(default)]
     pub namespace: Option<String>,
     #[serde(default)]
     pub uid: Option<String>,
+    /// Changes with every write; a merge patch carrying it fails with 409 if the object moved on.
     #[serde(default)]
     pub resource_version: Option<String>,
     #[serde(default, deserialize_with = "null_default")]
@@ -52,6 +54,7 @@ pub struct PodSpec {
 /// A pod, as far as the plugin cares.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Pod {
+    /// `"Pod"` when the server says (checked on decoding).
     #[serde(default)]
     pub kind: Option<String>,
     pub metadata: ObjectMeta,
@@ -96,6 +99,7 @@ pub struct NodeSpec {
 /// A node, as far as the installer cares.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Node {
+    /// `"Node"` when the server says (checked on decoding).
     #[serde(default)]
     pub kind: Option<String>,
     pub metadata: ObjectMeta,
