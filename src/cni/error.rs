@@ -41,6 +41,8 @@ pub enum Code {
     /// kubeconfig's CA, or it answered something that is not the pod: an operator must fix the
     /// kubeconfig or RBAC; retrying alone will not help.
     ApiAccess = 104,
+    /// A bug in tproxy-cni (it panicked); the message says where.
+    Internal = 199,
 }
 
 impl Code {

@@ -134,17 +134,23 @@ pub fn to_cni_error(e: &Error) -> CniError {
     err
 }
 
-/// Runs one CNI call.
+/// Runs one CNI call. A panic (a bug) still ends as an error document the runtime can show.
 pub fn run(env: &HashMap<String, String>, stdin: &[u8]) -> Outcome {
     let answer_version = config::peek_version(stdin).unwrap_or(Version::LATEST);
-    match dispatch(env, stdin) {
-        Ok(stdout) => Outcome { stdout, exit_code: 0 },
-        Err(e) => {
-            let err = to_cni_error(&e);
-            log::error!("{}", err.msg);
-            Outcome { stdout: err.to_json(answer_version.as_str()), exit_code: 1 }
+    let err = match std::panic::catch_unwind(|| dispatch(env, stdin)) {
+        Ok(Ok(stdout)) => return Outcome { stdout, exit_code: 0 },
+        Ok(Err(e)) => to_cni_error(&e),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            CniError::new(Code::Internal, format!("internal error (please report it): {what}"))
         }
-    }
+    };
+    log::error!("{}", err.msg);
+    Outcome { stdout: err.to_json(answer_version.as_str()), exit_code: 1 }
 }
 
 fn dispatch(env: &HashMap<String, String>, stdin: &[u8]) -> Result<String, Error> {
