@@ -20,11 +20,12 @@ use self::config::{ConfigError, NetConf};
 use self::error::{CniError, Code};
 use self::result::ResultError;
 use self::version::Version;
+use crate::kube::Class;
 use crate::mesh::{AnnotationError, PodNetwork};
 use crate::netfilter::{Backend, CheckError, Mismatch, Netfilter, NetfilterError};
 use crate::netlink::{self, NetlinkError};
 use crate::netns::{Netns, NetnsError};
-use crate::pod::{self, PodRef};
+use crate::pod::{self, Api, ConsulStatus, PodError, PodRef};
 use crate::rules;
 
 /// The CNI operations.
@@ -90,6 +91,8 @@ pub enum Error {
     #[error(transparent)]
     Annotation(#[from] AnnotationError),
     #[error(transparent)]
+    Pod(#[from] PodError),
+    #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
@@ -113,6 +116,11 @@ pub fn to_cni_error(e: &Error) -> CniError {
         Error::Config(ConfigError::Version(_)) | Error::NotInVersion(..) => Code::IncompatibleVersion,
         Error::Config(_) | Error::PrevResult(_) => Code::InvalidConfig,
         Error::Annotation(_) => Code::InvalidAnnotation,
+        Error::Pod(e) => match e.class() {
+            Class::Transient => Code::TryAgainLater,
+            Class::Config => Code::InvalidConfig,
+            Class::Access | Class::Rejected | Class::NotFound => Code::ApiAccess,
+        },
         Error::Netns(_) | Error::Netlink(_) => Code::Netns,
         Error::Netfilter(_) | Error::Check(CheckError::Netfilter(_)) => Code::Netfilter,
         Error::Check(CheckError::Mismatch(_)) => Code::CheckMismatch,
@@ -185,13 +193,17 @@ fn add(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
     // Validate everything before touching the namespace: a refused ADD changes nothing.
     let output = result::passthrough(conf.prev_result.as_deref(), conf.cni_version)?;
     let net = PodNetwork { has_ipv6: result::has_ipv6(conf.prev_result.as_deref()) };
-    let Some(redirect) = pod::redirect(conf, &inv.args, net)? else {
+    let api = Api::new(conf);
+    let found = pod::lookup(conf, &inv.args, &api)?;
+    let Some(redirect) = found.redirect(net)? else {
         log::debug!("pod is not in a mesh with transparent proxy: passing through");
         return Ok(output);
     };
     let ns = Netns::open(inv.netns.as_deref().expect("ADD requires CNI_NETNS"))?;
     let prepared = netlink::prepare(&ns, redirect)?;
     let (redirect, sets) = (&prepared.redirect, rules::build(&prepared.redirect));
+    let status = ConsulStatus::new(conf, &inv.args, &found, redirect, &api);
+    status.iter().for_each(|s| s.report(pod::CONSUL_STATUS_WAITING));
     let nf = Netfilter::new(Backend::resolve(conf.iptables_mode));
     if let Err(e) = nf.apply(&ns, &sets) {
         prepared.undo(&ns);
@@ -199,6 +211,7 @@ fn add(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
     }
     let families: Vec<_> = sets.iter().map(|s| s.family.name()).collect();
     log::info!("{} redirect installed ({}, iptables-{})", redirect.mesh(), families.join("+"), nf.backend().name());
+    status.iter().for_each(|s| s.report(pod::CONSUL_STATUS_COMPLETE));
     Ok(output)
 }
 
@@ -240,7 +253,7 @@ fn check(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
         return Err(Error::NotInVersion(Command::Check, Version::V0_4_0, conf.cni_version));
     }
     let net = PodNetwork { has_ipv6: result::has_ipv6(conf.prev_result.as_deref()) };
-    let redirect = pod::redirect(conf, &inv.args, net)?;
+    let redirect = pod::lookup(conf, &inv.args, &Api::new(conf))?.redirect(net)?;
     let ns = Netns::open(inv.netns.as_deref().expect("CHECK requires CNI_NETNS"))?;
     let (sets, address_diffs) = match redirect {
         Some(r) => {
