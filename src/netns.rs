@@ -1,8 +1,10 @@
 //! A pod's network namespace: an owned file descriptor, entered only by child processes.
 //!
-//! We never move a thread of the plugin into the pod's namespace. A command that must run there is
-//! given a `pre_exec` hook that calls `setns(2)` in the forked child, just before `exec`; the parent
-//! stays in the host namespace whatever happens in the child.
+//! We never move a long-lived thread of the plugin into the pod's namespace. A command that must
+//! run there is given a `pre_exec` hook that calls `setns(2)` in the forked child, just before
+//! `exec`; the parent stays in the host namespace whatever happens in the child. In-process work
+//! (a netlink socket) runs on a thread made for it, which enters the namespace and ends with the
+//! work ([`Netns::run_on_thread`]); nothing else ever runs on that thread.
 
 use std::fs::File;
 use std::io;
@@ -26,6 +28,12 @@ pub enum NetnsError {
     NotANetns(PathBuf),
     #[error("cannot open network namespace {path}")]
     Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot enter network namespace {path}")]
+    Enter {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -76,6 +84,27 @@ impl Netns {
         Ok(format!("{}-{}", m.dev(), m.ino()))
     }
 
+    /// Runs `f` on a new thread that has entered this namespace and returns its result. The thread
+    /// is used for nothing else and ends with `f`, so no other code ever runs in the pod's
+    /// namespace; a socket `f` creates stays in the namespace for its whole life.
+    pub fn run_on_thread<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
+        let fd = self.file.as_raw_fd();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // Safety: `fd` is an open namespace descriptor for the whole scope (it borrows
+                    // `self`); setns(2) changes the namespace of this thread only, and this thread
+                    // runs nothing but `f` before it ends.
+                    if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                        return Err(NetnsError::Enter { path: self.path.clone(), source: io::Error::last_os_error() });
+                    }
+                    Ok(f())
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
     /// Makes `cmd` run inside this namespace. The namespace must stay open until `cmd` is spawned.
     pub fn enter_on_spawn(&self, cmd: &mut Command) {
         let fd: RawFd = self.file.as_raw_fd();
@@ -106,6 +135,15 @@ mod tests {
     fn a_regular_file_is_not_a_netns() {
         let e = Netns::open(Path::new("/proc/self/status")).unwrap_err();
         assert!(matches!(e, NetnsError::NotANetns(_)), "{e:?}");
+    }
+
+    #[test]
+    fn work_on_a_namespace_thread_leaves_the_caller_where_it_was() {
+        let ns = Netns::open(Path::new("/proc/self/ns/net")).unwrap();
+        let here = std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino();
+        let there = ns.run_on_thread(|| std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()).unwrap();
+        assert_eq!(here, there, "our own namespace, entered again");
+        assert_eq!(std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino(), here);
     }
 
     #[test]
