@@ -12,7 +12,6 @@
 mod support;
 
 use std::fs;
-use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::Output;
@@ -23,18 +22,6 @@ use support::*;
 
 const PROXY_UID: u32 = 5995;
 const REDIRECT_CONFIG: &str = "consul.hashicorp.com/redirect-traffic-config";
-
-fn at(ip: IpAddr, port: u16) -> SocketAddr {
-    SocketAddr::new(ip, port)
-}
-
-/// The first word of an answer: the name of the listener that took the connection.
-fn answered_by(answer: &Result<String, String>) -> &str {
-    match answer {
-        Ok(s) => s.split_whitespace().next().unwrap_or(""),
-        Err(_) => "nobody",
-    }
-}
 
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
@@ -98,7 +85,7 @@ fn a_sandbox_life_add_check_del_and_a_new_sandbox_for_the_same_container() {
         let net = Network::new(json!({"iptables_mode": backend}));
         let server = net.pod("server", None);
         let s4 = server.addr(Fam::V4);
-        let _server = Responder::tcp(&server.ns, at("0.0.0.0".parse().unwrap(), 8080), "server");
+        let _server = Responder::tcp(&server.ns, sa(std::net::Ipv4Addr::UNSPECIFIED, 8080), "server");
         let annotations = consul_pod(config(20000), &[]);
         let id = unique("life");
         let args =
@@ -123,9 +110,9 @@ fn a_sandbox_life_add_check_del_and_a_new_sandbox_for_the_same_container() {
             let out = net.cnidrv("check", &ns, &id, &args, Some(&annotations));
             assert!(out.status.success(), "{backend} {round} CHECK: {}", text(&out));
             {
-                let _proxy = Responder::tcp(&ns, at("0.0.0.0".parse().unwrap(), 15001), "outbound");
-                assert_eq!(dial(&ns, None, at(s4, 8080)), Ok(format!("outbound {s4}:8080")), "{backend} {round}");
-                assert_eq!(answered_by(&dial(&ns, Some(PROXY_UID), at(s4, 8080))), "server", "{backend} {round}");
+                let _proxy = Responder::tcp(&ns, sa(std::net::Ipv4Addr::UNSPECIFIED, 15001), "outbound");
+                assert_eq!(dial(&ns, None, sa(s4, 8080)), Ok(format!("outbound {s4}:8080")), "{backend} {round}");
+                assert_eq!(who(&dial(&ns, Some(PROXY_UID), sa(s4, 8080))), "server", "{backend} {round}");
             }
 
             // DEL, the namespace still there: our rules, the cached result, the address and the

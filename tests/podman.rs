@@ -52,18 +52,6 @@ const KUMA_PROXY_UID: u32 = 5678;
 const ANY4: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 const ANY6: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
 
-fn at(ip: IpAddr, port: u16) -> SocketAddr {
-    SocketAddr::new(ip, port)
-}
-
-/// The first word of an answer: the name of the listener that took the connection.
-fn answered_by(answer: &Result<String, String>) -> &str {
-    match answer {
-        Ok(s) => s.split_whitespace().next().unwrap_or(""),
-        Err(_) => "nobody",
-    }
-}
-
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
@@ -141,15 +129,15 @@ impl Container {
     fn proxy(&self, prefix: &str, outbound: u16, inbound: u16) -> Vec<Responder> {
         let mut l = Vec::new();
         for (any, sfx) in [(ANY4, ""), (ANY6, "6")] {
-            l.push(Responder::tcp(&self.ns, at(any, outbound), &format!("{prefix}outbound{sfx}")));
-            l.push(Responder::tcp(&self.ns, at(any, inbound), &format!("{prefix}inbound{sfx}")));
+            l.push(Responder::tcp(&self.ns, sa(any, outbound), &format!("{prefix}outbound{sfx}")));
+            l.push(Responder::tcp(&self.ns, sa(any, inbound), &format!("{prefix}inbound{sfx}")));
         }
         l
     }
 
     /// Plain servers on `port`, answering `server` / `server6`.
     fn server(&self, port: u16) -> Vec<Responder> {
-        vec![Responder::tcp(&self.ns, at(ANY4, port), "server"), Responder::tcp(&self.ns, at(ANY6, port), "server6")]
+        vec![Responder::tcp(&self.ns, sa(ANY4, port), "server"), Responder::tcp(&self.ns, sa(ANY6, port), "server6")]
     }
 }
 
@@ -591,23 +579,23 @@ fn mesh_containers_are_redirected_and_plain_ones_are_untouched() {
 
     // The Consul container's own process dials the server: its proxy's outbound listener takes
     // the connection and sees where it was going, in both families; the proxy's UID goes straight.
-    assert_eq!(pm.nc("web", None, at(s4, 8080)), Ok(format!("outbound {s4}:8080")));
-    assert_eq!(pm.nc("web", None, at(s6, 8080)), Ok(format!("outbound6 [{s6}]:8080")));
-    assert_eq!(answered_by(&pm.nc("web", Some(CONSUL_PROXY_UID), at(s4, 8080))), "server");
-    assert_eq!(answered_by(&pm.nc("web", Some(CONSUL_PROXY_UID), at(s6, 8080))), "server6");
+    assert_eq!(pm.nc("web", None, sa(s4, 8080)), Ok(format!("outbound {s4}:8080")));
+    assert_eq!(pm.nc("web", None, sa(s6, 8080)), Ok(format!("outbound6 [{s6}]:8080")));
+    assert_eq!(who(&pm.nc("web", Some(CONSUL_PROXY_UID), sa(s4, 8080))), "server");
+    assert_eq!(who(&pm.nc("web", Some(CONSUL_PROXY_UID), sa(s6, 8080))), "server6");
     // The same for the Kuma container, with Kuma's ports and UID.
-    assert_eq!(pm.nc("shop", None, at(s4, 8080)), Ok(format!("kuma-outbound {s4}:8080")));
-    assert_eq!(pm.nc("shop", None, at(s6, 8080)), Ok(format!("kuma-outbound6 [{s6}]:8080")));
-    assert_eq!(answered_by(&pm.nc("shop", Some(KUMA_PROXY_UID), at(s4, 8080))), "server");
+    assert_eq!(pm.nc("shop", None, sa(s4, 8080)), Ok(format!("kuma-outbound {s4}:8080")));
+    assert_eq!(pm.nc("shop", None, sa(s6, 8080)), Ok(format!("kuma-outbound6 [{s6}]:8080")));
+    assert_eq!(who(&pm.nc("shop", Some(KUMA_PROXY_UID), sa(s4, 8080))), "server");
     // Inbound: a plain container dialling any port of a mesh container reaches its proxy.
     let (w4, k4) = (web.v4, shop.v4);
-    assert_eq!(pm.nc("plain", None, at(w4, 7000)), Ok(format!("inbound {w4}:7000")));
-    assert_eq!(pm.nc("plain", None, at(k4, 7000)), Ok(format!("kuma-inbound {k4}:7000")));
+    assert_eq!(pm.nc("plain", None, sa(w4, 7000)), Ok(format!("inbound {w4}:7000")));
+    assert_eq!(pm.nc("plain", None, sa(k4, 7000)), Ok(format!("kuma-inbound {k4}:7000")));
 
     // Plain containers — served without mesh annotations, or not known to the API server — reach
     // the server directly, and their namespaces hold no netfilter state at all.
-    assert_eq!(answered_by(&pm.nc("plain", None, at(s4, 8080))), "server");
-    assert_eq!(answered_by(&pm.nc("plain", None, at(s6, 8080))), "server6");
+    assert_eq!(who(&pm.nc("plain", None, sa(s4, 8080))), "server");
+    assert_eq!(who(&pm.nc("plain", None, sa(s6, 8080))), "server6");
     for c in [&plain, &server] {
         assert_eq!(c.ns.netfilter(), "", "{}'s namespace must be untouched", c.name);
     }
@@ -648,7 +636,7 @@ fn stop_start_and_restart_remove_and_reapply_the_rules() {
     assert!(lock(&first).exists());
     {
         let _proxy = first.proxy("", 15001, 20000);
-        assert_eq!(pm.nc("web", None, at(s4, 8080)), Ok(format!("outbound {s4}:8080")));
+        assert_eq!(pm.nc("web", None, sa(s4, 8080)), Ok(format!("outbound {s4}:8080")));
     }
 
     // podman stop: DEL removes our rules from the namespace (held open here, so we can look) and
@@ -664,7 +652,7 @@ fn stop_start_and_restart_remove_and_reapply_the_rules() {
     assert_eq!(second.ns.all_ours("legacy"), installed);
     {
         let _proxy = second.proxy("", 15001, 20000);
-        assert_eq!(pm.nc("web", None, at(s4, 8080)), Ok(format!("outbound {s4}:8080")));
+        assert_eq!(pm.nc("web", None, sa(s4, 8080)), Ok(format!("outbound {s4}:8080")));
     }
 
     // podman restart: both at once.
@@ -675,8 +663,8 @@ fn stop_start_and_restart_remove_and_reapply_the_rules() {
     assert_eq!(third.ns.all_ours("legacy"), installed);
     {
         let _proxy = third.proxy("", 15001, 20000);
-        assert_eq!(pm.nc("web", None, at(s4, 8080)), Ok(format!("outbound {s4}:8080")));
-        assert_eq!(answered_by(&pm.nc("web", Some(CONSUL_PROXY_UID), at(s4, 8080))), "server");
+        assert_eq!(pm.nc("web", None, sa(s4, 8080)), Ok(format!("outbound {s4}:8080")));
+        assert_eq!(who(&pm.nc("web", Some(CONSUL_PROXY_UID), sa(s4, 8080))), "server");
     }
     assert_eq!(pm.status_reports("web"), ["waiting", "complete"].repeat(3));
 
