@@ -1,9 +1,15 @@
-//! What a pod's ADD costs, measured side by side in one run on the same rule set in fresh pod
-//! namespaces: tproxy-cni against the strategies the other mesh CNIs use. Prints a table; never
-//! fails on a slow machine (it is a benchmark, not a test). Needs root.
+//! What a pod's ADD costs, measured side by side in one run on the same rule sets in fresh pod
+//! namespaces: tproxy-cni for a Consul pod and a Kuma pod, with annotations from the runtime
+//! (`runtimeConfig`) and from the API-server stand-in over real TLS, against the strategies the
+//! other mesh CNIs use on the same rules. Prints markdown tables (the figures in
+//! `docs/performance.md` come from here); never fails on a slow machine (it is a benchmark, not a
+//! test). Needs root.
 //!
 //!   cargo bench --bench cni_add            (hack/bench.sh builds and runs it)
-//!   BENCH_RUNS=200 (default) runs per strategy; BENCH_QUICK=1 for a smoke run.
+//!   BENCH_RUNS=200 (default) runs per row; BENCH_QUICK=1 for a smoke run.
+
+#[path = "../tests/support/apiserver.rs"]
+mod apiserver;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -15,6 +21,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use apiserver::{ApiServer, PodFixture};
 use serde_json::{Value, json};
 use tproxy_cni::mesh::{self, PodNetwork};
 use tproxy_cni::rules;
@@ -55,15 +62,19 @@ fn run(cmd: &mut Command) {
     );
 }
 
-/// Runs `cmd` with `stdin`, waits with wait4, returns (elapsed, max RSS in KiB, success).
-fn timed(cmd: &mut Command, stdin: &str) -> (Duration, i64, bool) {
+/// One measured run: elapsed time, max RSS in KiB (the process or any child it waited for),
+/// success.
+type Sample = (Duration, i64, bool);
+
+/// Runs `cmd` with `stdin`, waits with wait4, and measures it.
+fn timed(cmd: &mut Command, stdin: &str) -> Sample {
     let start = Instant::now();
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     if let Some(mut s) = child.stdin.take() {
         let _ = s.write_all(stdin.as_bytes());
     }
     let (mut status, pid) = (0, child.id() as libc::pid_t);
-    // Safety: an all-zero rusage is valid; wait4 reaps our own child and fills both out-params.
+    // Safety: an all-zero rusage is valid; wait4 fills it.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // Safety: pid is our unreaped child; the pointers are to locals.
     let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
@@ -72,23 +83,40 @@ fn timed(cmd: &mut Command, stdin: &str) -> (Duration, i64, bool) {
     (elapsed, ru.ru_maxrss, rc == pid && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0)
 }
 
-fn cni_env(ns: &Ns, cmd: &mut Command) {
+/// The CNI environment of an ADD (or `command`) for pod `default/name` in `ns`.
+fn cni_env(ns: &Ns, command: &str, name: &str, cmd: &mut Command) {
     cmd.env_clear()
-        .env("CNI_COMMAND", "ADD")
+        .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", "bench")
         .env("CNI_NETNS", ns.path())
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", "/opt/cni/bin")
-        .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=bench");
+        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}"));
 }
 
-fn stdin_for(annotations: &Value, mode: &str) -> String {
-    json!({
+/// Where the plugin finds the pod's annotations.
+enum Source<'a> {
+    /// `runtimeConfig`, as containerd and CRI-O pass them.
+    Runtime(&'a Value),
+    /// The API server, through this kubeconfig; `status`: Consul's status annotation on or off.
+    Api { kubeconfig: &'a Path, status: bool },
+}
+
+fn stdin_for(source: &Source, mode: &str) -> String {
+    let mut conf = json!({
         "cniVersion": "1.0.0", "name": "bench", "type": "tproxy-cni", "iptables_mode": mode,
-        "runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations},
         "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "198.18.0.2/24"}]},
-    })
-    .to_string()
+    });
+    match source {
+        Source::Runtime(annotations) => {
+            conf["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": annotations});
+        }
+        Source::Api { kubeconfig, status } => {
+            conf["kubeconfig"] = json!(kubeconfig);
+            conf["consul_status_annotation"] = json!(status);
+        }
+    }
+    conf.to_string()
 }
 
 fn consul_pod(cidrs: usize, ports: usize) -> Value {
@@ -107,6 +135,22 @@ fn consul_pod(cidrs: usize, ports: usize) -> Value {
     })
 }
 
+/// A Kuma pod as a current webhook in CNI mode annotates it (the `webhook-yaml` golden case: DNS
+/// captured with conntrack zones, an excluded inbound port).
+fn kuma_pod() -> Value {
+    let case: Value = serde_json::from_str(include_str!("../tests/golden/kuma/webhook-yaml.json")).unwrap();
+    case["annotations"].clone()
+}
+
+/// The pod as the API server serves it: the same annotations, and (for Kuma) its containers.
+fn fixture(name: &str, annotations: &Value, containers: &[&str]) -> PodFixture {
+    let mut pod = PodFixture::new("default", name);
+    for (k, v) in annotations.as_object().unwrap() {
+        pod = pod.annotation(k, v.as_str().unwrap());
+    }
+    containers.iter().fold(pod, |p, c| p.container(c))
+}
+
 /// The IPv4 restore transaction tproxy-cni installs for these annotations.
 fn transaction(annotations: &Value) -> String {
     let a: mesh::Annotations = serde_json::from_value(annotations.clone()).unwrap();
@@ -118,14 +162,21 @@ fn transaction(annotations: &Value) -> String {
 struct Stats {
     samples: Vec<Duration>,
     failures: usize,
-    max_rss_kib: i64,
+    rss_kib: Vec<i64>,
 }
 
 impl Stats {
-    fn add(&mut self, (d, rss, ok): (Duration, i64, bool)) {
+    fn add(&mut self, (d, rss, ok): Sample) {
         self.samples.push(d);
-        self.max_rss_kib = self.max_rss_kib.max(rss);
+        self.rss_kib.push(rss);
         self.failures += usize::from(!ok);
+    }
+
+    /// The median of the runs' peak RSS (a single peak is at the mercy of one odd run).
+    fn rss_p50(&self) -> i64 {
+        let mut s = self.rss_kib.clone();
+        s.sort();
+        s[s.len() / 2]
     }
 
     fn pct(&self, p: f64) -> f64 {
@@ -136,8 +187,8 @@ impl Stats {
     }
 }
 
-/// Measures `f` on `runs` fresh namespaces (namespace creation is not timed).
-fn measure(runs: usize, mut f: impl FnMut(&Ns) -> (Duration, i64, bool)) -> Stats {
+/// Measures `f` on `runs` fresh namespaces (creating and removing them is not timed).
+fn measure(runs: usize, mut f: impl FnMut(&Ns) -> Sample) -> Stats {
     let mut st = Stats::default();
     for _ in 0..runs {
         let ns = Ns::new();
@@ -146,31 +197,58 @@ fn measure(runs: usize, mut f: impl FnMut(&Ns) -> (Duration, i64, bool)) -> Stat
     st
 }
 
-fn tproxy_add(annotations: &Value, mode: &'static str) -> impl FnMut(&Ns) -> (Duration, i64, bool) {
-    let stdin = stdin_for(annotations, mode);
+fn tproxy_add(stdin: String, name: &'static str) -> impl FnMut(&Ns) -> Sample {
     move |ns| {
         let mut cmd = Command::new(plugin());
-        cni_env(ns, &mut cmd);
+        cni_env(ns, "ADD", name, &mut cmd);
         timed(&mut cmd, &stdin)
     }
 }
 
+/// Splits a restore line into words, keeping a double-quoted comment whole.
+fn words(line: &str) -> Vec<String> {
+    let (mut out, mut word, mut quoted) = (Vec::new(), String::new(), false);
+    for c in line.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !word.is_empty() {
+                    out.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        out.push(word);
+    }
+    out
+}
+
+/// The transaction as separate `iptables` invocations: `-t TABLE` and one chain or rule each.
+fn per_rule_commands(tx: &str) -> Vec<Vec<String>> {
+    let mut table = String::new();
+    let mut cmds = Vec::new();
+    for line in tx.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.to_owned();
+        } else if line.starts_with('-') {
+            let mut args = vec!["-t".to_owned(), table.clone()];
+            args.extend(words(line));
+            cmds.push(args);
+        }
+    }
+    cmds
+}
+
 /// consul-cni's way: one `iptables` process per rule, entered with nsenter.
-fn per_rule(tx: &str) -> impl FnMut(&Ns) -> (Duration, i64, bool) {
-    let lines: Vec<Vec<String>> = tx
-        .lines()
-        .filter(|l| l.starts_with('-'))
-        .map(|l| {
-            let mut args = vec!["-t".to_owned(), "nat".to_owned()];
-            args.extend(shell_words(l));
-            args
-        })
-        .collect();
+fn per_rule(tx: &str) -> impl FnMut(&Ns) -> Sample {
+    let commands = per_rule_commands(tx);
     move |ns| {
         let start = Instant::now();
         let mut ok = true;
         let mut rss = 0;
-        for args in &lines {
+        for args in &commands {
             let mut cmd = Command::new("nsenter");
             cmd.arg(format!("--net={}", ns.path().display())).arg("iptables-nft").args(args);
             let (_, r, good) = timed(&mut cmd, "");
@@ -182,7 +260,7 @@ fn per_rule(tx: &str) -> impl FnMut(&Ns) -> (Duration, i64, bool) {
 }
 
 /// Istio's and kuma-cni's way: iptables-save, then one iptables-restore, each entered with nsenter.
-fn save_then_restore(tx: &str) -> impl FnMut(&Ns) -> (Duration, i64, bool) {
+fn save_then_restore(tx: &str) -> impl FnMut(&Ns) -> Sample {
     let tx = tx.to_owned();
     move |ns| {
         let start = Instant::now();
@@ -195,8 +273,8 @@ fn save_then_restore(tx: &str) -> impl FnMut(&Ns) -> (Duration, i64, bool) {
 }
 
 /// The floor of any approach that runs iptables-restore: one bare restore, entered by setns in the
-/// child exactly as the plugin does it.
-fn bare_restore(tx: &str) -> impl FnMut(&Ns) -> (Duration, i64, bool) {
+/// forked child exactly as the plugin does it.
+fn bare_restore(tx: &str) -> impl FnMut(&Ns) -> Sample {
     let tx = tx.to_owned();
     move |ns| {
         let f = File::open(ns.path()).unwrap();
@@ -213,8 +291,28 @@ fn bare_restore(tx: &str) -> impl FnMut(&Ns) -> (Duration, i64, bool) {
     }
 }
 
+/// The same restore spawned (vfork, no fork) by a short-lived thread that entered the namespace:
+/// the other way to start a program in a namespace without nsenter. Includes the thread.
+fn threaded_restore(tx: &str) -> impl FnMut(&Ns) -> Sample {
+    let tx = tx.to_owned();
+    move |ns| {
+        let f = File::open(ns.path()).unwrap();
+        let start = Instant::now();
+        let (_, rss, ok) = std::thread::scope(|s| {
+            s.spawn(|| {
+                // Safety: only this thread changes namespace, and it ends with the scope.
+                assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                timed(Command::new("/usr/sbin/iptables-nft-restore").arg("--noflush"), &tx)
+            })
+            .join()
+            .unwrap()
+        });
+        (start.elapsed(), rss, ok)
+    }
+}
+
 /// The same restore, entered the way an operator would: `nsenter --net=… iptables-restore`.
-fn nsenter_restore(tx: &str) -> impl FnMut(&Ns) -> (Duration, i64, bool) {
+fn nsenter_restore(tx: &str) -> impl FnMut(&Ns) -> Sample {
     let tx = tx.to_owned();
     move |ns| {
         timed(
@@ -226,31 +324,72 @@ fn nsenter_restore(tx: &str) -> impl FnMut(&Ns) -> (Duration, i64, bool) {
     }
 }
 
-fn shell_words(line: &str) -> Vec<String> {
-    line.split_whitespace().map(str::to_owned).collect()
-}
-
-/// 64 pods ADDed at once: wall time and failures.
+/// `n` pods ADDed at once: wall time and failures. Each is DELeted afterwards (not timed), so
+/// the legacy backend's per-namespace lock files do not outlive the run.
 fn concurrent(annotations: &Value, mode: &'static str, n: usize) -> (Duration, usize) {
     let namespaces: Vec<Ns> = (0..n).map(|_| Ns::new()).collect();
-    let stdin = stdin_for(annotations, mode);
+    let stdin = stdin_for(&Source::Runtime(annotations), mode);
     let start = Instant::now();
     let children: Vec<_> = namespaces
         .iter()
         .map(|ns| {
             let mut cmd = Command::new(plugin());
-            cni_env(ns, &mut cmd);
+            cni_env(ns, "ADD", "bench", &mut cmd);
             let mut c = cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
             c.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
             c
         })
         .collect();
     let failures = children.into_iter().map(|c| c.wait_with_output().unwrap()).filter(|o| !o.status.success()).count();
-    (start.elapsed(), failures)
+    let wall = start.elapsed();
+    for ns in &namespaces {
+        let mut cmd = Command::new(plugin());
+        cni_env(ns, "DEL", "bench", &mut cmd);
+        let _ = timed(&mut cmd, &stdin);
+    }
+    (wall, failures)
+}
+
+/// A table row: what, how many programs it execs per ADD, and the measurements.
+struct Row {
+    what: String,
+    programs: String,
+    stats: Stats,
+}
+
+fn row(what: &str, programs: impl ToString, stats: Stats) -> Row {
+    Row { what: what.to_owned(), programs: programs.to_string(), stats }
+}
+
+fn print_rows(rows: &[Row], base: f64, base_name: &str) {
+    println!("| strategy | programs exec'd | p50 | p95 | failures | vs {base_name} p50 |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let st = &r.stats;
+        println!(
+            "| {} | {} | {:.2} | {:.2} | {} | {:.2}x |",
+            r.what,
+            r.programs,
+            st.pct(0.5),
+            st.pct(0.95),
+            st.failures,
+            st.pct(0.5) / base
+        );
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn main() {
     // Cargo passes --bench; nothing else is accepted.
+    // Safety: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("cni_add: needs root (network namespaces, iptables); run hack/bench.sh as root");
         std::process::exit(1);
@@ -258,97 +397,144 @@ fn main() {
     let quick = std::env::var_os("BENCH_QUICK").is_some();
     let runs: usize =
         std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick { 10 } else { 200 });
-    let consul = consul_pod(1, 1);
-    let tx = transaction(&consul);
-    let plain = json!({"app": "web"});
+    let started = Instant::now();
+    println!("load average at start: {}\n", loadavg());
 
-    println!("ADD latency, {runs} runs each, fresh namespace per run (ms)\n");
-    println!("| strategy | programs exec'd | p50 | p95 | failures | vs tproxy-cni p50 |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    let mut rows: BTreeMap<u8, (String, String, Stats)> = BTreeMap::new();
-    rows.insert(
-        0,
-        (
-            "tproxy-cni ADD, Consul pod (annotations from runtimeConfig)".into(),
-            "2".into(),
-            measure(runs, tproxy_add(&consul, "nft")),
+    let api = ApiServer::start();
+    let kubeconfig = api.default_kubeconfig();
+    let consul = consul_pod(1, 1);
+    let kuma = kuma_pod();
+    api.add_pod(fixture("consul-api", &consul, &[]));
+    api.add_pod(fixture("kuma-api", &kuma, &["kuma-sidecar"]));
+    api.add_pod(fixture("plain-api", &json!({"app": "web"}), &[]));
+    let with_status = Source::Api { kubeconfig: &kubeconfig, status: true };
+    let without_status = Source::Api { kubeconfig: &kubeconfig, status: false };
+    let requests = |name: &str| {
+        let n = api.requests().iter().filter(|r| r.path.ends_with(&format!("/pods/{name}"))).count();
+        n as f64 / runs as f64
+    };
+
+    let consul_tx = transaction(&consul);
+    let consul_rules = per_rule_commands(&consul_tx).len();
+    println!("## Consul pod: {consul_rules} chains and rules (IPv4), {runs} runs each, fresh namespace per run (ms)\n");
+    let ours = measure(runs, tproxy_add(stdin_for(&Source::Runtime(&consul), "nft"), "bench"));
+    let base = ours.pct(0.5);
+    let api_status = measure(runs, tproxy_add(stdin_for(&with_status, "nft"), "consul-api"));
+    let calls_status = requests("consul-api");
+    let api_get = measure(runs, tproxy_add(stdin_for(&without_status, "nft"), "consul-api"));
+    let calls_get = requests("consul-api") - calls_status;
+    let consul_rows = vec![
+        row("tproxy-cni ADD, annotations from runtimeConfig", 2, ours),
+        row(
+            &format!("tproxy-cni ADD, from the API stand-in: GET + status PATCHes ({calls_status:.0} requests)"),
+            2,
+            api_status,
         ),
-    );
-    rows.insert(
-        1,
-        (
-            "one iptables process per rule via nsenter (consul-cni)".into(),
-            format!("{}", 2 * tx.lines().filter(|l| l.starts_with('-')).count()),
-            measure(runs, per_rule(&tx)),
+        row(
+            &format!("tproxy-cni ADD, from the API stand-in: GET only ({calls_get:.0} request), status annotation off"),
+            2,
+            api_get,
         ),
-    );
-    rows.insert(
-        2,
-        (
-            "iptables-save + iptables-restore via nsenter (istio-cni, kuma-cni)".into(),
-            "4".into(),
-            measure(runs, save_then_restore(&tx)),
+        row(
+            "tproxy-cni ADD, runtimeConfig, `iptables_mode: auto` (no kubelet hint on this host)",
+            "2 (+1 probe a minute)",
+            measure(runs, tproxy_add(stdin_for(&Source::Runtime(&consul), "auto"), "bench")),
         ),
-    );
-    rows.insert(
-        3,
-        (
-            "one bare iptables-restore, setns before exec (the floor)".into(),
-            "1".into(),
-            measure(runs, bare_restore(&tx)),
+        row(
+            "one iptables process per rule via nsenter (consul-cni)",
+            2 * consul_rules,
+            measure(runs, per_rule(&consul_tx)),
         ),
-    );
-    rows.insert(
-        4,
-        (
-            "one iptables-restore via nsenter (the same rules applied by hand)".into(),
-            "2".into(),
-            measure(runs, nsenter_restore(&tx)),
+        row(
+            "iptables-save + iptables-restore via nsenter (istio-cni, kuma-cni)",
+            4,
+            measure(runs, save_then_restore(&consul_tx)),
         ),
-    );
-    rows.insert(
-        5,
-        (
-            "ip netns exec NS true (entering a netns, nothing else)".into(),
-            "1".into(),
-            measure(runs, |ns: &Ns| timed(Command::new("ip").args(["netns", "exec", &ns.0, "true"]), "")),
+        row(
+            "one bare iptables-restore, setns in the forked child (the floor)",
+            1,
+            measure(runs, bare_restore(&consul_tx)),
         ),
-    );
-    rows.insert(
-        6,
-        ("tproxy-cni ADD, pod in no mesh (pass-through)".into(), "1".into(), measure(runs, tproxy_add(&plain, "nft"))),
-    );
-    rows.insert(
-        7,
-        (
-            "/bin/cat reading the same stdin (the cost of starting any process)".into(),
-            "1".into(),
+        row(
+            "one bare iptables-restore, vfork'd by a thread inside the namespace",
+            1,
+            measure(runs, threaded_restore(&consul_tx)),
+        ),
+        row(
+            "one iptables-restore via nsenter (the same rules applied by hand)",
+            2,
+            measure(runs, nsenter_restore(&consul_tx)),
+        ),
+    ];
+    print_rows(&consul_rows, base, "tproxy-cni");
+
+    let kuma_tx = transaction(&kuma);
+    let kuma_rules = per_rule_commands(&kuma_tx).len();
+    println!("\n## Kuma pod: {kuma_rules} chains and rules (IPv4, nat + raw), {runs} runs each (ms)\n");
+    let kuma_ours = measure(runs, tproxy_add(stdin_for(&Source::Runtime(&kuma), "nft"), "bench"));
+    let kuma_base = kuma_ours.pct(0.5);
+    let kuma_api = measure(runs, tproxy_add(stdin_for(&without_status, "nft"), "kuma-api"));
+    let kuma_calls = requests("kuma-api");
+    let kuma_rows = vec![
+        row("tproxy-cni ADD, annotations from runtimeConfig", 2, kuma_ours),
+        row(&format!("tproxy-cni ADD, from the API stand-in ({kuma_calls:.0} request)"), 2, kuma_api),
+        row("iptables-save + iptables-restore via nsenter (kuma-cni)", 4, measure(runs, save_then_restore(&kuma_tx))),
+        row("one iptables process per rule via nsenter", 2 * kuma_rules, measure(runs, per_rule(&kuma_tx))),
+        row(
+            "one bare iptables-restore, setns in the forked child (the floor)",
+            1,
+            measure(runs, bare_restore(&kuma_tx)),
+        ),
+        row("one iptables-restore via nsenter", 2, measure(runs, nsenter_restore(&kuma_tx))),
+    ];
+    print_rows(&kuma_rows, kuma_base, "tproxy-cni");
+
+    println!("\n## What any plugin pays, {runs} runs each (ms)\n");
+    let passthrough = measure(runs, tproxy_add(stdin_for(&Source::Runtime(&json!({"app": "web"})), "nft"), "bench"));
+    let passthrough_rss = passthrough.rss_p50();
+    let common = vec![
+        row("tproxy-cni ADD, pod in no mesh (pass-through, runtimeConfig)", 1, passthrough),
+        row(
+            "tproxy-cni ADD, pod in no mesh, from the API stand-in (1 request)",
+            1,
+            measure(runs, tproxy_add(stdin_for(&without_status, "nft"), "plain-api")),
+        ),
+        row(
+            "/bin/cat reading the same stdin (the cost of starting any process)",
+            1,
             measure(runs, |_: &Ns| timed(&mut Command::new("cat"), "{}")),
         ),
-    );
-    let base = rows[&0].2.pct(0.5);
-    for (name, procs, st) in rows.values() {
-        println!(
-            "| {name} | {procs} | {:.2} | {:.2} | {} | {:.2}x |",
-            st.pct(0.5),
-            st.pct(0.95),
-            st.failures,
-            st.pct(0.5) / base
-        );
-    }
-    let ours = &rows[&0].2;
+        row(
+            "ip netns exec NS true (entering a netns, nothing else)",
+            1,
+            measure(runs, |ns: &Ns| timed(Command::new("ip").args(["netns", "exec", &ns.0, "true"]), "")),
+        ),
+    ];
+    print_rows(&common, base, "tproxy-cni Consul");
+
+    let (c, k) = (&consul_rows, &kuma_rows);
+    let p50 = |r: &Row| r.stats.pct(0.5);
     println!(
-        "\ntproxy-cni / per-rule = {:.2} (target <= 0.3); tproxy-cni / nsenter + restore = {:.2}; \
-         tproxy-cni / bare restore = {:.2} (target <= 1.1); tproxy-cni - bare restore = {:.2} ms, \
-         starting any process = {:.2} ms",
-        ours.pct(0.5) / rows[&1].2.pct(0.5),
-        ours.pct(0.5) / rows[&4].2.pct(0.5),
-        ours.pct(0.5) / rows[&3].2.pct(0.5),
-        ours.pct(0.5) - rows[&3].2.pct(0.5),
-        rows[&7].2.pct(0.5),
+        "\nConsul: tproxy-cni / per-rule = {:.2} (target <= 0.3); / save + restore = {:.2}; / nsenter + restore = {:.2}; \
+         / bare restore = {:.2} (target <= 1.1); tproxy-cni - bare restore = {:.2} ms; starting /bin/cat = {:.2} ms",
+        base / p50(&c[4]),
+        base / p50(&c[5]),
+        base / p50(&c[8]),
+        base / p50(&c[6]),
+        base - p50(&c[6]),
+        p50(&common[2]),
+    );
+    println!(
+        "Kuma: tproxy-cni / save + restore (kuma-cni) = {:.2}; / per-rule = {:.2}; / nsenter + restore = {:.2}; \
+         / bare restore = {:.2}; tproxy-cni - bare restore = {:.2} ms",
+        kuma_base / p50(&k[2]),
+        kuma_base / p50(&k[3]),
+        kuma_base / p50(&k[5]),
+        kuma_base / p50(&k[4]),
+        kuma_base - p50(&k[4]),
     );
 
-    println!("\n64 concurrent ADDs (Consul pod)\n");
+    println!("\n## 64 concurrent ADDs (Consul pod, runtimeConfig)\n");
     println!("| backend | wall time (ms) | failures |");
     println!("|---|---:|---:|");
     for mode in ["nft", "legacy"] {
@@ -357,19 +543,20 @@ fn main() {
     }
 
     let scale_runs = if quick { 5 } else { 30 };
-    println!("\nRule-count scaling: excluded outbound CIDRs and ports, {scale_runs} runs each (ms)\n");
-    println!("| excluded CIDRs + ports | rules (IPv4) | tproxy-cni p50 | bare restore p50 |");
-    println!("|---:|---:|---:|---:|");
+    println!("\n## Rule-count scaling: excluded outbound CIDRs and ports, {scale_runs} runs each (ms)\n");
+    println!("| excluded CIDRs + ports | rules (IPv4) | tproxy-cni p50 | bare restore p50 | ratio |");
+    println!("|---:|---:|---:|---:|---:|");
     for n in [10, 100, 1000] {
         let pod = consul_pod(n, n);
         let tx = transaction(&pod);
-        let ours = measure(scale_runs, tproxy_add(&pod, "nft"));
+        let ours = measure(scale_runs, tproxy_add(stdin_for(&Source::Runtime(&pod), "nft"), "bench"));
         let bare = measure(scale_runs, bare_restore(&tx));
         println!(
-            "| {n} + {n} | {} | {:.2} | {:.2} |",
+            "| {n} + {n} | {} | {:.2} | {:.2} | {:.2}x |",
             tx.lines().filter(|l| l.starts_with("-A")).count(),
             ours.pct(0.5),
-            bare.pct(0.5)
+            bare.pct(0.5),
+            ours.pct(0.5) / bare.pct(0.5)
         );
     }
 
@@ -378,10 +565,16 @@ fn main() {
     run(Command::new("strip").arg(&stripped));
     let size = std::fs::metadata(&stripped).unwrap().len();
     let _ = std::fs::remove_file(&stripped);
-    println!("\nResources\n");
+    let mut rss: BTreeMap<&str, i64> = BTreeMap::new();
+    rss.insert("pass-through ADD (the plugin alone)", passthrough_rss);
+    rss.insert("Consul ADD, runtimeConfig (the plugin or the iptables-restore it runs)", c[0].stats.rss_p50());
+    rss.insert("Consul ADD, API stand-in (the plugin with TLS, or iptables-restore)", c[1].stats.rss_p50());
+    println!("\n## Resources\n");
     println!("| what | value |");
     println!("|---|---:|");
-    println!("| max RSS, pass-through ADD (the plugin alone) | {} KiB |", rows[&6].2.max_rss_kib);
-    println!("| max RSS, Consul ADD (the plugin or the iptables-restore it runs) | {} KiB |", ours.max_rss_kib);
+    for (what, kib) in rss {
+        println!("| peak RSS (median of the runs), {what} | {kib} KiB |");
+    }
     println!("| stripped binary size | {} KiB |", size / 1024);
+    println!("\nload average at the end: {}; the run took {:.0} s", loadavg(), started.elapsed().as_secs_f64());
 }

@@ -5,5 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "hack/bench.sh needs root"; exit 1; }
 bash hack/deps.sh
-echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, kernel $(uname -r), $(iptables --version)"
+cargo bench --bench cni_add --no-run -q
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB," \
+  "Debian $(cat /etc/debian_version), kernel $(uname -r), $(iptables --version)"
 cargo bench --bench cni_add
