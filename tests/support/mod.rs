@@ -204,7 +204,7 @@ impl Fam {
     }
 }
 
-/// Builds (once per machine, under a lock) the libcni driver from `../shared/tools/cnidrv`.
+/// Builds (once per machine, under a lock) the libcni driver from `shared/tools/cnidrv`.
 pub fn cnidrv() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
@@ -213,12 +213,23 @@ pub fn cnidrv() -> PathBuf {
         // Safety: flock on an open descriptor; released when `lock` is dropped.
         unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
         if !out.exists() {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/cnidrv/build.sh");
-            sh(Command::new("bash").arg(&script).arg(&out));
+            sh(Command::new("bash").arg(shared_tool("cnidrv/build.sh")).arg(&out));
         }
         out
     })
     .clone()
+}
+
+/// A file under the project's `shared/tools`, which sits beside the checkout: next to it in CI and
+/// in the main clone, a level higher in a worktree under `wt/`.
+pub fn shared_tool(path: &str) -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .skip(1)
+        .map(|dir| dir.join("shared/tools").join(path))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("shared/tools/{path} not found beside {} or above it", manifest.display()))
 }
 
 /// A CNI network: a Linux bridge with host-local IPAM (IPv4 and IPv6, no gateway, no default
