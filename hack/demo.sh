@@ -16,7 +16,12 @@ cargo build -q --bin tproxy-cni --example demo_pod
 bin=$PWD/target/debug
 pod=$bin/examples/demo_pod
 cnidrv=$PWD/target/tmp/cnidrv
-[ -x "$cnidrv" ] || { mkdir -p target/tmp; bash ../shared/tools/cnidrv/build.sh "$cnidrv" >/dev/null; }
+if [ ! -x "$cnidrv" ]; then
+  # shared/tools sits beside the checkout (CI, the main clone) or higher up (a git worktree).
+  build=$(for d in .. ../.. ../../..; do [ -f "$d/shared/tools/cnidrv/build.sh" ] && echo "$d/shared/tools/cnidrv/build.sh" && break; done)
+  [ -n "$build" ] || { echo "shared/tools/cnidrv not found beside the checkout"; exit 1; }
+  mkdir -p target/tmp; bash "$build" "$cnidrv" >/dev/null
+fi
 
 work=$(mktemp -d /tmp/tproxy-cni-demo.XXXXXX)
 chmod 755 "$work"   # the sidecars run as the proxy's UID and read their deny file here
