@@ -5,6 +5,11 @@
 //! single process per family: the transaction creates our chains with `-N`, so it fails as a whole,
 //! changing nothing, if they are already there. Only then do we read the namespace with
 //! `iptables-save` and send one transaction that deletes what we own and installs the new set.
+//!
+//! The host command also wants to see a transaction before it runs: [`Netfilter::plan_apply`] and
+//! [`Netfilter::plan_removal`] read the namespace and return the [`Plan`] that applying or removing
+//! would send (built by the same renderers), refusing when our chain names hold rules that we did
+//! not install; [`Netfilter::execute`] runs a plan.
 
 pub mod backend;
 pub mod save;
@@ -50,6 +55,67 @@ pub enum CheckError {
     Netfilter(#[from] NetfilterError),
     #[error(transparent)]
     Mismatch(#[from] Mismatch),
+}
+
+/// Rules under our chain names that we did not install: the mesh's own tool put them there, and
+/// replacing or removing them behind its back would leave it and its operator confused.
+#[derive(Debug, Error)]
+#[error(
+    "{family} {table} has {count} rule(s) under tproxy-cni's chain names without its ownership comment \
+     (e.g. `-A {chain} {spec}`): the mesh's own tool installed them (consul connect redirect-traffic, kuma-init, \
+     kumactl install transparent-proxy); remove them with that tool (or by hand), then run this again",
+    family = .family.name()
+)]
+pub struct Lookalikes {
+    pub family: Family,
+    pub table: String,
+    pub chain: String,
+    pub spec: String,
+    pub count: usize,
+}
+
+#[derive(Debug, Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Netfilter(#[from] NetfilterError),
+    #[error(transparent)]
+    Lookalikes(#[from] Lookalikes),
+}
+
+/// The transactions an operation would send, in order, one per family; empty when there is
+/// nothing to do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+}
+
+/// One family's transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub family: Family,
+    /// The restore tool it is fed to (with `--noflush`).
+    pub tool: PathBuf,
+    /// The restore input.
+    pub input: String,
+    /// How many chains and rules of ours the family holds before the step.
+    pub ours_before: Owned,
+}
+
+/// A count of what of ours a family holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Owned {
+    pub chains: usize,
+    pub rules: usize,
+}
+
+impl Plan {
+    /// The plan as text for a person: each step under a `# family: tool --noflush` line.
+    pub fn render(&self) -> String {
+        self.steps
+            .iter()
+            .map(|s| format!("# {}: {} --noflush\n{}", s.family.name(), s.tool.display(), s.input))
+            .collect()
+    }
 }
 
 /// How a family's rules got installed.
@@ -143,6 +209,80 @@ impl Netfilter {
         Ok(())
     }
 
+    /// What [`Netfilter::apply`] would send to install `sets`, given what the namespace holds now:
+    /// the fresh transaction for a family without rules of ours, the replacing one otherwise (and,
+    /// when replacing, the removal of ours from a family no longer wanted). Refuses when our chain
+    /// names hold rules we did not install.
+    pub fn plan_apply(&self, ns: &Netns, sets: &[RuleSet]) -> Result<Plan, PlanError> {
+        let mut plan = Plan::default();
+        let mut repeated = false;
+        for set in sets {
+            let saved = self.save_checked(ns, set.family)?;
+            let ours_before = owned(&saved);
+            let input = if saved.iter().any(SavedTable::has_owned) {
+                repeated = true;
+                render_replace(&set.tables, &saved)
+            } else {
+                rules::render_fresh(set)
+            };
+            plan.steps.push(Step { family: set.family, tool: self.restore_tool(set.family)?, input, ours_before });
+        }
+        if repeated {
+            for family in Family::ALL.into_iter().filter(|f| sets.iter().all(|s| s.family != *f)) {
+                plan.steps.extend(self.removal_step(ns, family)?);
+            }
+        }
+        Ok(plan)
+    }
+
+    /// What removing every rule and chain of ours from the namespace would send. Refuses when our
+    /// chain names hold rules we did not install (removing ours would then break theirs).
+    pub fn plan_removal(&self, ns: &Netns) -> Result<Plan, PlanError> {
+        let mut plan = Plan::default();
+        for family in Family::ALL {
+            plan.steps.extend(self.removal_step(ns, family)?);
+        }
+        Ok(plan)
+    }
+
+    /// Sends a plan's transactions, in order. Each is atomic; if one fails, the ones before it
+    /// stay applied (run the operation again: plans are built to be repeated).
+    pub fn execute(&self, ns: &Netns, plan: &Plan) -> Result<(), NetfilterError> {
+        plan.steps.iter().try_for_each(|s| self.restore(ns, s.family, &s.input))
+    }
+
+    fn removal_step(&self, ns: &Netns, family: Family) -> Result<Option<Step>, PlanError> {
+        let saved = self.save_checked(ns, family)?;
+        if !saved.iter().any(SavedTable::has_owned) {
+            return Ok(None);
+        }
+        let input = render_replace(&[], &saved);
+        Ok(Some(Step { family, tool: self.restore_tool(family)?, input, ours_before: owned(&saved) }))
+    }
+
+    /// Reads a family's tables and refuses if our chain names hold rules we did not install.
+    fn save_checked(&self, ns: &Netns, family: Family) -> Result<Vec<SavedTable>, PlanError> {
+        let saved = self.save(ns, family)?;
+        for table in &saved {
+            let mut lookalikes = table.lookalikes();
+            if let Some(first) = lookalikes.next() {
+                return Err(Lookalikes {
+                    family,
+                    table: table.name.clone(),
+                    chain: first.chain.clone(),
+                    spec: first.spec.clone(),
+                    count: 1 + lookalikes.count(),
+                }
+                .into());
+            }
+        }
+        Ok(saved)
+    }
+
+    fn restore_tool(&self, family: Family) -> Result<PathBuf, NetfilterError> {
+        Ok(self.backend.tools(family)?.restore)
+    }
+
     /// Verifies the namespace holds exactly `sets` of ours: every expected chain and rule, in order,
     /// and nothing else of ours (foreign rules are ignored).
     pub fn check(&self, ns: &Netns, sets: &[RuleSet]) -> Result<(), CheckError> {
@@ -225,6 +365,14 @@ fn lock_file(ns: &Netns) -> PathBuf {
         log::debug!("cannot create {}: {e}", dir.display());
     }
     dir.join(format!("{}.lock", ns.id().unwrap_or_else(|_| "unknown".into())))
+}
+
+/// Counts what of ours `saved` holds.
+fn owned(saved: &[SavedTable]) -> Owned {
+    saved.iter().fold(Owned::default(), |acc, t| Owned {
+        chains: acc.chains + t.owned_chains().count(),
+        rules: acc.rules + t.rules.iter().filter(|r| r.is_owned()).count(),
+    })
 }
 
 /// One transaction that removes everything of ours found in `saved` and installs `wanted`.
