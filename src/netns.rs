@@ -2,8 +2,9 @@
 //!
 //! We never move a thread of the plugin into the pod's namespace. A command that must run there is
 //! given a `pre_exec` hook that calls `setns(2)` in the forked child, just before `exec`; the parent
-//! stays in the host namespace whatever happens in the child. Reading the namespace's `/proc/net`
-//! files is done on a short-lived thread of its own that enters the namespace and then ends.
+//! stays in the host namespace whatever happens in the child. In-process work (reading the
+//! namespace's `/proc/net` files, making sockets there) runs on a thread made for it, which enters
+//! the namespace and ends with the work ([`Netns::run_on_thread`]).
 //!
 //! When the namespace is the one the process already runs in (the host command without `--netns`,
 //! or run by an init container), nothing is entered: `setns(2)` needs `CAP_SYS_ADMIN`, which such a
@@ -34,6 +35,12 @@ pub enum NetnsError {
     NotANetns(PathBuf),
     #[error("cannot open network namespace {path}")]
     Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot enter network namespace {path}")]
+    Enter {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -98,29 +105,41 @@ impl Netns {
         Ok(format!("{}-{}", m.dev(), m.ino()))
     }
 
+    /// Runs `f` on a new thread that has entered this namespace and returns its result. The thread
+    /// is used for nothing else and ends with `f`, so no other code ever runs in the namespace; a
+    /// socket `f` creates stays in the namespace for its whole life. In the process's own
+    /// namespace, `f` simply runs here.
+    pub fn run_on_thread<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
+        if self.current {
+            return Ok(f());
+        }
+        let fd = self.file.as_raw_fd();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // Safety: `fd` is an open namespace descriptor for the whole scope (it borrows
+                    // `self`); setns(2) changes the namespace of this thread only, and this thread
+                    // runs nothing but `f` before it ends.
+                    if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                        return Err(NetnsError::Enter { path: self.path.clone(), source: io::Error::last_os_error() });
+                    }
+                    Ok(f())
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
     /// Reads one file of `/proc/net` (`tcp`, `tcp6`, `if_inet6`, …) as this namespace sees it.
     pub fn read_proc_net(&self, name: &str) -> io::Result<String> {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{name:?} is not a /proc/net file name")));
         }
         let file = Path::new("/proc/thread-self/net").join(name);
-        if self.current {
-            return std::fs::read_to_string(&file);
-        }
-        let fd = self.file.as_raw_fd();
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    // Safety: setns(2) on a descriptor that stays open for the whole scope; it moves
-                    // only this thread, which reads one file and ends without running anything else.
-                    if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    std::fs::read_to_string(&file)
-                })
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("the thread reading /proc/net panicked")))
-        })
+        self.run_on_thread(|| std::fs::read_to_string(&file)).map_err(|e| match e {
+            NetnsError::Enter { source, .. } => source,
+            other => io::Error::other(other),
+        })?
     }
 
     /// Makes `cmd` run inside this namespace. The namespace must stay open until `cmd` is spawned.

@@ -1,4 +1,14 @@
 //! The command line, for operators and hosts: everything that is not a CNI call.
+//!
+//! `render` prints what a pod would get; `redirect` and `uninstall` (one file each) serve hosts
+//! and VMs through the same engine as the plugin. This is the edge: the environment
+//! is read here, once, and errors become exit statuses here.
+
+mod namespace;
+mod redirect;
+mod ssh;
+mod uninstall;
+mod user;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -34,14 +44,32 @@ enum Cmd {
         #[arg(long)]
         pod_ipv6: bool,
     },
+    /// Install a mesh's transparent-proxy redirect on this host (or in --netns).
+    ///
+    /// Takes the flags of `consul connect redirect-traffic` (with two dashes), or consul's redirect
+    /// JSON. The rules are the ones the CNI plugin installs for a pod with the same configuration,
+    /// applied in one transaction, replacing any of ours already there. Refuses to cut an SSH
+    /// session in the namespace unless its port is excluded or --force is given. Exit status: 0
+    /// installed (or printed, with --dry-run), 1 refused or failed (nothing changed), 2 bad usage.
+    Redirect(Box<redirect::RedirectArgs>),
+    /// Remove every rule and chain tproxy-cni installed (on this host, or in --netns).
+    ///
+    /// Foreign rules stay. Refuses, changing nothing, when tproxy-cni's chain names hold rules
+    /// without its ownership comment (installed by the mesh's own tool). Exit status: 0 removed
+    /// (or nothing to remove, or printed with --dry-run), 1 refused or failed, 2 bad usage.
+    Uninstall(uninstall::UninstallArgs),
 }
 
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
     crate::log::init(log::LevelFilter::Warn);
     let cli = Cli::parse();
+    // The rest of the environment, read once here (clap has read the flags' fallbacks).
+    let ssh_connection = std::env::var("SSH_CONNECTION").ok();
     let result = match cli.command {
         Cmd::Render { file, pod_ipv6 } => render(file, pod_ipv6),
+        Cmd::Redirect(args) => return host_command(redirect::run(&args, ssh_connection.as_deref())),
+        Cmd::Uninstall(args) => return host_command(uninstall::run(&args)),
     };
     match result {
         Ok(out) => {
@@ -50,6 +78,20 @@ pub fn main() -> ExitCode {
         }
         Err(msg) => {
             eprintln!("tproxy-cni: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `redirect` and `uninstall`: print what they report, or the error's whole chain on one line.
+fn host_command<E: std::error::Error>(result: Result<String, E>) -> ExitCode {
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tproxy-cni: {}", crate::cni::error::chain(&e));
             ExitCode::FAILURE
         }
     }
