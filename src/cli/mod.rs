@@ -83,11 +83,26 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// `redirect` and `uninstall`: print what they report, or the error's whole chain on one line.
-fn host_command<E: std::error::Error>(result: Result<String, E>) -> ExitCode {
+/// What `redirect` and `uninstall` print: the result (with `--dry-run`, the transactions) on
+/// stdout, notes for the person on stderr.
+#[derive(Debug, Default)]
+struct Report {
+    stdout: String,
+    stderr: String,
+}
+
+impl Report {
+    fn out(stdout: String) -> Report {
+        Report { stdout, stderr: String::new() }
+    }
+}
+
+/// `redirect` and `uninstall`: print their report, or the error's whole chain on one line.
+fn host_command<E: std::error::Error>(result: Result<Report, E>) -> ExitCode {
     match result {
-        Ok(out) => {
-            print!("{out}");
+        Ok(report) => {
+            print!("{}", report.stdout);
+            eprint!("{}", report.stderr);
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -10,6 +10,7 @@ use clap::{ArgGroup, Args};
 use ipnet::IpNet;
 use thiserror::Error;
 
+use super::Report;
 use super::namespace::NamespaceArgs;
 use super::ssh::{self, Session, SshConnection};
 use super::user::{User, UserError, Users};
@@ -157,7 +158,7 @@ pub enum RedirectError {
 /// Builds the redirect, checks it against the namespace, and installs it; returns what to print
 /// (with `--dry-run`, the transactions instead). `ssh_connection` is the process's
 /// `SSH_CONNECTION`, read at the command line's edge.
-pub fn run(args: &RedirectArgs, ssh_connection: Option<&str>) -> Result<String, RedirectError> {
+pub(super) fn run(args: &RedirectArgs, ssh_connection: Option<&str>) -> Result<Report, RedirectError> {
     let ns = args.namespace.open()?;
     let net = PodNetwork { has_ipv6: has_ipv6(&ns).map_err(RedirectError::Interfaces)? };
     let (redirect, source) = consul_redirect(&args.consul, net)?;
@@ -169,17 +170,17 @@ pub fn run(args: &RedirectArgs, ssh_connection: Option<&str>) -> Result<String, 
     let plan = nf.plan_apply(&ns, &sets)?;
     let where_ = args.namespace.describe();
     if args.dry_run {
-        return Ok(plan.render());
+        return Ok(Report::out(plan.render()));
     }
     nf.apply(&ns, &sets)?;
     let families: Vec<&str> = sets.iter().map(|s| s.family.name()).collect();
     let verb = if plan.steps.iter().any(|s| s.ours_before.rules > 0) { "replaced" } else { "installed" };
-    Ok(format!(
+    Ok(Report::out(format!(
         "tproxy-cni: {} redirect {verb} in {where_} ({}, iptables-{})\n",
         redirect.mesh(),
         families.join("+"),
         nf.backend().name()
-    ))
+    )))
 }
 
 /// Where the configuration came from, to point at the right fix in messages.

@@ -8,6 +8,7 @@
 use clap::Args;
 use thiserror::Error;
 
+use super::Report;
 use super::namespace::NamespaceArgs;
 use crate::netfilter::{NetfilterError, PlanError};
 use crate::netns::NetnsError;
@@ -34,20 +35,20 @@ pub enum UninstallError {
     Netfilter(#[from] NetfilterError),
 }
 
-/// Removes (or, with `--dry-run`, prints the removal of) everything of ours; returns what to print.
-pub fn run(args: &UninstallArgs) -> Result<String, UninstallError> {
+/// Removes (or, with `--dry-run`, prints the removal of) everything of ours.
+pub(super) fn run(args: &UninstallArgs) -> Result<Report, UninstallError> {
     let ns = args.namespace.open()?;
     let nf = args.namespace.netfilter();
     let plan = nf.plan_removal(&ns)?;
     let where_ = args.namespace.describe();
     if plan.steps.is_empty() {
-        return Ok(format!(
-            "tproxy-cni: nothing of ours in {where_} (iptables-{}): nothing to remove\n",
-            nf.backend().name()
-        ));
+        let note =
+            format!("tproxy-cni: nothing of ours in {where_} (iptables-{}): nothing to remove\n", nf.backend().name());
+        // A dry run prints only transactions on stdout: there is none.
+        return Ok(if args.dry_run { Report { stdout: String::new(), stderr: note } } else { Report::out(note) });
     }
     if args.dry_run {
-        return Ok(plan.render());
+        return Ok(Report::out(plan.render()));
     }
     nf.execute(&ns, &plan)?;
     let what: Vec<String> = plan
@@ -55,5 +56,9 @@ pub fn run(args: &UninstallArgs) -> Result<String, UninstallError> {
         .iter()
         .map(|s| format!("{}: {} rule(s), {} chain(s)", s.family.name(), s.ours_before.rules, s.ours_before.chains))
         .collect();
-    Ok(format!("tproxy-cni: removed from {where_} (iptables-{}): {}\n", nf.backend().name(), what.join("; ")))
+    Ok(Report::out(format!(
+        "tproxy-cni: removed from {where_} (iptables-{}): {}\n",
+        nf.backend().name(),
+        what.join("; ")
+    )))
 }

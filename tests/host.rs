@@ -1,0 +1,464 @@
+//! The host commands in real namespaces: `redirect` installs exactly what the CNI plugin installs
+//! for a pod with the same configuration and real traffic follows it; `uninstall` restores the
+//! namespace byte for byte (a foreign canary included); `--dry-run` changes nothing; the SSH guard
+//! refuses to cut a live session and `--force` overrides it; rules under our names that we did not
+//! install are refused; user names resolve.
+//!
+//! Never run in the machine's own namespace: every command gets `--netns` of a namespace the test
+//! made, and every command runs with a clean environment (a CI runner's own `SSH_CONNECTION` must
+//! not leak in).
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+use support::*;
+
+const BACKENDS: [&str; 2] = ["nft", "legacy"];
+const PROXY_UID: u32 = 5995;
+const CONNECT_INIT_UID: u32 = 5996;
+const APP_UID: u32 = 4242;
+
+fn sa(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+/// Runs `tproxy-cni ARGS` with only `PATH` (and `env`) in its environment.
+fn tproxy(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(plugin())
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "command failed: {}{}", text(&out.stdout), text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// A refusal: status 1, nothing on stdout, one line on stderr; returns that line.
+fn refused(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(1), "must be refused: {}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.stdout.is_empty(), "nothing on stdout when refused: {}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    err
+}
+
+/// `redirect --netns NS --iptables-mode BACKEND FLAGS…`.
+fn redirect(ns: &Netns, backend: &str, flags: &[&str], env: &[(&str, &str)]) -> Output {
+    let path = ns.path();
+    let mut args = vec!["redirect", "--netns", path.to_str().unwrap(), "--iptables-mode", backend];
+    args.extend_from_slice(flags);
+    tproxy(&args, env)
+}
+
+fn uninstall(ns: &Netns, backend: &str, flags: &[&str]) -> Output {
+    let path = ns.path();
+    let mut args = vec!["uninstall", "--netns", path.to_str().unwrap(), "--iptables-mode", backend];
+    args.extend_from_slice(flags);
+    tproxy(&args, &[])
+}
+
+/// The typical Consul pod of the traffic tests, as the webhook's JSON…
+fn consul_json() -> Value {
+    json!({
+        "ConsulDNSIP": "127.0.0.1", "ConsulDNSPort": 8600,
+        "ProxyUserID": PROXY_UID.to_string(), "ProxyInboundPort": 20000, "ProxyOutboundPort": 15001,
+        "ExcludeInboundPorts": ["9090", "8000:8100"], "ExcludeOutboundPorts": ["5432"],
+        "ExcludeOutboundCIDRs": ["198.18.0.200/32", "fd18::200/128"],
+        "ExcludeUIDs": [CONNECT_INIT_UID.to_string(), "7000-7999"],
+        "NetNS": "", "IptablesProvider": null
+    })
+}
+
+/// …and as `consul connect redirect-traffic`'s flags.
+const CONSUL_FLAGS: &[&str] = &[
+    "--proxy-uid",
+    "5995",
+    "--proxy-inbound-port",
+    "20000",
+    "--proxy-outbound-port",
+    "15001",
+    "--exclude-inbound-port",
+    "9090",
+    "--exclude-inbound-port",
+    "8000:8100",
+    "--exclude-outbound-port",
+    "5432",
+    "--exclude-outbound-cidr",
+    "198.18.0.200/32",
+    "--exclude-outbound-cidr",
+    "fd18::200/128",
+    "--exclude-uid",
+    "5996",
+    "--exclude-uid",
+    "7000-7999",
+    "--consul-dns-ip",
+    "127.0.0.1",
+    "--consul-dns-port",
+    "8600",
+];
+
+const CANARY: &str =
+    "*nat\n:CANARY - [0:0]\n-A OUTPUT -p tcp -m tcp --dport 9999 -j RETURN\n-A CANARY -j RETURN\nCOMMIT\n";
+
+fn plant_canary(ns: &Netns, backend: &str) {
+    ns.restore(Fam::V4, backend, CANARY);
+    ns.restore(Fam::V6, backend, CANARY);
+}
+
+#[test]
+fn redirect_with_consul_flags_installs_what_a_consul_pod_gets() {
+    if !privileged() {
+        return;
+    }
+    for backend in BACKENDS {
+        let net = Network::new(json!({"iptables_mode": backend}));
+        let pod = net.pod("web", Some(&consul_pod(consul_json(), &[])));
+        let from_cni = pod.ns.snapshot();
+        assert!(from_cni.contains("CONSUL_PROXY_OUTPUT"), "{backend}: the pod got its rules");
+
+        let host = Netns::new("tph");
+        let out = redirect(&host, backend, CONSUL_FLAGS, &[]);
+        assert_eq!(
+            ok(&out),
+            format!(
+                "tproxy-cni: consul redirect installed in network namespace {} (ipv4+ipv6, iptables-{backend})\n",
+                host.path().display()
+            )
+        );
+        assert_eq!(host.snapshot(), from_cni, "{backend}: flags must give exactly the pod's rules");
+
+        // The same JSON the webhook wrote, from a file.
+        let file = TempDir::new("cfg");
+        let json_path = file.path().join("consul.json");
+        std::fs::write(&json_path, consul_json().to_string()).unwrap();
+        let host = Netns::new("tph");
+        ok(&redirect(&host, backend, &["--consul-config", json_path.to_str().unwrap()], &[]));
+        assert_eq!(host.snapshot(), from_cni, "{backend}: --consul-config must give exactly the pod's rules");
+    }
+
+    // Consul's dual-stack mode: DNS on ::1, no DNS rules in the IPv4 pass.
+    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let mut config = consul_json();
+    config["ConsulDNSIP"] = json!("::1");
+    let pod = net.pod("web", Some(&consul_pod(config, &[("consul.hashicorp.com/dual-stack", "true")])));
+    let host = Netns::new("tph");
+    let mut flags: Vec<&str> = CONSUL_FLAGS.iter().map(|f| if *f == "127.0.0.1" { "::1" } else { f }).collect();
+    flags.push("--dual-stack");
+    ok(&redirect(&host, "nft", &flags, &[]));
+    assert_eq!(host.snapshot(), pod.ns.snapshot(), "dual-stack: flags must give exactly the pod's rules");
+}
+
+/// Listeners in the app namespace: the proxy's ports (both families), an app port excluded from
+/// inbound redirection, a loopback service, Consul DNS.
+fn app_listeners(ns: &Netns) -> Vec<Responder> {
+    let any4: IpAddr = "0.0.0.0".parse().unwrap();
+    let any6: IpAddr = "::".parse().unwrap();
+    let lo: IpAddr = "127.0.0.1".parse().unwrap();
+    vec![
+        Responder::tcp(ns, sa(any4, 15001), "outbound"),
+        Responder::tcp(ns, sa(any6, 15001), "outbound6"),
+        Responder::tcp(ns, sa(any4, 20000), "inbound"),
+        Responder::tcp(ns, sa(any6, 20000), "inbound6"),
+        Responder::tcp(ns, sa(any4, 9090), "app:9090"),
+        Responder::tcp(ns, sa(lo, 8080), "app-local"),
+        Responder::udp(ns, sa(lo, 8600), "consul-dns-udp"),
+    ]
+}
+
+fn who(answer: &Result<String, String>) -> &str {
+    match answer {
+        Ok(s) => s.split_whitespace().next().unwrap_or(""),
+        Err(_) => "refused",
+    }
+}
+
+#[test]
+fn traffic_follows_the_redirect_and_flows_directly_again_after_uninstall() {
+    if !privileged() {
+        return;
+    }
+    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let server = net.pod("server", None);
+    let (s4, s6) = (server.addr(Fam::V4), server.addr(Fam::V6));
+    server.ns.exec(&["ip", "addr", "add", "198.18.0.200/24", "dev", "eth0"]);
+    server.ns.exec(&["ip", "addr", "add", "fd18::200/64", "dev", "eth0", "nodad"]);
+    let mut remote = Vec::new();
+    for port in [8080, 5432] {
+        remote.push(Responder::tcp(&server.ns, sa("0.0.0.0".parse().unwrap(), port), &format!("server:{port}")));
+        remote.push(Responder::tcp(&server.ns, sa("::".parse().unwrap(), port), &format!("server6:{port}")));
+    }
+    // The "VM": attached without annotations, so the plugin leaves it alone; the host command
+    // installs the redirect.
+    let vm = net.pod("vm", None);
+    let _l = app_listeners(&vm.ns);
+    let (vm4, vm6) = (vm.addr(Fam::V4), vm.addr(Fam::V6));
+    ok(&redirect(&vm.ns, "nft", CONSUL_FLAGS, &[]));
+
+    assert_eq!(dial(&vm.ns, None, sa(s4, 8080)), Ok(format!("outbound {s4}:8080")));
+    assert_eq!(who(&dial(&vm.ns, Some(APP_UID), sa(s4, 8080))), "outbound");
+    assert_eq!(who(&dial(&vm.ns, Some(PROXY_UID), sa(s4, 8080))), "server:8080", "the proxy goes straight out");
+    assert_eq!(who(&dial(&vm.ns, Some(CONNECT_INIT_UID), sa(s4, 8080))), "server:8080", "excluded UID");
+    assert_eq!(who(&dial(&vm.ns, Some(7500), sa(s4, 8080))), "server:8080", "excluded UID range");
+    assert_eq!(who(&dial(&vm.ns, None, sa(s4, 5432))), "server:5432", "excluded port");
+    assert_eq!(who(&dial(&vm.ns, None, sa("198.18.0.200".parse().unwrap(), 8080))), "server:8080", "excluded CIDR");
+    assert_eq!(who(&dial(&vm.ns, None, sa("127.0.0.1".parse().unwrap(), 8080))), "app-local");
+    assert_eq!(dial(&server.ns, None, sa(vm4, 7000)), Ok(format!("inbound {vm4}:7000")));
+    assert_eq!(who(&dial(&server.ns, None, sa(vm4, 9090))), "app:9090", "excluded inbound port");
+    assert_eq!(udp_ask(&vm.ns, None, "127.0.0.1:53".parse().unwrap()).as_deref(), Ok("consul-dns-udp"));
+    assert_eq!(dial(&vm.ns, None, sa(s6, 8080)), Ok(format!("outbound6 [{s6}]:8080")));
+    assert_eq!(who(&dial(&vm.ns, None, sa("fd18::200".parse().unwrap(), 8080))), "server6:8080");
+    assert_eq!(dial(&server.ns, None, sa(vm6, 7000)), Ok(format!("inbound6 [{vm6}]:7000")));
+
+    ok(&uninstall(&vm.ns, "nft", &[]));
+    assert_eq!(who(&dial(&vm.ns, None, sa(s4, 8080))), "server:8080", "no redirect once uninstalled");
+    assert_eq!(who(&dial(&vm.ns, None, sa(s6, 8080))), "server6:8080");
+    assert_eq!(who(&dial(&server.ns, None, sa(vm4, 7000))), "refused", "nothing listens on 7000 itself");
+    assert_eq!(vm.ns.our_rule_count(Fam::V4, "nft") + vm.ns.our_rule_count(Fam::V6, "nft"), 0);
+}
+
+#[test]
+fn uninstall_restores_the_namespace_exactly_and_dry_runs_change_nothing() {
+    if !privileged() {
+        return;
+    }
+    for backend in BACKENDS {
+        let ns = Netns::new("tpu");
+        plant_canary(&ns, backend);
+        let before = ns.snapshot();
+
+        let dry = ok(&redirect(&ns, backend, &["--proxy-uid", "5995", "--dry-run"], &[]));
+        assert!(
+            dry.starts_with(&format!(
+                "# ipv4: /usr/sbin/iptables-{backend}-restore --noflush\n*nat\n-N CONSUL_PROXY_INBOUND\n"
+            )),
+            "{backend}: {dry}"
+        );
+        assert!(
+            dry.contains("\n# ipv6: /usr/sbin/ip6tables-") && dry.contains("-j REDIRECT --to-ports 15001"),
+            "{dry}"
+        );
+        assert_eq!(ns.snapshot(), before, "{backend}: redirect --dry-run changes nothing");
+        let out = uninstall(&ns, backend, &["--dry-run"]);
+        assert!(ok(&out).is_empty(), "{backend}: no transaction to print");
+        assert!(text(&out.stderr).contains("nothing of ours"), "{backend}: {}", text(&out.stderr));
+
+        ok(&redirect(&ns, backend, &["--proxy-uid", "5995"], &[]));
+        let installed = ns.snapshot();
+        assert_ne!(installed, before);
+        assert_eq!(ns.our_rule_count(Fam::V4, backend), 8, "{backend}: {installed}");
+        let again = ok(&redirect(&ns, backend, &["--proxy-uid", "5995"], &[]));
+        assert!(again.contains("consul redirect replaced"), "{again}");
+        assert_eq!(ns.snapshot(), installed, "{backend}: a second redirect leaves one copy");
+
+        // A dry run over our own rules shows the replacing transaction, and still changes nothing.
+        let dry =
+            ok(&redirect(&ns, backend, &["--proxy-uid", "5995", "--proxy-inbound-port", "21000", "--dry-run"], &[]));
+        assert!(
+            dry.contains("-D OUTPUT -p tcp -m comment --comment tproxy-cni -j CONSUL_PROXY_OUTPUT")
+                && dry.contains(":CONSUL_PROXY_INBOUND - [0:0]")
+                && dry.contains("--to-ports 21000"),
+            "{dry}"
+        );
+        let dry = ok(&uninstall(&ns, backend, &["--dry-run"]));
+        assert!(dry.contains("-X CONSUL_PROXY_OUTPUT") && !dry.contains("CANARY"), "{backend}: {dry}");
+        assert_eq!(ns.snapshot(), installed, "{backend}: dry runs change nothing");
+
+        let out = ok(&uninstall(&ns, backend, &[]));
+        assert_eq!(
+            out,
+            format!(
+                "tproxy-cni: removed from network namespace {} (iptables-{backend}): ipv4: 8 rule(s), 5 chain(s); ipv6: 8 rule(s), 5 chain(s)\n",
+                ns.path().display()
+            )
+        );
+        assert_eq!(ns.snapshot(), before, "{backend}: uninstall restores the namespace exactly, canary included");
+        assert!(ok(&uninstall(&ns, backend, &[])).contains("nothing to remove"));
+        assert_eq!(ns.snapshot(), before);
+    }
+}
+
+#[test]
+fn rules_under_our_names_that_we_did_not_install_are_refused() {
+    if !privileged() {
+        return;
+    }
+    // What `consul connect redirect-traffic` leaves (no comments), and what an old kuma-init left.
+    let foreign = [
+        (
+            "consul",
+            "*nat\n:CONSUL_PROXY_OUTPUT - [0:0]\n:CONSUL_PROXY_REDIRECT - [0:0]\n-A OUTPUT -p tcp -j CONSUL_PROXY_OUTPUT\n\
+             -A CONSUL_PROXY_OUTPUT -m owner --uid-owner 5995 -j RETURN\n-A CONSUL_PROXY_OUTPUT -j CONSUL_PROXY_REDIRECT\n\
+             -A CONSUL_PROXY_REDIRECT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n",
+        ),
+        ("kuma", "*nat\n:KUMA_MESH_OUTBOUND - [0:0]\n-A OUTPUT -p tcp -j KUMA_MESH_OUTBOUND\nCOMMIT\n"),
+    ];
+    for (who, rules) in foreign {
+        for backend in BACKENDS {
+            let ns = Netns::new("tpx");
+            plant_canary(&ns, backend);
+            ns.restore(Fam::V4, backend, rules);
+            let before = ns.snapshot();
+            for out in [uninstall(&ns, backend, &[]), uninstall(&ns, backend, &["--dry-run"])] {
+                let err = refused(&out);
+                assert!(
+                    err.contains("ipv4 nat has") && err.contains("without its ownership comment"),
+                    "{who} {backend}: {err}"
+                );
+                assert!(err.contains("remove them with that tool"), "{err}");
+            }
+            let err = refused(&redirect(&ns, backend, &["--proxy-uid", "5995"], &[]));
+            assert!(err.contains("without its ownership comment"), "{who} {backend}: {err}");
+            assert_eq!(ns.snapshot(), before, "{who} {backend}: nothing may change");
+        }
+    }
+}
+
+/// An "sshd" in one namespace with one client connection from another, both held open.
+struct SshSession {
+    _listener: TcpListener,
+    _server_side: TcpStream,
+    client_side: TcpStream,
+}
+
+fn ssh_session(server: &Netns, server_ip: IpAddr, port: u16, client: &Netns) -> SshSession {
+    let listener = in_netns(server, None, || TcpListener::bind(sa("0.0.0.0".parse().unwrap(), port))).unwrap();
+    let client_side = in_netns(client, None, || TcpStream::connect_timeout(&sa(server_ip, port), TIMEOUT)).unwrap();
+    let (server_side, _) = listener.accept().unwrap();
+    SshSession { _listener: listener, _server_side: server_side, client_side }
+}
+
+#[test]
+fn the_ssh_guard_refuses_to_cut_a_session_unless_excluded_or_forced() {
+    if !privileged() {
+        return;
+    }
+    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let vm = net.pod("vm", None);
+    let laptop = net.pod("laptop", None);
+    let vm4 = vm.addr(Fam::V4);
+    let session = ssh_session(&vm.ns, vm4, 22, &laptop.ns);
+    let client = session.client_side.local_addr().unwrap();
+    plant_canary(&vm.ns, "nft");
+    let before = vm.ns.snapshot();
+
+    for dry in [false, true] {
+        let mut flags = vec!["--proxy-uid", "5995"];
+        if dry {
+            flags.push("--dry-run");
+        }
+        let err = refused(&redirect(&vm.ns, "nft", &flags, &[]));
+        assert_eq!(
+            err,
+            format!(
+                "tproxy-cni: refusing to install: the redirect would send inbound TCP port 22 to the proxy, cutting \
+                 the SSH session {client} -> {vm4}:22 and every new login; exclude it with --exclude-inbound-port 22, \
+                 or pass --force to install anyway\n"
+            )
+        );
+        assert_eq!(vm.ns.snapshot(), before, "refused: nothing changed");
+    }
+
+    // Excluding the port makes it safe.
+    ok(&redirect(&vm.ns, "nft", &["--proxy-uid", "5995", "--exclude-inbound-port", "22"], &[]));
+    ok(&uninstall(&vm.ns, "nft", &[]));
+    // So does a range that covers it; a config file's refusal names the file's key.
+    let file = TempDir::new("cfg");
+    let path = file.path().join("consul.json");
+    std::fs::write(&path, r#"{"ProxyUserID":"5995","ProxyInboundPort":20000}"#).unwrap();
+    let err = refused(&redirect(&vm.ns, "nft", &["--consul-config", path.to_str().unwrap()], &[]));
+    assert!(err.contains(&format!("exclude it with \"22\" in ExcludeInboundPorts of {}", path.display())), "{err}");
+    std::fs::write(&path, r#"{"ProxyUserID":"5995","ProxyInboundPort":20000,"ExcludeInboundPorts":["20:30"]}"#)
+        .unwrap();
+    ok(&redirect(&vm.ns, "nft", &["--consul-config", path.to_str().unwrap()], &[]));
+    ok(&uninstall(&vm.ns, "nft", &[]));
+    assert_eq!(vm.ns.snapshot(), before);
+
+    // --force installs anyway, and the guard was right: a new login now lands on the proxy.
+    ok(&redirect(&vm.ns, "nft", &["--proxy-uid", "5995", "--force"], &[]));
+    let _proxy = Responder::tcp(&vm.ns, sa("0.0.0.0".parse().unwrap(), 20000), "proxy-inbound");
+    assert_eq!(dial(&laptop.ns, None, sa(vm4, 22)), Ok(format!("proxy-inbound {vm4}:22")));
+    ok(&uninstall(&vm.ns, "nft", &[]));
+    drop(session);
+
+    // sshd on another port: only SSH_CONNECTION tells the guard which port is SSH.
+    let session = ssh_session(&vm.ns, vm4, 2222, &laptop.ns);
+    let client = session.client_side.local_addr().unwrap();
+    ok(&redirect(&vm.ns, "nft", &["--proxy-uid", "5995"], &[]));
+    ok(&uninstall(&vm.ns, "nft", &[]));
+    let ssh_connection = format!("{} {} {vm4} 2222", client.ip(), client.port());
+    let err = refused(&redirect(&vm.ns, "nft", &["--proxy-uid", "5995"], &[("SSH_CONNECTION", &ssh_connection)]));
+    assert!(err.contains(&format!("cutting your SSH session {client} -> {vm4}:2222")), "{err}");
+    assert!(err.contains("--exclude-inbound-port 2222"), "{err}");
+    // A session named by SSH_CONNECTION but living in another namespace is not at risk here.
+    let elsewhere = Netns::new("tpo");
+    ok(&redirect(&elsewhere, "nft", &["--proxy-uid", "5995"], &[("SSH_CONNECTION", &ssh_connection)]));
+    assert_eq!(vm.ns.snapshot(), before);
+}
+
+#[test]
+fn user_names_resolve_and_bad_input_is_refused_with_nothing_changed() {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new("tpn");
+    plant_canary(&ns, "nft");
+    let before = ns.snapshot();
+    let nobody = sh(Command::new("id").args(["-u", "nobody"])).trim().to_owned();
+    let dry = ok(&redirect(&ns, "nft", &["--proxy-uid", "nobody", "--exclude-uid", "root", "--dry-run"], &[]));
+    assert!(dry.contains(&format!("-m owner --uid-owner {nobody} -m comment")), "{dry}");
+    assert!(dry.contains("-m owner --uid-owner 0 -m comment"), "{dry}");
+
+    let file = TempDir::new("cfg");
+    let bad_json = file.path().join("bad.json");
+    std::fs::write(
+        &bad_json,
+        r#"{"ProxyUserID":"5995","ProxyInboundPort":20000,"ExcludeOutboundCIDRs":["10.0.0.0/8 -j ACCEPT"]}"#,
+    )
+    .unwrap();
+    let refusals: [(&[&str], &str); 6] = [
+        (&["--proxy-uid", "no-such-user-x"], "--proxy-uid: no user named \"no-such-user-x\""),
+        (&["--proxy-uid", "5995", "--exclude-uid", "ghost-user"], "--exclude-uid: no user named \"ghost-user\""),
+        (
+            &["--proxy-uid", "5995", "--consul-dns-ip", "::1"],
+            "--consul-dns-ip ::1 is IPv6 but dual-stack mode is off (--dual-stack is not set)",
+        ),
+        (&["--proxy-uid", "5995", "--dual-stack", "--consul-dns-ip", "127.0.0.1"], "is IPv4 but dual-stack mode is on"),
+        (
+            &["--consul-config", bad_json.to_str().unwrap()],
+            "ExcludeOutboundCIDRs entry \"10.0.0.0/8 -j ACCEPT\" is not a CIDR",
+        ),
+        (&["--consul-config", "/nonexistent/consul.json"], "cannot read /nonexistent/consul.json"),
+    ];
+    for (flags, want) in refusals {
+        let err = refused(&redirect(&ns, "nft", flags, &[]));
+        assert!(err.contains(want), "{flags:?}: {err}");
+    }
+    // Values that do not parse are usage errors (status 2), caught before anything is opened.
+    let usage: [(&[&str], &str); 5] = [
+        (&["--proxy-uid", "5995", "--proxy-inbound-port", "70000"], "port \"70000\" is out of range"),
+        (&["--proxy-uid", "5995", "--exclude-outbound-cidr", "10.0.0.0/8\n-A OUTPUT -j ACCEPT"], "is not a CIDR"),
+        (&["--proxy-uid", "a b"], "is neither a UID nor a user name"),
+        (&[], "--proxy-uid <USER>|--consul-config <FILE>"),
+        (&["--consul-config", "x.json", "--proxy-inbound-port", "1"], "cannot be used with"),
+    ];
+    for (flags, want) in usage {
+        let out = redirect(&ns, "nft", flags, &[]);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(want), "{flags:?}: {}", text(&out.stderr));
+    }
+    let out = tproxy(&["redirect", "--netns", "/nonexistent/netns", "--proxy-uid", "5995"], &[]);
+    assert!(refused(&out).contains("network namespace /nonexistent/netns does not exist"));
+    assert_eq!(ns.snapshot(), before, "nothing changed");
+}
