@@ -1,7 +1,7 @@
 //! The command line, for operators and hosts: everything that is not a CNI call.
 //!
-//! `render` prints what a pod would get; `redirect` and `uninstall` (one file each) serve hosts
-//! and VMs through the same engine as the plugin. This is the edge: the environment
+//! `render` prints what a pod would get; `redirect`, `uninstall` and `validate` (one file each)
+//! serve hosts and VMs through the same engine as the plugin. This is the edge: the environment
 //! is read here, once, and errors become exit statuses here.
 
 mod namespace;
@@ -9,6 +9,7 @@ mod redirect;
 mod ssh;
 mod uninstall;
 mod user;
+pub mod validate;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -58,6 +59,15 @@ enum Cmd {
     /// without its ownership comment (installed by the mesh's own tool). Exit status: 0 removed
     /// (or nothing to remove, or printed with --dry-run), 1 refused or failed, 2 bad usage.
     Uninstall(uninstall::UninstallArgs),
+    /// Prove with real traffic that the redirect is in place; the exit status says what failed.
+    ///
+    /// Listens on the proxy's outbound port, dials --target with a random token and checks, through
+    /// SO_ORIGINAL_DST, that the connection was redirected there. Runs unprivileged; run it before
+    /// the proxy starts, as a user the redirect captures (not the proxy's, not an excluded one).
+    /// Exit status: 0 the redirect is in place, 1 validate could not run, 2 bad usage, 3 redirect
+    /// missing, 4 timed out (most likely missing), 5 cannot listen on the port, 6 no route to the
+    /// target (nothing tested).
+    Validate(validate::ValidateArgs),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -70,6 +80,7 @@ pub fn main() -> ExitCode {
         Cmd::Render { file, pod_ipv6 } => render(file, pod_ipv6),
         Cmd::Redirect(args) => return host_command(redirect::run(&args, ssh_connection.as_deref())),
         Cmd::Uninstall(args) => return host_command(uninstall::run(&args)),
+        Cmd::Validate(args) => return validate_command(&args),
     };
     match result {
         Ok(out) => {
@@ -108,6 +119,20 @@ fn host_command<E: std::error::Error>(result: Result<Report, E>) -> ExitCode {
         Err(e) => {
             eprintln!("tproxy-cni: {}", crate::cni::error::chain(&e));
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn validate_command(args: &validate::ValidateArgs) -> ExitCode {
+    match validate::run(args) {
+        Ok(report) => {
+            print!("{report}");
+            println!("tproxy-cni validate: the redirect is in place");
+            ExitCode::from(validate::EXIT_OK)
+        }
+        Err(e) => {
+            eprintln!("tproxy-cni validate: {}", crate::cni::error::chain(&e));
+            ExitCode::from(e.exit_code())
         }
     }
 }
