@@ -7,6 +7,8 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
+pub mod apiserver;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -204,20 +206,22 @@ impl Fam {
     }
 }
 
+static CNIDRV: OnceLock<PathBuf> = OnceLock::new();
+
 /// Builds (once per machine, under a lock) the libcni driver from `shared/tools/cnidrv`.
 pub fn cnidrv() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cnidrv");
-        let lock = fs::File::create(out.with_extension("lock")).unwrap();
-        // Safety: flock on an open descriptor; released when `lock` is dropped.
-        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-        if !out.exists() {
-            sh(Command::new("bash").arg(shared_tool("cnidrv/build.sh")).arg(&out));
-        }
-        out
-    })
-    .clone()
+    CNIDRV
+        .get_or_init(|| {
+            let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cnidrv");
+            let lock = fs::File::create(out.with_extension("lock")).unwrap();
+            // Safety: flock on an open descriptor; released when `lock` is dropped.
+            unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+            if !out.exists() {
+                sh(Command::new("bash").arg(shared_tool("cnidrv/build.sh")).arg(&out));
+            }
+            out
+        })
+        .clone()
 }
 
 /// A file under the project's `shared/tools`, which sits beside the checkout: next to it in CI and
@@ -380,7 +384,9 @@ impl Pod<'_> {
 
 impl Drop for Pod<'_> {
     fn drop(&mut self) {
-        if !self.deleted.load(Ordering::Relaxed) {
+        // Without a driver (its build failed and the test is already unwinding) there is nothing
+        // to DEL with, and panicking again here would abort before the namespace is removed.
+        if !self.deleted.load(Ordering::Relaxed) && CNIDRV.get().is_some() {
             let _ = self.net.cnidrv("del", &self.ns, &self.id, &self.cni_args(), None);
         }
     }
