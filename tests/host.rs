@@ -462,3 +462,104 @@ fn user_names_resolve_and_bad_input_is_refused_with_nothing_changed() {
     assert!(refused(&out).contains("network namespace /nonexistent/netns does not exist"));
     assert_eq!(ns.snapshot(), before, "nothing changed");
 }
+
+/// The unit files shipped in `installer/host/`, read as systemd reads them.
+fn unit_file(name: &str) -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("installer/host").join(name)).unwrap()
+}
+
+/// A `Key=` line's value in a unit or environment file.
+fn setting(text: &str, key: &str) -> String {
+    let prefix = format!("{key}=");
+    let line = text.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no {key}= in:\n{text}"));
+    line[prefix.len()..].to_owned()
+}
+
+#[test]
+fn the_systemd_units_verify_and_bracket_the_proxy_with_redirect_and_uninstall() {
+    if !privileged() {
+        return;
+    }
+    let binary = plugin();
+    let unit = unit_file("tproxy-cni-redirect@.service").replace("/usr/local/bin/tproxy-cni", binary.to_str().unwrap());
+    let env_file = unit_file("tproxy-cni.env");
+
+    // systemd itself loads the pair: the redirect unit for envoy.service, and envoy.service with
+    // the drop-in. Its dump shows the ordering both ways and the stop propagation.
+    let dir = TempDir::new("units");
+    std::fs::write(dir.path().join("tproxy-cni-redirect@envoy.service"), &unit).unwrap();
+    std::fs::write(
+        dir.path().join("envoy.service"),
+        "[Unit]\nDescription=stand-in proxy\n[Service]\nExecStart=/bin/sleep infinity\n",
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("envoy.service.d")).unwrap();
+    std::fs::write(dir.path().join("envoy.service.d/tproxy-cni.conf"), unit_file("proxy-dropin.conf")).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("tproxy-cni-redirect@envoy.service"))
+        .arg(dir.path().join("envoy.service"))
+        .env("SYSTEMD_LOG_LEVEL", "debug")
+        .output()
+        .expect("systemd-analyze (Debian package systemd; hack/deps.sh installs it)");
+    assert!(out.status.success(), "systemd-analyze verify: {}", text(&out.stderr));
+    let dump = text(&out.stdout);
+    let unit_dump = |name: &str| -> String {
+        let start = dump.find(&format!("-> Unit {name}:")).unwrap_or_else(|| panic!("{name} not in the dump:\n{dump}"));
+        dump[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.trim_start().starts_with("-> Unit "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let ours = unit_dump("tproxy-cni-redirect@envoy.service");
+    let proxy = unit_dump("envoy.service");
+    for want in ["Before: envoy.service", "PartOf: envoy.service", "EnvironmentFile: /etc/tproxy-cni/envoy.env"] {
+        assert!(ours.contains(want), "{want}:\n{ours}");
+    }
+    // `(origin-file)`: set by envoy.service's own files, that is the drop-in.
+    for want in [
+        "DropIn Path: ",
+        "Requires: tproxy-cni-redirect@envoy.service (origin-file)",
+        "After: tproxy-cni-redirect@envoy.service (origin-file",
+        "ConsistsOf: tproxy-cni-redirect@envoy.service",
+    ] {
+        assert!(proxy.contains(want), "envoy.service must have {want:?}:\n{proxy}");
+    }
+
+    // What systemd would run, with the shipped environment file, in a namespace of ours.
+    let flags = setting(&env_file, "TPROXY_CNI_REDIRECT_FLAGS");
+    let mode = setting(&env_file, "TPROXY_CNI_IPTABLES_MODE");
+    let run = |line: &str, ns: &Netns| {
+        let words: Vec<String> = setting(&unit, line)
+            .split_whitespace()
+            .flat_map(|w| match w {
+                "$TPROXY_CNI_REDIRECT_FLAGS" => flags.split_whitespace().map(str::to_owned).collect(),
+                w => vec![w.to_owned()],
+            })
+            .collect();
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .args(&words)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("TPROXY_CNI_IPTABLES_MODE", &mode)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{line} {words:?}: {}", text(&out.stderr));
+    };
+    let ns = Netns::new("tps");
+    plant_canary(&ns, "nft");
+    let before = ns.snapshot();
+    run("ExecStart", &ns);
+    let v4 = ns.save(Fam::V4, "nft");
+    assert!(
+        v4.contains("-A CONSUL_PROXY_INBOUND -p tcp -m tcp --dport 22 -m comment --comment tproxy-cni -j RETURN"),
+        "{v4}"
+    );
+    assert!(v4.contains("--to-destination 127.0.0.1:8600"), "{v4}");
+    run("ExecStart", &ns);
+    run("ExecStop", &ns);
+    assert_eq!(ns.snapshot(), before, "ExecStop leaves the namespace as it was");
+}
