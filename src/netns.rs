@@ -1,10 +1,11 @@
 //! A pod's network namespace: an owned file descriptor, entered only by child processes.
 //!
-//! We never move a thread of the plugin into the pod's namespace. A command that must run there is
-//! given a `pre_exec` hook that calls `setns(2)` in the forked child, just before `exec`; the parent
-//! stays in the host namespace whatever happens in the child. In-process work (reading the
-//! namespace's `/proc/net` files, making sockets there) runs on a thread made for it, which enters
-//! the namespace and ends with the work ([`Netns::run_on_thread`]).
+//! We never move a long-lived thread of the plugin into the pod's namespace. A command that must
+//! run there is given a `pre_exec` hook that calls `setns(2)` in the forked child, just before
+//! `exec`; the parent stays in the host namespace whatever happens in the child. In-process work
+//! (a netlink socket, reading the namespace's `/proc/net` files, making sockets there) runs on a
+//! thread made for it, which enters the namespace and ends with the work
+//! ([`Netns::run_on_thread`]); nothing else ever runs on that thread.
 //!
 //! When the namespace is the one the process already runs in (the host command without `--netns`,
 //! or run by an init container), nothing is entered: `setns(2)` needs `CAP_SYS_ADMIN`, which such a
@@ -176,6 +177,15 @@ mod tests {
     fn a_regular_file_is_not_a_netns() {
         let e = Netns::open(Path::new("/proc/self/status")).unwrap_err();
         assert!(matches!(e, NetnsError::NotANetns(_)), "{e:?}");
+    }
+
+    #[test]
+    fn work_on_a_namespace_thread_leaves_the_caller_where_it_was() {
+        let ns = Netns::open(Path::new("/proc/self/ns/net")).unwrap();
+        let here = std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino();
+        let there = ns.run_on_thread(|| std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()).unwrap();
+        assert_eq!(here, there, "our own namespace: the work runs where we are");
+        assert_eq!(std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino(), here);
     }
 
     #[test]

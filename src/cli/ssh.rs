@@ -161,6 +161,18 @@ pub fn captures_inbound(redirect: &Redirect, client: IpAddr, port: u16) -> bool 
     match redirect {
         // Every inbound TCP connection except to an excluded port (no source exclusions).
         Redirect::Consul(c) => !c.exclude_inbound_ports.iter().any(|r| r.contains(port)),
+        // Nothing with inbound off (gateway mode); otherwise not from an excluded source, and only
+        // the included ports when there are any, else every port but the excluded ones.
+        Redirect::Kuma(k) => k.inbound.as_ref().is_some_and(|inbound| {
+            let client = client.to_canonical();
+            if inbound.exclude_cidrs.of(family).iter().any(|net| net.contains(&client)) {
+                return false;
+            }
+            if !inbound.include_ports.is_empty() {
+                return inbound.include_ports.iter().any(|p| p.get() == port);
+            }
+            !inbound.exclude_ports.iter().any(|p| p.get() == port)
+        }),
     }
 }
 

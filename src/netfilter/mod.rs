@@ -1,10 +1,22 @@
 //! Applying, checking and removing rule sets in a pod's network namespace.
 //!
-//! The only code that runs `iptables-restore`. Each operation is one restore transaction per family
-//! (per table, atomic in the kernel). The common case — the first ADD into a fresh namespace — is a
-//! single process per family: the transaction creates our chains with `-N`, so it fails as a whole,
-//! changing nothing, if they are already there. Only then do we read the namespace with
-//! `iptables-save` and send one transaction that deletes what we own and installs the new set.
+//! The only code that runs `iptables-restore`. Each operation is one restore transaction per family.
+//! `iptables-restore` commits a transaction table by table (each `COMMIT` is atomic in the kernel,
+//! the whole input is not), so the order of the tables is part of the design:
+//!
+//! - The common case — the first ADD into a fresh namespace — is a single process per family. Its
+//!   first table is nat, which creates our chains with `-N`: on a namespace that already has them
+//!   (a repeated ADD) that first table fails and nothing at all is committed. Only then do we read
+//!   the namespace with `iptables-save` and send one transaction that deletes what we own and
+//!   installs the new set.
+//! - If a later table fails (raw or mangle: a kernel without conntrack zones, say), the tables before
+//!   it are committed. A failed ADD therefore ends by removing every rule and chain of ours from
+//!   both families, so it leaves no rule of ours behind: for a fresh namespace that is exactly the
+//!   namespace as it was. Foreign rules are never touched.
+//! - A process killed between two tables leaves the committed ones. The runtime then sees ADD fail
+//!   and calls DEL (which removes everything of ours), or retries ADD, which finds our chains,
+//!   replaces whatever is there, and ends with exactly one complete copy. Either way the pod's
+//!   containers never start on a half-installed set: a runtime starts them only after ADD succeeds.
 //!
 //! The host command also wants to see a transaction before it runs: [`Netfilter::plan_apply`] and
 //! [`Netfilter::plan_removal`] read the namespace and return the [`Plan`] that applying or removing
@@ -27,7 +39,7 @@ use save::SavedTable;
 
 use crate::netns::Netns;
 use crate::redirect::Family;
-use crate::rules::{self, RuleSet, TableRules};
+use crate::rules::{self, RuleSet, Table, TableRules};
 
 #[derive(Debug, Error)]
 pub enum NetfilterError {
@@ -118,6 +130,20 @@ impl Plan {
     }
 }
 
+/// What [`Netfilter::remove`] found and removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// Every chain of ours that was removed, with its family.
+    pub chains: Vec<(Family, String)>,
+}
+
+impl Removed {
+    /// Was the chain `name` of ours in `family` removed?
+    pub fn had_chain(&self, family: Family, name: &str) -> bool {
+        self.chains.iter().any(|(f, c)| *f == family && c == name)
+    }
+}
+
 /// How a family's rules got installed.
 enum Applied {
     /// Into tables that held nothing of ours: one transaction.
@@ -148,19 +174,17 @@ impl Netfilter {
 
     /// Installs `sets`, replacing whatever of ours is there, so that afterwards the namespace holds
     /// exactly one copy of them. Families not in `sets` lose any rules of ours they held.
+    /// On failure, no rule or chain of ours is left in the namespace (see the module docs).
     pub fn apply(&self, ns: &Netns, sets: &[RuleSet]) -> Result<(), NetfilterError> {
-        let mut installed_fresh = Vec::new();
         let mut repeated = false;
-        for set in sets {
-            let step = self.apply_family(ns, set);
-            match step {
-                Ok(Applied::Fresh) => installed_fresh.push(set.family),
+        for (i, set) in sets.iter().enumerate() {
+            match self.apply_family(ns, set) {
+                Ok(Applied::Fresh) => {}
                 Ok(Applied::Replaced) => repeated = true,
                 Err(e) => {
-                    // Leave the namespace as we found it: undo the families this call installed
-                    // into empty tables (a replaced set cannot be restored, but a retried ADD
-                    // replaces it again).
-                    for family in installed_fresh {
+                    // Undo the families done before this one, and whatever tables of this one
+                    // got committed before the failing table.
+                    for family in sets[..=i].iter().map(|s| s.family) {
                         if let Err(undo) = self.remove_family(ns, family) {
                             log::warn!("cannot undo the {} rules after a failure: {undo}", family.name());
                         }
@@ -190,23 +214,31 @@ impl Netfilter {
         if !saved.iter().any(SavedTable::has_owned) {
             return Err(first);
         }
+        // A repeated ADD, or tables of this very transaction committed before a later one failed:
+        // either way, replacing what is there gives one complete copy, or fails again for real.
         log::debug!("rules of ours are already in the {} tables: replacing them", set.family.name());
         self.restore(ns, set.family, &render_replace(&set.tables, &saved))?;
         Ok(Applied::Replaced)
     }
 
     /// Removes every rule and chain of ours from the namespace, in both families.
-    pub fn remove(&self, ns: &Netns) -> Result<(), NetfilterError> {
-        Family::ALL.into_iter().try_for_each(|f| self.remove_family(ns, f))
+    pub fn remove(&self, ns: &Netns) -> Result<Removed, NetfilterError> {
+        let mut removed = Removed::default();
+        for family in Family::ALL {
+            removed.chains.extend(self.remove_family(ns, family)?.into_iter().map(|c| (family, c)));
+        }
+        Ok(removed)
     }
 
-    fn remove_family(&self, ns: &Netns, family: Family) -> Result<(), NetfilterError> {
+    /// Removes everything of ours in one family; returns the names of the chains removed.
+    fn remove_family(&self, ns: &Netns, family: Family) -> Result<Vec<String>, NetfilterError> {
         let saved = self.save(ns, family)?;
-        if saved.iter().any(SavedTable::has_owned) {
-            self.restore(ns, family, &render_replace(&[], &saved))?;
-            log::debug!("removed our {} rules", family.name());
+        if !saved.iter().any(SavedTable::has_owned) {
+            return Ok(Vec::new());
         }
-        Ok(())
+        self.restore(ns, family, &render_replace(&[], &saved))?;
+        log::debug!("removed our {} rules", family.name());
+        Ok(saved.iter().flat_map(|t| t.owned_chains().map(str::to_owned)).collect())
     }
 
     /// What [`Netfilter::apply`] would send to install `sets`, given what the namespace holds now:
@@ -377,10 +409,8 @@ fn owned(saved: &[SavedTable]) -> Owned {
 
 /// One transaction that removes everything of ours found in `saved` and installs `wanted`.
 fn render_replace(wanted: &[TableRules], saved: &[SavedTable]) -> String {
-    let mut tables: BTreeSet<String> = wanted.iter().map(|t| t.table.name().to_owned()).collect();
-    tables.extend(saved.iter().filter(|t| t.has_owned()).map(|t| t.name.clone()));
     let mut out = String::new();
-    for name in tables {
+    for name in tables_to_touch(wanted, saved) {
         let want = wanted.iter().find(|t| t.table.name() == name);
         let have = saved.iter().find(|t| t.name == name);
         writeln!(out, "*{name}").unwrap();
@@ -408,6 +438,25 @@ fn render_replace(wanted: &[TableRules], saved: &[SavedTable]) -> String {
         out.push_str("COMMIT\n");
     }
     out
+}
+
+/// The tables a transaction must touch: the wanted ones and every one holding something of ours,
+/// in commit order (ours first, any other table holding a rule of ours after them).
+fn tables_to_touch<'a>(wanted: &[TableRules], saved: &'a [SavedTable]) -> Vec<&'a str> {
+    let mut names: Vec<&str> = Vec::new();
+    for t in Table::COMMIT_ORDER {
+        let name = t.name();
+        if wanted.iter().any(|w| w.table == t) || saved.iter().any(|s| s.name == name && s.has_owned()) {
+            names.push(name);
+        }
+    }
+    let others: BTreeSet<&str> = saved
+        .iter()
+        .filter(|s| s.has_owned() && Table::from_name(&s.name).is_none())
+        .map(|s| s.name.as_str())
+        .collect();
+    names.extend(others);
+    names
 }
 
 /// Appends to `diffs` every way `saved` differs from `wanted` in what we own.
