@@ -1,5 +1,5 @@
 //! The host commands in real namespaces: `redirect` installs exactly what the CNI plugin installs
-//! for a pod with the same configuration and real traffic follows it; `uninstall` restores the
+//! for a pod with the same configuration (Consul's and Kuma's) and real traffic follows it; `uninstall` restores the
 //! namespace byte for byte (a foreign canary included); `--dry-run` changes nothing; the SSH guard
 //! refuses to cut a live session and `--force` overrides it; rules under our names that we did not
 //! install are refused; user names resolve.
@@ -10,7 +10,7 @@
 
 mod support;
 
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 use std::process::{Command, Output};
 
 use serde_json::{Value, json};
@@ -20,10 +20,6 @@ const BACKENDS: [&str; 2] = ["nft", "legacy"];
 const PROXY_UID: u32 = 5995;
 const CONNECT_INIT_UID: u32 = 5996;
 const APP_UID: u32 = 4242;
-
-fn sa(ip: IpAddr, port: u16) -> SocketAddr {
-    SocketAddr::new(ip, port)
-}
 
 /// Runs `tproxy-cni ARGS` with only `PATH` (and `env`) in its environment.
 fn tproxy(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -128,24 +124,26 @@ fn redirect_with_consul_flags_installs_what_a_consul_pod_gets() {
         let from_cni = pod.ns.snapshot();
         assert!(from_cni.contains("CONSUL_PROXY_OUTPUT"), "{backend}: the pod got its rules");
 
-        let host = Netns::new("tph");
-        let out = redirect(&host, backend, CONSUL_FLAGS, &[]);
+        // The "VM": a namespace with the same kind of addresses (IPv4, IPv6), attached without
+        // annotations so the plugin leaves it alone.
+        let host = net.pod("vm", None);
+        let out = redirect(&host.ns, backend, CONSUL_FLAGS, &[]);
         assert_eq!(
             ok(&out),
             format!(
                 "tproxy-cni: consul redirect installed in network namespace {} (ipv4+ipv6, iptables-{backend})\n",
-                host.path().display()
+                host.ns.path().display()
             )
         );
-        assert_eq!(host.snapshot(), from_cni, "{backend}: flags must give exactly the pod's rules");
+        assert_eq!(host.ns.snapshot(), from_cni, "{backend}: flags must give exactly the pod's rules");
 
         // The same JSON the webhook wrote, from a file.
         let file = TempDir::new("cfg");
         let json_path = file.path().join("consul.json");
         std::fs::write(&json_path, consul_json().to_string()).unwrap();
-        let host = Netns::new("tph");
-        ok(&redirect(&host, backend, &["--consul-config", json_path.to_str().unwrap()], &[]));
-        assert_eq!(host.snapshot(), from_cni, "{backend}: --consul-config must give exactly the pod's rules");
+        let host = net.pod("vm", None);
+        ok(&redirect(&host.ns, backend, &["--consul-config", json_path.to_str().unwrap()], &[]));
+        assert_eq!(host.ns.snapshot(), from_cni, "{backend}: --consul-config must give exactly the pod's rules");
     }
 
     // Consul's dual-stack mode: DNS on ::1, no DNS rules in the IPv4 pass.
@@ -153,11 +151,11 @@ fn redirect_with_consul_flags_installs_what_a_consul_pod_gets() {
     let mut config = consul_json();
     config["ConsulDNSIP"] = json!("::1");
     let pod = net.pod("web", Some(&consul_pod(config, &[("consul.hashicorp.com/dual-stack", "true")])));
-    let host = Netns::new("tph");
+    let host = net.pod("vm", None);
     let mut flags: Vec<&str> = CONSUL_FLAGS.iter().map(|f| if *f == "127.0.0.1" { "::1" } else { f }).collect();
     flags.push("--dual-stack");
-    ok(&redirect(&host, "nft", &flags, &[]));
-    assert_eq!(host.snapshot(), pod.ns.snapshot(), "dual-stack: flags must give exactly the pod's rules");
+    ok(&redirect(&host.ns, "nft", &flags, &[]));
+    assert_eq!(host.ns.snapshot(), pod.ns.snapshot(), "dual-stack: flags must give exactly the pod's rules");
 }
 
 /// Listeners in the app namespace: the proxy's ports (both families), an app port excluded from
@@ -177,28 +175,14 @@ fn app_listeners(ns: &Netns) -> Vec<Responder> {
     ]
 }
 
-fn who(answer: &Result<String, String>) -> &str {
-    match answer {
-        Ok(s) => s.split_whitespace().next().unwrap_or(""),
-        Err(_) => "refused",
-    }
-}
-
 #[test]
 fn traffic_follows_the_redirect_and_flows_directly_again_after_uninstall() {
     if !privileged() {
         return;
     }
     let net = Network::new(json!({"iptables_mode": "nft"}));
-    let server = net.pod("server", None);
-    let (s4, s6) = (server.addr(Fam::V4), server.addr(Fam::V6));
-    server.ns.exec(&["ip", "addr", "add", "198.18.0.200/24", "dev", "eth0"]);
-    server.ns.exec(&["ip", "addr", "add", "fd18::200/64", "dev", "eth0", "nodad"]);
-    let mut remote = Vec::new();
-    for port in [8080, 5432] {
-        remote.push(Responder::tcp(&server.ns, sa("0.0.0.0".parse().unwrap(), port), &format!("server:{port}")));
-        remote.push(Responder::tcp(&server.ns, sa("::".parse().unwrap(), port), &format!("server6:{port}")));
-    }
+    let sibling = Sibling::new(&net, &[8080, 5432], &["198.18.0.200/24", "fd18::200/64"]);
+    let (server, s4, s6) = (&sibling.pod, sibling.v4, sibling.v6);
     // The "VM": attached without annotations, so the plugin leaves it alone; the host command
     // installs the redirect.
     let vm = net.pod("vm", None);
@@ -212,13 +196,13 @@ fn traffic_follows_the_redirect_and_flows_directly_again_after_uninstall() {
     assert_eq!(who(&dial(&vm.ns, Some(CONNECT_INIT_UID), sa(s4, 8080))), "server:8080", "excluded UID");
     assert_eq!(who(&dial(&vm.ns, Some(7500), sa(s4, 8080))), "server:8080", "excluded UID range");
     assert_eq!(who(&dial(&vm.ns, None, sa(s4, 5432))), "server:5432", "excluded port");
-    assert_eq!(who(&dial(&vm.ns, None, sa("198.18.0.200".parse().unwrap(), 8080))), "server:8080", "excluded CIDR");
-    assert_eq!(who(&dial(&vm.ns, None, sa("127.0.0.1".parse().unwrap(), 8080))), "app-local");
+    assert_eq!(who(&dial(&vm.ns, None, sa([198, 18, 0, 200], 8080))), "server:8080", "excluded CIDR");
+    assert_eq!(who(&dial(&vm.ns, None, sa(Ipv4Addr::LOCALHOST, 8080))), "app-local");
     assert_eq!(dial(&server.ns, None, sa(vm4, 7000)), Ok(format!("inbound {vm4}:7000")));
     assert_eq!(who(&dial(&server.ns, None, sa(vm4, 9090))), "app:9090", "excluded inbound port");
     assert_eq!(udp_ask(&vm.ns, None, "127.0.0.1:53".parse().unwrap()).as_deref(), Ok("consul-dns-udp"));
     assert_eq!(dial(&vm.ns, None, sa(s6, 8080)), Ok(format!("outbound6 [{s6}]:8080")));
-    assert_eq!(who(&dial(&vm.ns, None, sa("fd18::200".parse().unwrap(), 8080))), "server6:8080");
+    assert_eq!(who(&dial(&vm.ns, None, sa("fd18::200".parse::<IpAddr>().unwrap(), 8080))), "server6:8080");
     assert_eq!(dial(&server.ns, None, sa(vm6, 7000)), Ok(format!("inbound6 [{vm6}]:7000")));
 
     ok(&uninstall(&vm.ns, "nft", &[]));
@@ -245,10 +229,9 @@ fn uninstall_restores_the_namespace_exactly_and_dry_runs_change_nothing() {
             )),
             "{backend}: {dry}"
         );
-        assert!(
-            dry.contains("\n# ipv6: /usr/sbin/ip6tables-") && dry.contains("-j REDIRECT --to-ports 15001"),
-            "{dry}"
-        );
+        assert!(dry.contains("-j REDIRECT --to-ports 15001"), "{dry}");
+        // IPv6 only on lo (::1): nothing there to redirect, so no IPv6 pass.
+        assert!(!dry.contains("# ipv6"), "{backend}: {dry}");
         assert_eq!(ns.snapshot(), before, "{backend}: redirect --dry-run changes nothing");
         let out = uninstall(&ns, backend, &["--dry-run"]);
         assert!(ok(&out).is_empty(), "{backend}: no transaction to print");
@@ -279,7 +262,7 @@ fn uninstall_restores_the_namespace_exactly_and_dry_runs_change_nothing() {
         assert_eq!(
             out,
             format!(
-                "tproxy-cni: removed from network namespace {} (iptables-{backend}): ipv4: 8 rule(s), 5 chain(s); ipv6: 8 rule(s), 5 chain(s)\n",
+                "tproxy-cni: removed from network namespace {} (iptables-{backend}): ipv4: 8 rule(s), 5 chain(s)\n",
                 ns.path().display()
             )
         );
@@ -333,7 +316,7 @@ struct SshSession {
 }
 
 fn ssh_session(server: &Netns, server_ip: IpAddr, port: u16, client: &Netns) -> SshSession {
-    let listener = in_netns(server, None, || TcpListener::bind(sa("0.0.0.0".parse().unwrap(), port))).unwrap();
+    let listener = in_netns(server, None, || TcpListener::bind(sa(Ipv4Addr::UNSPECIFIED, port))).unwrap();
     let client_side = in_netns(client, None, || TcpStream::connect_timeout(&sa(server_ip, port), TIMEOUT)).unwrap();
     let (server_side, _) = listener.accept().unwrap();
     SshSession { _listener: listener, _server_side: server_side, client_side }
@@ -387,7 +370,7 @@ fn the_ssh_guard_refuses_to_cut_a_session_unless_excluded_or_forced() {
 
     // --force installs anyway, and the guard was right: a new login now lands on the proxy.
     ok(&redirect(&vm.ns, "nft", &["--proxy-uid", "5995", "--force"], &[]));
-    let _proxy = Responder::tcp(&vm.ns, sa("0.0.0.0".parse().unwrap(), 20000), "proxy-inbound");
+    let _proxy = Responder::tcp(&vm.ns, sa(Ipv4Addr::UNSPECIFIED, 20000), "proxy-inbound");
     assert_eq!(dial(&laptop.ns, None, sa(vm4, 22)), Ok(format!("proxy-inbound {vm4}:22")));
     ok(&uninstall(&vm.ns, "nft", &[]));
     drop(session);
@@ -450,7 +433,7 @@ fn user_names_resolve_and_bad_input_is_refused_with_nothing_changed() {
         (&["--proxy-uid", "5995", "--proxy-inbound-port", "70000"], "port \"70000\" is out of range"),
         (&["--proxy-uid", "5995", "--exclude-outbound-cidr", "10.0.0.0/8\n-A OUTPUT -j ACCEPT"], "is not a CIDR"),
         (&["--proxy-uid", "a b"], "is neither a UID nor a user name"),
-        (&[], "--proxy-uid <USER>|--consul-config <FILE>"),
+        (&[], "say which mesh: give Consul's flags (--proxy-uid USER, or --consul-config FILE) or Kuma's"),
         (&["--consul-config", "x.json", "--proxy-inbound-port", "1"], "cannot be used with"),
     ];
     for (flags, want) in usage {
@@ -562,4 +545,201 @@ fn the_systemd_units_verify_and_bracket_the_proxy_with_redirect_and_uninstall() 
     run("ExecStart", &ns);
     run("ExecStop", &ns);
     assert_eq!(ns.snapshot(), before, "ExecStop leaves the namespace as it was");
+}
+
+/// A Kuma VM's configuration, as Kuma's YAML…
+const KUMA_YAML: &str = r#"kumaDPUser: "5678"
+redirect:
+  inbound: {port: 15006, excludePorts: [9090], excludePortsForIPs: ["198.18.0.201/32", "fd18::201/128"]}
+  outbound: {port: 15001, excludePorts: [5432], excludePortsForIPs: ["198.18.0.200/32", "fd18::200/128"]}
+  dns: {enabled: true, port: 15053, captureAll: true}
+"#;
+
+/// …and as `kumactl install transparent-proxy`'s flags.
+const KUMA_FLAGS: &[&str] = &[
+    "--kuma-dp-user",
+    "5678",
+    "--redirect-inbound-port",
+    "15006",
+    "--redirect-outbound-port",
+    "15001",
+    "--exclude-inbound-ports",
+    "9090",
+    "--exclude-outbound-ports",
+    "5432",
+    "--exclude-inbound-ips",
+    "198.18.0.201/32,fd18::201/128",
+    "--exclude-outbound-ips",
+    "198.18.0.200/32",
+    "--exclude-outbound-ips",
+    "fd18::200/128",
+    "--redirect-all-dns-traffic",
+    "--redirect-dns-port",
+    "15053",
+];
+const KUMA_PROXY_UID: u32 = 5678;
+
+fn has_passthrough_address(ns: &Netns) -> bool {
+    ns.exec(&["ip", "-6", "addr", "show", "dev", "lo"]).contains("inet6 ::6/128")
+}
+
+#[test]
+fn redirect_with_kuma_flags_installs_what_a_kuma_pod_gets() {
+    if !privileged() {
+        return;
+    }
+    for backend in BACKENDS {
+        let net = Network::new(json!({"iptables_mode": backend}));
+        let pod = net.pod("web", Some(&kuma_pod(Some(&format!("cniMode: true\n{KUMA_YAML}")), &[])));
+        let from_cni = pod.ns.snapshot();
+        assert!(from_cni.contains("KUMA_MESH_OUTBOUND") && has_passthrough_address(&pod.ns), "{backend}: {from_cni}");
+
+        let host = net.pod("vm", None);
+        let out = ok(&redirect(&host.ns, backend, KUMA_FLAGS, &[]));
+        assert!(out.starts_with("tproxy-cni: kuma redirect installed in network namespace"), "{out}");
+        assert_eq!(host.ns.snapshot(), from_cni, "{backend}: kumactl's flags must give exactly the pod's rules");
+        assert!(has_passthrough_address(&host.ns), "{backend}: ::6 on lo, as for the pod");
+
+        // Kuma's YAML from a file; flags given override it, as kumactl's do.
+        let file = TempDir::new("cfg");
+        let path = file.path().join("tproxy.yaml");
+        std::fs::write(&path, KUMA_YAML).unwrap();
+        let host = net.pod("vm", None);
+        ok(&redirect(&host.ns, backend, &["--kuma-config", path.to_str().unwrap()], &[]));
+        assert_eq!(host.ns.snapshot(), from_cni, "{backend}: --kuma-config must give exactly the pod's rules");
+        ok(&redirect(
+            &host.ns,
+            backend,
+            &["--kuma-config", path.to_str().unwrap(), "--redirect-inbound-port", "16000"],
+            &[],
+        ));
+        let v4 = host.ns.save(Fam::V4, backend);
+        assert!(v4.contains("--to-ports 16000") && !v4.contains("--to-ports 15006"), "{backend}: {v4}");
+        assert!(v4.contains("--dport 9090"), "{backend}: the file's other settings stay");
+    }
+}
+
+#[test]
+fn kuma_traffic_follows_the_redirect_and_uninstall_restores_everything() {
+    if !privileged() {
+        return;
+    }
+    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let sibling = Sibling::new(&net, &[8080, 5432], &["198.18.0.200/24", "198.18.0.201/24"]);
+    let (server, s4, s6) = (&sibling.pod, sibling.v4, sibling.v6);
+    let _dns = Responder::udp(&server.ns, sa(s4, 53), "server-dns");
+    let vm = net.pod("vm", None);
+    let vm4 = vm.addr(Fam::V4);
+    // Foreign rules in every table Kuma's layout uses, in both families.
+    let canary_raw = "*raw\n:CANARY_RAW - [0:0]\n-A OUTPUT -p udp -m udp --dport 9999 -j CANARY_RAW\nCOMMIT\n";
+    plant_canary(&vm.ns, "nft");
+    vm.ns.restore(Fam::V4, "nft", canary_raw);
+    vm.ns.restore(Fam::V6, "nft", canary_raw);
+    let before = vm.ns.snapshot();
+    let lo_before = vm.ns.exec(&["ip", "-6", "addr", "show", "dev", "lo"]);
+
+    ok(&redirect(&vm.ns, "nft", KUMA_FLAGS, &[]));
+    let any4 = IpAddr::from(Ipv4Addr::UNSPECIFIED);
+    let any6 = IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED);
+    let _l = [
+        Responder::tcp(&vm.ns, sa(any4, 15001), "outbound"),
+        Responder::tcp(&vm.ns, sa(any6, 15001), "outbound6"),
+        Responder::tcp(&vm.ns, sa(any4, 15006), "inbound"),
+        Responder::tcp(&vm.ns, sa(any4, 9090), "app:9090"),
+        Responder::udp_as(&vm.ns, Some(KUMA_PROXY_UID), sa(Ipv4Addr::LOCALHOST, 15053), "kuma-dns"),
+    ];
+    assert_eq!(dial(&vm.ns, None, sa(s4, 8080)), Ok(format!("outbound {s4}:8080")));
+    assert_eq!(who(&dial(&vm.ns, Some(APP_UID), sa(s4, 8080))), "outbound");
+    assert_eq!(who(&dial(&vm.ns, Some(KUMA_PROXY_UID), sa(s4, 8080))), "server:8080", "kuma-dp goes straight out");
+    assert_eq!(who(&dial(&vm.ns, None, sa(s4, 5432))), "server:5432", "excluded port");
+    assert_eq!(who(&dial(&vm.ns, None, sa([198, 18, 0, 200], 8080))), "server:8080", "excluded destination");
+    assert_eq!(dial_from(&server.ns, None, s4, sa(vm4, 7000)), Ok(format!("inbound {vm4}:7000")));
+    assert_eq!(who(&dial_from(&server.ns, None, s4, sa(vm4, 9090))), "app:9090", "excluded inbound port");
+    assert_eq!(
+        who(&dial_from(&server.ns, None, [198, 18, 0, 201].into(), sa(vm4, 7000))),
+        "refused",
+        "excluded source"
+    );
+    assert_eq!(udp_ask(&vm.ns, None, sa(s4, 53)).as_deref(), Ok("kuma-dns"));
+    assert_eq!(udp_ask(&vm.ns, Some(KUMA_PROXY_UID), sa(s4, 53)).as_deref(), Ok("server-dns"));
+    assert_eq!(dial(&vm.ns, None, sa(s6, 8080)), Ok(format!("outbound6 [{s6}]:8080")));
+    assert!(has_passthrough_address(&vm.ns));
+
+    let dry = ok(&uninstall(&vm.ns, "nft", &["--dry-run"]));
+    assert!(
+        dry.contains("-X KUMA_MESH_OUTBOUND")
+            && dry.ends_with("# lo: remove ::6/128 (the source of Kuma's IPv6 inbound passthrough)\n"),
+        "{dry}"
+    );
+    let out = ok(&uninstall(&vm.ns, "nft", &[]));
+    assert!(out.contains("ipv4: ") && out.contains("ipv6: "), "{out}");
+    assert_eq!(vm.ns.snapshot(), before, "uninstall restores every table exactly, canaries included");
+    assert_eq!(vm.ns.exec(&["ip", "-6", "addr", "show", "dev", "lo"]), lo_before, "::6 goes with the IPv6 pass");
+    assert_eq!(who(&dial(&vm.ns, None, sa(s4, 8080))), "server:8080", "no redirect once uninstalled");
+}
+
+#[test]
+fn kuma_dry_run_ip_family_mode_ssh_guard_and_bad_input() {
+    if !privileged() {
+        return;
+    }
+    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let vm = net.pod("vm", None);
+    let laptop = net.pod("laptop", None);
+    plant_canary(&vm.ns, "nft");
+    let before = vm.ns.snapshot();
+
+    // A dry run changes nothing, not even lo, and says what it would add there.
+    let dry = ok(&redirect(&vm.ns, "nft", &["--kuma-dp-user", "5678", "--dry-run"], &[]));
+    assert!(dry.contains("-N KUMA_MESH_INBOUND") && dry.contains("# ipv6: "), "{dry}");
+    assert!(dry.ends_with("# lo: add ::6/128 (the source of Kuma's IPv6 inbound passthrough)\n"), "{dry}");
+    assert_eq!(vm.ns.snapshot(), before);
+    assert!(!has_passthrough_address(&vm.ns));
+
+    // ipv4 mode: no IPv6 pass, no ::6.
+    ok(&redirect(&vm.ns, "nft", &["--kuma-dp-user", "root", "--ip-family-mode", "ipv4"], &[]));
+    assert_eq!(vm.ns.our_rule_count(Fam::V6, "nft"), 0);
+    assert!(vm.ns.save(Fam::V4, "nft").contains("--uid-owner 0 "), "a user name resolves for Kuma too");
+    assert!(!has_passthrough_address(&vm.ns));
+    ok(&uninstall(&vm.ns, "nft", &[]));
+    assert_eq!(vm.ns.snapshot(), before);
+
+    // The SSH guard names Kuma's flags; excluding the client's address is enough.
+    let vm4 = vm.addr(Fam::V4);
+    let session = ssh_session(&vm.ns, vm4, 22, &laptop.ns);
+    let client = session.client_side.local_addr().unwrap();
+    let err = refused(&redirect(&vm.ns, "nft", &["--redirect-dns"], &[]));
+    assert!(
+        err.contains(&format!("cutting the SSH session {client} -> {vm4}:22"))
+            && err.contains("exclude it with --exclude-inbound-ports 22 (or the client with --exclude-inbound-ips)"),
+        "{err}"
+    );
+    assert_eq!(vm.ns.snapshot(), before);
+    let client_net = format!("{}/32", client.ip());
+    ok(&redirect(&vm.ns, "nft", &["--redirect-dns", "--exclude-inbound-ips", &client_net], &[]));
+    ok(&uninstall(&vm.ns, "nft", &[]));
+    drop(session);
+
+    // (DNS capture used the raw table: iptables-nft leaves it behind, empty, after removal.)
+    let before = vm.ns.snapshot();
+    let file = TempDir::new("cfg");
+    let bad = file.path().join("bad.yaml");
+    std::fs::write(&bad, "redirect: {inbound: {port: 0}}\n").unwrap();
+    let err = refused(&redirect(&vm.ns, "nft", &["--kuma-config", bad.to_str().unwrap()], &[]));
+    assert!(err.contains(&format!("--kuma-config {}: redirect.inbound.port is 0", bad.display())), "{err}");
+    std::fs::write(&bad, "redirect: [\n").unwrap();
+    let err = refused(&redirect(&vm.ns, "nft", &["--kuma-config", bad.to_str().unwrap()], &[]));
+    assert!(err.contains("is not Kuma's transparent proxy configuration"), "{err}");
+    let err = refused(&redirect(&vm.ns, "nft", &["--kuma-dp-user", "ghost-user"], &[]));
+    assert!(err.contains("--kuma-dp-user: no user named \"ghost-user\""), "{err}");
+    for flags in [
+        &["--exclude-inbound-ports", "22,70000"][..],
+        &["--exclude-outbound-ips", "10.0.0.0/8 -j ACCEPT"],
+        &["--ip-family-mode", "ipv6"],
+        &["--redirect-dns", "--redirect-all-dns-traffic"],
+        &["--proxy-uid", "5995", "--kuma-dp-user", "5678"],
+    ] {
+        assert_eq!(redirect(&vm.ns, "nft", flags, &[]).status.code(), Some(2), "{flags:?}");
+    }
+    assert_eq!(vm.ns.snapshot(), before, "nothing changed");
 }

@@ -57,11 +57,16 @@ fn setup(net: &Network) -> Setup<'_> {
     Setup { server, vm }
 }
 
+/// Installs Consul's redirect (proxy UID 5995) in `ns` with the host command.
 fn redirect(ns: &Netns) {
+    redirect_with(ns, &["--proxy-uid", &PROXY_UID.to_string()]);
+}
+
+fn redirect_with(ns: &Netns, flags: &[&str]) {
     let out = Command::new(plugin())
         .env_clear()
-        .args(["redirect", "--netns", ns.path().to_str().unwrap(), "--iptables-mode", "nft", "--proxy-uid"])
-        .arg(PROXY_UID.to_string())
+        .args(["redirect", "--netns", ns.path().to_str().unwrap(), "--iptables-mode", "nft"])
+        .args(flags)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -182,4 +187,21 @@ fn cannot_bind_when_the_port_is_taken_or_privileged() {
         let out = validate(&s.vm.ns, APP_UID, &args, &env);
         assert_eq!(status(&out), 2, "{args:?} {env:?}: {}", text(&out.stderr));
     }
+}
+
+#[test]
+fn passes_under_kumas_rules_too() {
+    if !privileged() {
+        return;
+    }
+    // Kuma returns loopback traffic of everyone but the proxy: the probe's off-host target is what
+    // exercises its outbound redirect.
+    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let s = setup(&net);
+    redirect_with(&s.vm.ns, &["--kuma-dp-user", "5678"]);
+    let out = validate(&s.vm.ns, APP_UID, &["--target", "192.0.2.1:80", "--target", "[2001:db8::1]:80"], &[]);
+    assert_eq!(status(&out), i32::from(EXIT_OK), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("outbound: [2001:db8::1]:80 was redirected"), "{}", text(&out.stdout));
+    let out = validate(&s.vm.ns, 5678, &["--timeout", "1s"], &[]);
+    assert_eq!(status(&out), i32::from(EXIT_TIMEOUT), "kuma-dp's own UID is not redirected: {}", text(&out.stderr));
 }

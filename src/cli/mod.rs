@@ -47,8 +47,9 @@ enum Cmd {
     },
     /// Install a mesh's transparent-proxy redirect on this host (or in --netns).
     ///
-    /// Takes the flags of `consul connect redirect-traffic` (with two dashes), or consul's redirect
-    /// JSON. The rules are the ones the CNI plugin installs for a pod with the same configuration,
+    /// Takes the flags of `consul connect redirect-traffic` (with two dashes) or consul's redirect
+    /// JSON, or the flags of `kumactl install transparent-proxy` or Kuma's YAML; the flags given say
+    /// which mesh. The rules are the ones the CNI plugin installs for a pod with the same configuration,
     /// applied in one transaction, replacing any of ours already there. Refuses to cut an SSH
     /// session in the namespace unless its port is excluded or --force is given. Exit status: 0
     /// installed (or printed, with --dry-run), 1 refused or failed (nothing changed), 2 bad usage.
@@ -78,7 +79,12 @@ pub fn main() -> ExitCode {
     let ssh_connection = std::env::var("SSH_CONNECTION").ok();
     let result = match cli.command {
         Cmd::Render { file, pod_ipv6 } => render(file, pod_ipv6),
-        Cmd::Redirect(args) => return host_command(redirect::run(&args, ssh_connection.as_deref())),
+        Cmd::Redirect(args) => {
+            if let Some(usage) = redirect::mesh_missing(&args) {
+                usage.exit();
+            }
+            return host_command(redirect::run(&args, ssh_connection.as_deref()));
+        }
         Cmd::Uninstall(args) => return host_command(uninstall::run(&args)),
         Cmd::Validate(args) => return validate_command(&args),
     };

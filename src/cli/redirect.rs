@@ -1,12 +1,15 @@
 //! `tproxy-cni redirect`: install a mesh's transparent-proxy redirect on a host or VM (or in any
 //! network namespace), through the same engine as the CNI plugin: flags or a mesh's configuration
 //! file → the dialect's validated constructor → `rules::build` → `Netfilter::apply`.
+//!
+//! The mesh is the one whose flags are given: Consul's (`consul connect redirect-traffic`'s, or
+//! `--consul-config`) or Kuma's (`kumactl install transparent-proxy`'s, or `--kuma-config`).
 
 use std::io::Read;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use clap::{ArgGroup, Args};
+use clap::{Args, CommandFactory, ValueEnum};
 use ipnet::IpNet;
 use thiserror::Error;
 
@@ -14,9 +17,10 @@ use super::Report;
 use super::namespace::NamespaceArgs;
 use super::ssh::{self, Session, SshConnection};
 use super::user::{User, UserError, Users};
-use crate::mesh::PodNetwork;
 use crate::mesh::consul::{self, Settings, Spelling};
+use crate::mesh::{AnnotationError, PodNetwork, kuma};
 use crate::netfilter::{NetfilterError, PlanError};
+use crate::netlink::{self, NetlinkError};
 use crate::netns::{Netns, NetnsError};
 use crate::redirect::{
     Cidrs, Port, PortRange, Redirect, ValueError, parse_cidr, parse_ip, parse_port, parse_port_range,
@@ -25,7 +29,7 @@ use crate::rules;
 
 /// `tproxy-cni redirect` arguments.
 #[derive(Debug, Clone, Args)]
-#[command(group(ArgGroup::new("mesh").required(true).args(["proxy_uid", "consul_config"])))]
+#[command(override_usage = "tproxy-cni redirect [OPTIONS] <CONSUL FLAGS | KUMA FLAGS>")]
 pub struct RedirectArgs {
     #[command(flatten)]
     pub namespace: NamespaceArgs,
@@ -40,23 +44,27 @@ pub struct RedirectArgs {
 
     #[command(flatten)]
     pub consul: ConsulFlags,
+
+    #[command(flatten)]
+    pub kuma: KumaFlags,
 }
 
 /// Consul's redirect, flag for flag as `consul connect redirect-traffic` takes it (with two dashes).
 #[derive(Debug, Clone, Args)]
+#[group(id = "consul", multiple = true, conflicts_with = "kuma")]
 #[command(next_help_heading = "Consul (as consul connect redirect-traffic)")]
 pub struct ConsulFlags {
     /// The proxy's user, a UID or a user name: its traffic is never redirected.
     #[arg(long, value_name = "USER", value_parser = User::parse)]
     pub proxy_uid: Option<User>,
 
-    /// The proxy's inbound listener port.
-    #[arg(long, value_name = "PORT", value_parser = port, default_value = "20000", conflicts_with = "consul_config")]
-    pub proxy_inbound_port: Port,
+    /// The proxy's inbound listener port [default: 20000].
+    #[arg(long, value_name = "PORT", value_parser = port, conflicts_with = "consul_config")]
+    pub proxy_inbound_port: Option<Port>,
 
-    /// The proxy's outbound listener port.
-    #[arg(long, value_name = "PORT", value_parser = port, default_value = "15001", conflicts_with = "consul_config")]
-    pub proxy_outbound_port: Port,
+    /// The proxy's outbound listener port [default: 15001].
+    #[arg(long, value_name = "PORT", value_parser = port, conflicts_with = "consul_config")]
+    pub proxy_outbound_port: Option<Port>,
 
     /// A user whose traffic is not redirected: a UID, a range (1000-1999) or a name. Repeatable.
     #[arg(long, value_name = "USER", value_parser = Users::parse, conflicts_with = "consul_config")]
@@ -90,6 +98,73 @@ pub struct ConsulFlags {
     /// ProxyUserID, ProxyInboundPort, ExcludeInboundPorts, …) instead of flags; `-` reads stdin.
     #[arg(long, value_name = "FILE")]
     pub consul_config: Option<PathBuf>,
+}
+
+/// Kuma's redirect, flag for flag as `kumactl install transparent-proxy` takes it. Flags override
+/// `--kuma-config`, as in kumactl.
+#[derive(Debug, Clone, Args)]
+#[group(id = "kuma", multiple = true)]
+#[command(next_help_heading = "Kuma (as kumactl install transparent-proxy)")]
+pub struct KumaFlags {
+    /// The user kuma-dp runs as, a UID or a user name [default: UID 5678]: its traffic is never
+    /// redirected.
+    #[arg(long, visible_alias = "kuma-dp-uid", value_name = "USER", value_parser = User::parse)]
+    pub kuma_dp_user: Option<User>,
+
+    /// Where inbound TCP is redirected [default: 15006].
+    #[arg(long, value_name = "PORT", value_parser = port)]
+    pub redirect_inbound_port: Option<Port>,
+
+    /// Where outbound TCP is redirected [default: 15001].
+    #[arg(long, value_name = "PORT", value_parser = port)]
+    pub redirect_outbound_port: Option<Port>,
+
+    /// Send DNS queries (UDP port 53) to kuma-dp's DNS proxy. kumactl limits this to the servers of
+    /// /etc/resolv.conf; tproxy-cni captures every query, as --redirect-all-dns-traffic.
+    #[arg(long, conflicts_with = "redirect_all_dns_traffic")]
+    pub redirect_dns: bool,
+
+    /// Send every DNS query (UDP port 53) to kuma-dp's DNS proxy.
+    #[arg(long)]
+    pub redirect_all_dns_traffic: bool,
+
+    /// kuma-dp's DNS proxy port [default: 15053].
+    #[arg(long, value_name = "PORT", value_parser = port)]
+    pub redirect_dns_port: Option<Port>,
+
+    /// Inbound ports not redirected, comma-separated; repeatable.
+    #[arg(long, value_name = "PORTS", value_parser = port, value_delimiter = ',')]
+    pub exclude_inbound_ports: Vec<Port>,
+
+    /// Outbound ports not redirected, comma-separated; repeatable.
+    #[arg(long, value_name = "PORTS", value_parser = port, value_delimiter = ',')]
+    pub exclude_outbound_ports: Vec<Port>,
+
+    /// Sources (addresses or CIDRs, either family) whose inbound connections are not redirected;
+    /// comma-separated, repeatable.
+    #[arg(long, value_name = "IPS", value_parser = cidr, value_delimiter = ',')]
+    pub exclude_inbound_ips: Vec<IpNet>,
+
+    /// Destinations (addresses or CIDRs, either family) not redirected; comma-separated, repeatable.
+    #[arg(long, value_name = "IPS", value_parser = cidr, value_delimiter = ',')]
+    pub exclude_outbound_ips: Vec<IpNet>,
+
+    /// Which families are redirected [default: dualstack, when the namespace has IPv6].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub ip_family_mode: Option<IpFamilyMode>,
+
+    /// Read Kuma's transparent-proxy configuration (YAML, as kumactl's --config-file takes it and
+    /// Kuma's webhook writes it: kumaDPUser, redirect.inbound.excludePorts, …); flags given override
+    /// it; `-` reads stdin.
+    #[arg(long, value_name = "FILE")]
+    pub kuma_config: Option<PathBuf>,
+}
+
+/// `--ip-family-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IpFamilyMode {
+    Dualstack,
+    Ipv4,
 }
 
 /// Flags spell Consul's settings this way in messages.
@@ -131,6 +206,8 @@ pub enum RedirectError {
         #[source]
         source: consul::ConfigError,
     },
+    #[error("{from}: {reason}", reason = .source.reason)]
+    Kuma { from: String, source: AnnotationError },
     #[error("{flag}")]
     User {
         flag: &'static str,
@@ -153,6 +230,23 @@ pub enum RedirectError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Netfilter(#[from] NetfilterError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+}
+
+/// The usage error when no mesh's flag is given (the flags given say which mesh it is), to be
+/// reported as clap reports its own.
+pub(super) fn mesh_missing(args: &RedirectArgs) -> Option<clap::Error> {
+    if args.consul.given() || args.kuma.given() {
+        return None;
+    }
+    let mut cli = super::Cli::command();
+    let redirect = cli.find_subcommand_mut("redirect").expect("the redirect subcommand exists");
+    Some(redirect.error(
+        clap::error::ErrorKind::MissingRequiredArgument,
+        "say which mesh: give Consul's flags (--proxy-uid USER, or --consul-config FILE) or Kuma's \
+         (--kuma-dp-user USER, or --kuma-config FILE)",
+    ))
 }
 
 /// Builds the redirect, checks it against the namespace, and installs it; returns what to print
@@ -161,7 +255,12 @@ pub enum RedirectError {
 pub(super) fn run(args: &RedirectArgs, ssh_connection: Option<&str>) -> Result<Report, RedirectError> {
     let ns = args.namespace.open()?;
     let net = PodNetwork { has_ipv6: has_ipv6(&ns).map_err(RedirectError::Interfaces)? };
-    let (redirect, source) = consul_redirect(&args.consul, net)?;
+    let (redirect, source) = match args.kuma.given() {
+        true => kuma_redirect(&args.kuma, net)?,
+        false => consul_redirect(&args.consul, net)?,
+    };
+    // Everything below up to `apply` only reads: a refusal or a dry run changes nothing.
+    let (redirect, address_missing) = netlink::inspect(&ns, redirect)?;
     let sets = rules::build(&redirect);
     if !args.force {
         ssh_guard(&ns, &redirect, &source, ssh_connection)?;
@@ -170,14 +269,22 @@ pub(super) fn run(args: &RedirectArgs, ssh_connection: Option<&str>) -> Result<R
     let plan = nf.plan_apply(&ns, &sets)?;
     let where_ = args.namespace.describe();
     if args.dry_run {
-        return Ok(Report::out(plan.render()));
+        let mut out = plan.render();
+        if let (Some(addr), false) = (redirect.ipv6_passthrough_address(), address_missing.is_empty()) {
+            out += &format!("# lo: add {addr}/128 (the source of Kuma's IPv6 inbound passthrough)\n");
+        }
+        return Ok(Report::out(out));
     }
-    nf.apply(&ns, &sets)?;
+    let prepared = netlink::prepare(&ns, redirect)?;
+    if let Err(e) = nf.apply(&ns, &sets) {
+        prepared.undo(&ns);
+        return Err(e.into());
+    }
     let families: Vec<&str> = sets.iter().map(|s| s.family.name()).collect();
     let verb = if plan.steps.iter().any(|s| s.ours_before.rules > 0) { "replaced" } else { "installed" };
     Ok(Report::out(format!(
         "tproxy-cni: {} redirect {verb} in {where_} ({}, iptables-{})\n",
-        redirect.mesh(),
+        prepared.redirect.mesh(),
         families.join("+"),
         nf.backend().name()
     )))
@@ -187,6 +294,8 @@ pub(super) fn run(args: &RedirectArgs, ssh_connection: Option<&str>) -> Result<R
 enum Source {
     ConsulFlags,
     ConsulFile(PathBuf),
+    KumaFlags,
+    KumaFile(PathBuf),
 }
 
 impl Source {
@@ -194,8 +303,86 @@ impl Source {
         match self {
             Source::ConsulFlags => format!("--exclude-inbound-port {port}"),
             Source::ConsulFile(p) => format!("\"{port}\" in ExcludeInboundPorts of {}", p.display()),
+            Source::KumaFlags => format!("--exclude-inbound-ports {port} (or the client with --exclude-inbound-ips)"),
+            Source::KumaFile(p) => format!("{port} in redirect.inbound.excludePorts of {}", p.display()),
         }
     }
+}
+
+impl ConsulFlags {
+    /// Was any Consul flag given?
+    fn given(&self) -> bool {
+        let f = self;
+        f.proxy_uid.is_some()
+            || f.proxy_inbound_port.is_some()
+            || f.proxy_outbound_port.is_some()
+            || !f.exclude_uid.is_empty()
+            || !f.exclude_inbound_port.is_empty()
+            || !f.exclude_outbound_port.is_empty()
+            || !f.exclude_outbound_cidr.is_empty()
+            || f.consul_dns_ip.is_some()
+            || f.consul_dns_port.is_some()
+            || f.dual_stack
+            || f.consul_config.is_some()
+    }
+}
+
+impl KumaFlags {
+    /// Was any Kuma flag given?
+    fn given(&self) -> bool {
+        let f = self;
+        f.kuma_dp_user.is_some()
+            || f.redirect_inbound_port.is_some()
+            || f.redirect_outbound_port.is_some()
+            || f.redirect_dns
+            || f.redirect_all_dns_traffic
+            || f.redirect_dns_port.is_some()
+            || !f.exclude_inbound_ports.is_empty()
+            || !f.exclude_outbound_ports.is_empty()
+            || !f.exclude_inbound_ips.is_empty()
+            || !f.exclude_outbound_ips.is_empty()
+            || f.ip_family_mode.is_some()
+            || f.kuma_config.is_some()
+    }
+}
+
+/// A list flag given at least once, or `None` (then the file's list, or Kuma's default, stands).
+fn given<T: Clone>(v: &[T]) -> Option<Vec<T>> {
+    (!v.is_empty()).then(|| v.to_vec())
+}
+
+/// Kuma's redirect from its YAML and/or flags, through the dialect's validation.
+fn kuma_redirect(f: &KumaFlags, net: PodNetwork) -> Result<(Redirect, Source), RedirectError> {
+    let yaml = f.kuma_config.as_deref().map(read_config).transpose()?;
+    let flags = kuma::HostFlags {
+        kuma_dp_uid: f
+            .kuma_dp_user
+            .as_ref()
+            .map(User::resolve)
+            .transpose()
+            .map_err(|source| RedirectError::User { flag: "--kuma-dp-user", source })?,
+        redirect_inbound_port: f.redirect_inbound_port,
+        redirect_outbound_port: f.redirect_outbound_port,
+        redirect_dns: f.redirect_dns,
+        redirect_all_dns_traffic: f.redirect_all_dns_traffic,
+        redirect_dns_port: f.redirect_dns_port,
+        exclude_inbound_ports: given(&f.exclude_inbound_ports),
+        exclude_outbound_ports: given(&f.exclude_outbound_ports),
+        exclude_inbound_ips: given(&f.exclude_inbound_ips),
+        exclude_outbound_ips: given(&f.exclude_outbound_ips),
+        dual_stack: f.ip_family_mode.map(|m| m == IpFamilyMode::Dualstack),
+    };
+    let from = match &f.kuma_config {
+        Some(p) => format!("--kuma-config {}", p.display()),
+        None => "invalid flags".to_owned(),
+    };
+    let redirect =
+        kuma::host_redirect(yaml.as_deref(), &flags, net).map_err(|source| RedirectError::Kuma { from, source })?;
+    let source = match &f.kuma_config {
+        Some(p) => Source::KumaFile(p.clone()),
+        None => Source::KumaFlags,
+    };
+    Ok((Redirect::Kuma(redirect), source))
 }
 
 /// Consul's redirect from flags or from its JSON, through the dialect's one validated constructor.
@@ -210,13 +397,12 @@ fn consul_redirect(f: &ConsulFlags, net: PodNetwork) -> Result<(Redirect, Source
         return Ok((Redirect::Consul(redirect), Source::ConsulFile(path.clone())));
     }
     let user_err = |flag| move |source| RedirectError::User { flag, source };
-    let proxy = f.proxy_uid.as_ref().expect("clap requires --proxy-uid or --consul-config");
     let mut exclude_outbound_cidrs = Cidrs::default();
     f.exclude_outbound_cidr.iter().for_each(|n| exclude_outbound_cidrs.push(*n));
     let settings = Settings {
-        proxy_uid: Some(proxy.resolve().map_err(user_err("--proxy-uid"))?),
-        inbound_port: Some(f.proxy_inbound_port),
-        outbound_port: Some(f.proxy_outbound_port),
+        proxy_uid: f.proxy_uid.as_ref().map(User::resolve).transpose().map_err(user_err("--proxy-uid"))?,
+        inbound_port: Some(f.proxy_inbound_port.unwrap_or(const { Port::new(consul::DEFAULT_INBOUND_PORT).unwrap() })),
+        outbound_port: f.proxy_outbound_port,
         exclude_inbound_ports: f.exclude_inbound_port.clone(),
         exclude_outbound_ports: f.exclude_outbound_port.clone(),
         exclude_outbound_cidrs,
@@ -245,11 +431,13 @@ fn read_config(path: &Path) -> Result<String, RedirectError> {
     std::fs::read_to_string(path).map_err(read_err)
 }
 
-/// Does the namespace have IPv6 at all? Then it gets an IPv6 pass: otherwise its IPv6 traffic would
-/// bypass the proxy. (The kernel lists no address in `if_inet6` when IPv6 is off.)
+/// Does the namespace have an IPv6 address besides `::1` (a link-local one counts, as Kuma counts
+/// it)? Then it gets an IPv6 pass: otherwise its IPv6 traffic would bypass the proxy. With IPv6 off
+/// in the kernel there is no `if_inet6` at all.
 fn has_ipv6(ns: &Netns) -> std::io::Result<bool> {
+    const LOOPBACK: &str = "00000000000000000000000000000001";
     match ns.read_proc_net("if_inet6") {
-        Ok(text) => Ok(text.lines().any(|l| !l.trim().is_empty())),
+        Ok(text) => Ok(text.lines().filter_map(|l| l.split_whitespace().next()).any(|a| a != LOOPBACK)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
     }

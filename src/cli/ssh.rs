@@ -246,6 +246,24 @@ mod tests {
         assert_eq!(SshConnection::parse("garbage"), None);
     }
 
+    fn kuma(yaml: &str) -> Redirect {
+        let r = crate::mesh::kuma::host_redirect(Some(yaml), &Default::default(), PodNetwork { has_ipv6: true });
+        Redirect::Kuma(r.unwrap())
+    }
+
+    #[test]
+    fn kuma_exclusions_by_port_source_or_allow_list_and_gateway_mode_are_safe() {
+        let client: IpAddr = "192.168.122.1".parse().unwrap();
+        assert!(captures_inbound(&kuma("{}"), client, 22));
+        assert!(!captures_inbound(&kuma("redirect: {inbound: {excludePorts: [22]}}"), client, 22));
+        assert!(!captures_inbound(&kuma("redirect: {inbound: {excludePortsForIPs: [192.168.122.0/24]}}"), client, 22));
+        assert!(captures_inbound(&kuma("redirect: {inbound: {excludePortsForIPs: [10.0.0.0/8]}}"), client, 22));
+        assert!(!captures_inbound(&kuma("redirect: {inbound: {includePorts: [8080]}}"), client, 22));
+        assert!(captures_inbound(&kuma("redirect: {inbound: {includePorts: [22]}}"), client, 22));
+        assert!(!captures_inbound(&kuma("redirect: {inbound: {enabled: false}}"), client, 22), "gateway mode");
+        assert!(!captures_inbound(&kuma("ipFamilyMode: ipv4"), "fd00::1".parse().unwrap(), 22));
+    }
+
     #[test]
     fn an_excluded_port_or_a_family_without_a_pass_is_safe() {
         let v4: IpAddr = "192.168.122.1".parse().unwrap();

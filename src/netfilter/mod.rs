@@ -109,14 +109,16 @@ pub struct Step {
     pub tool: PathBuf,
     /// The restore input.
     pub input: String,
-    /// How many chains and rules of ours the family holds before the step.
+    /// What of ours the family holds before the step.
     pub ours_before: Owned,
 }
 
-/// A count of what of ours a family holds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What of ours a family holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Owned {
-    pub chains: usize,
+    /// Our chains, by name.
+    pub chains: Vec<String>,
+    /// How many rules of ours (in our chains and elsewhere).
     pub rules: usize,
 }
 
@@ -127,6 +129,13 @@ impl Plan {
             .iter()
             .map(|s| format!("# {}: {} --noflush\n{}", s.family.name(), s.tool.display(), s.input))
             .collect()
+    }
+
+    /// The chains a removal plan removes (what DEL's [`Netfilter::remove`] reports), so the
+    /// namespace's other traces of a layout (Kuma's `::6`) can follow.
+    pub fn removed(&self) -> Removed {
+        let chains = self.steps.iter().flat_map(|s| s.ours_before.chains.iter().map(move |c| (s.family, c.clone())));
+        Removed { chains: chains.collect() }
     }
 }
 
@@ -399,12 +408,12 @@ fn lock_file(ns: &Netns) -> PathBuf {
     dir.join(format!("{}.lock", ns.id().unwrap_or_else(|_| "unknown".into())))
 }
 
-/// Counts what of ours `saved` holds.
+/// What of ours `saved` holds.
 fn owned(saved: &[SavedTable]) -> Owned {
-    saved.iter().fold(Owned::default(), |acc, t| Owned {
-        chains: acc.chains + t.owned_chains().count(),
-        rules: acc.rules + t.rules.iter().filter(|r| r.is_owned()).count(),
-    })
+    Owned {
+        chains: saved.iter().flat_map(|t| t.owned_chains().map(str::to_owned)).collect(),
+        rules: saved.iter().map(|t| t.rules.iter().filter(|r| r.is_owned()).count()).sum(),
+    }
 }
 
 /// One transaction that removes everything of ours found in `saved` and installs `wanted`.
