@@ -86,6 +86,7 @@ pub struct Lookalikes {
     pub count: usize,
 }
 
+/// Why a plan could not be made.
 #[derive(Debug, Error)]
 pub enum PlanError {
     #[error(transparent)]
