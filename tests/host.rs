@@ -715,6 +715,14 @@ fn kuma_dry_run_ip_family_mode_ssh_guard_and_bad_input() {
         "{err}"
     );
     assert_eq!(vm.ns.snapshot(), before);
+    let file = TempDir::new("cfg");
+    let yaml = file.path().join("tproxy.yaml");
+    std::fs::write(&yaml, "redirect: {dns: {enabled: true}}\n").unwrap();
+    let err = refused(&redirect(&vm.ns, "nft", &["--kuma-config", yaml.to_str().unwrap()], &[]));
+    assert!(
+        err.contains(&format!("exclude it with 22 in redirect.inbound.excludePorts of {}", yaml.display())),
+        "{err}"
+    );
     let client_net = format!("{}/32", client.ip());
     ok(&redirect(&vm.ns, "nft", &["--redirect-dns", "--exclude-inbound-ips", &client_net], &[]));
     ok(&uninstall(&vm.ns, "nft", &[]));
@@ -722,7 +730,6 @@ fn kuma_dry_run_ip_family_mode_ssh_guard_and_bad_input() {
 
     // (DNS capture used the raw table: iptables-nft leaves it behind, empty, after removal.)
     let before = vm.ns.snapshot();
-    let file = TempDir::new("cfg");
     let bad = file.path().join("bad.yaml");
     std::fs::write(&bad, "redirect: {inbound: {port: 0}}\n").unwrap();
     let err = refused(&redirect(&vm.ns, "nft", &["--kuma-config", bad.to_str().unwrap()], &[]));

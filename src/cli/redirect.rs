@@ -255,10 +255,8 @@ pub(super) fn mesh_missing(args: &RedirectArgs) -> Option<clap::Error> {
 pub(super) fn run(args: &RedirectArgs, ssh_connection: Option<&str>) -> Result<Report, RedirectError> {
     let ns = args.namespace.open()?;
     let net = PodNetwork { has_ipv6: has_ipv6(&ns).map_err(RedirectError::Interfaces)? };
-    let (redirect, source) = match args.kuma.given() {
-        true => kuma_redirect(&args.kuma, net)?,
-        false => consul_redirect(&args.consul, net)?,
-    };
+    let (redirect, source) =
+        if args.kuma.given() { kuma_redirect(&args.kuma, net)? } else { consul_redirect(&args.consul, net)? };
     // Everything below up to `apply` only reads: a refusal or a dry run changes nothing.
     let (redirect, address_missing) = netlink::inspect(&ns, redirect)?;
     let sets = rules::build(&redirect);
@@ -378,9 +376,10 @@ fn kuma_redirect(f: &KumaFlags, net: PodNetwork) -> Result<(Redirect, Source), R
     };
     let redirect =
         kuma::host_redirect(yaml.as_deref(), &flags, net).map_err(|source| RedirectError::Kuma { from, source })?;
+    // The exclusion goes where the inbound port list comes from (a flag replaces the file's).
     let source = match &f.kuma_config {
-        Some(p) => Source::KumaFile(p.clone()),
-        None => Source::KumaFlags,
+        Some(p) if f.exclude_inbound_ports.is_empty() => Source::KumaFile(p.clone()),
+        _ => Source::KumaFlags,
     };
     Ok((Redirect::Kuma(redirect), source))
 }
