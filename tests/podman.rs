@@ -385,7 +385,16 @@ network_config_dir = "{net}"
             vec!["network", "rm", "--force", &self.network],
             vec!["rmi", "--all", "--force"],
         ] {
-            let out = self.podman(&args);
+            // podman's own cleanup process (started by conmon when a container stops) may hold a
+            // container for a moment: try again, a bounded number of times.
+            let mut out = self.podman(&args);
+            for _ in 0..3 {
+                if out.status.success() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                out = self.podman(&args);
+            }
             if !out.status.success() {
                 errors.push(format!("podman {}: {}", args.join(" "), text(&out)));
             }
@@ -399,11 +408,22 @@ network_config_dir = "{net}"
         }
         for dir in self.cgroup_dirs() {
             // Children first: podman's per-container cgroups (normally gone), conmon's, the parent.
+            // A process on its way out may hold one for a moment: retry, bounded.
             let mut dirs: Vec<PathBuf> = walk_dirs(&dir);
             dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
             for d in dirs {
-                if let Err(e) = fs::remove_dir(&d) {
-                    errors.push(format!("rmdir {}: {e}", d.display()));
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    match fs::remove_dir(&d) {
+                        Ok(()) => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                        Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                        Err(e) => {
+                            let procs = fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                            errors.push(format!("rmdir {}: {e} (processes: {procs:?})", d.display()));
+                            break;
+                        }
+                    }
                 }
             }
         }
@@ -504,7 +524,14 @@ network_config_dir = "{net}"
         self.finished = true;
         let errors = self.teardown();
         assert!(errors.is_empty(), "teardown failed: {errors:#?}");
-        let left = self.leftovers();
+        // podman finishes some of its work in processes of its own (conmon's cleanup command):
+        // give them a bounded while.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut left = self.leftovers();
+        while !left.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            left = self.leftovers();
+        }
         assert!(left.is_empty(), "left behind: {left:#?}");
     }
 }
