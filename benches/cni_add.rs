@@ -187,14 +187,29 @@ impl Stats {
     }
 }
 
-/// Measures `f` on `runs` fresh namespaces (creating and removing them is not timed).
-fn measure(runs: usize, mut f: impl FnMut(&Ns) -> Sample) -> Stats {
-    let mut st = Stats::default();
+/// One way of doing the work: what it is, how many programs it execs, and one run of it.
+struct Strategy<'a> {
+    what: String,
+    programs: String,
+    run: Box<dyn FnMut(&Ns) -> Sample + 'a>,
+}
+
+fn strategy<'a>(what: &str, programs: impl ToString, run: impl FnMut(&Ns) -> Sample + 'a) -> Strategy<'a> {
+    Strategy { what: what.to_owned(), programs: programs.to_string(), run: Box::new(run) }
+}
+
+/// Measures every strategy `runs` times, interleaved — one run of each in turn, each in a fresh
+/// namespace (creating and removing it is not timed) — so that whatever else the machine is
+/// doing weighs on all of them alike.
+fn measure_all(runs: usize, mut strategies: Vec<Strategy>) -> Vec<Row> {
+    let mut stats: Vec<Stats> = strategies.iter().map(|_| Stats::default()).collect();
     for _ in 0..runs {
-        let ns = Ns::new();
-        st.add(f(&ns));
+        for (s, st) in strategies.iter_mut().zip(&mut stats) {
+            let ns = Ns::new();
+            st.add((s.run)(&ns));
+        }
     }
-    st
+    strategies.into_iter().zip(stats).map(|(s, stats)| Row { what: s.what, programs: s.programs, stats }).collect()
 }
 
 fn tproxy_add(stdin: String, name: &'static str) -> impl FnMut(&Ns) -> Sample {
@@ -372,10 +387,6 @@ struct Row {
     stats: Stats,
 }
 
-fn row(what: &str, programs: impl ToString, stats: Stats) -> Row {
-    Row { what: what.to_owned(), programs: programs.to_string(), stats }
-}
-
 fn print_rows(rows: &[Row], base: f64, base_name: &str) {
     println!("| strategy | programs exec'd | p50 | p95 | failures | vs {base_name} p50 |");
     println!("|---|---:|---:|---:|---:|---:|");
@@ -419,11 +430,14 @@ fn main() {
     let kubeconfig = api.default_kubeconfig();
     let consul = consul_pod(1, 1);
     let kuma = kuma_pod();
+    let plain = json!({"app": "web"});
+    api.add_pod(fixture("consul-api-status", &consul, &[]));
     api.add_pod(fixture("consul-api", &consul, &[]));
     api.add_pod(fixture("kuma-api", &kuma, &["kuma-sidecar"]));
-    api.add_pod(fixture("plain-api", &json!({"app": "web"}), &[]));
+    api.add_pod(fixture("plain-api", &plain, &[]));
     let with_status = Source::Api { kubeconfig: &kubeconfig, status: true };
     let without_status = Source::Api { kubeconfig: &kubeconfig, status: false };
+    // The API requests one ADD of pod `name` made.
     let requests = |name: &str| {
         let n = api.requests().iter().filter(|r| r.path.ends_with(&format!("/pods/{name}"))).count();
         n as f64 / runs as f64
@@ -431,113 +445,104 @@ fn main() {
 
     let consul_tx = transaction(&consul);
     let consul_rules = per_rule_commands(&consul_tx).len();
-    println!("## Consul pod: {consul_rules} chains and rules (IPv4), {runs} runs each, fresh namespace per run (ms)\n");
-    let ours = measure(runs, tproxy_add(stdin_for(&Source::Runtime(&consul), "nft"), "bench"));
-    let base = ours.pct(0.5);
-    let api_status = measure(runs, tproxy_add(stdin_for(&with_status, "nft"), "consul-api"));
-    let calls_status = requests("consul-api");
-    let api_get = measure(runs, tproxy_add(stdin_for(&without_status, "nft"), "consul-api"));
-    let calls_get = requests("consul-api") - calls_status;
-    let consul_rows = vec![
-        row("tproxy-cni ADD, annotations from runtimeConfig", 2, ours),
-        row(
-            &format!("tproxy-cni ADD, from the API stand-in: GET + status PATCHes ({calls_status:.0} requests)"),
-            2,
-            api_status,
-        ),
-        row(
-            &format!("tproxy-cni ADD, from the API stand-in: GET only ({calls_get:.0} request), status annotation off"),
-            2,
-            api_get,
-        ),
-        row(
-            "tproxy-cni ADD, runtimeConfig, `iptables_mode: auto` (no kubelet hint on this host)",
-            "2 (+1 probe a minute)",
-            measure(runs, tproxy_add(stdin_for(&Source::Runtime(&consul), "auto"), "bench")),
-        ),
-        row(
-            "one iptables process per rule via nsenter (consul-cni)",
-            2 * consul_rules,
-            measure(runs, per_rule(&consul_tx)),
-        ),
-        row(
-            "iptables-save + iptables-restore via nsenter (istio-cni, kuma-cni)",
-            4,
-            measure(runs, save_then_restore(&consul_tx)),
-        ),
-        row(
-            "iptables-save + iptables-restore, each entered by setns in the child",
-            2,
-            measure(runs, save_then_restore_setns(&consul_tx)),
-        ),
-        row(
-            "one bare iptables-restore, setns in the forked child (the floor)",
-            1,
-            measure(runs, bare_restore(&consul_tx)),
-        ),
-        row(
-            "one bare iptables-restore, vfork'd by a thread inside the namespace",
-            1,
-            measure(runs, threaded_restore(&consul_tx)),
-        ),
-        row(
-            "one iptables-restore via nsenter (the same rules applied by hand)",
-            2,
-            measure(runs, nsenter_restore(&consul_tx)),
-        ),
-    ];
-    print_rows(&consul_rows, base, "tproxy-cni");
+    println!(
+        "## Consul pod: {consul_rules} chains and rules (IPv4), {runs} runs of each, interleaved, fresh namespace \
+         per run (ms)\n"
+    );
+    let mut c = measure_all(
+        runs,
+        vec![
+            strategy(
+                "tproxy-cni ADD, annotations from runtimeConfig",
+                2,
+                tproxy_add(stdin_for(&Source::Runtime(&consul), "nft"), "bench"),
+            ),
+            strategy("tproxy-cni ADD, from the API stand-in: GET + status PATCHes", 2, {
+                tproxy_add(stdin_for(&with_status, "nft"), "consul-api-status")
+            }),
+            strategy("tproxy-cni ADD, from the API stand-in: GET only, status annotation off", 2, {
+                tproxy_add(stdin_for(&without_status, "nft"), "consul-api")
+            }),
+            strategy(
+                "tproxy-cni ADD, runtimeConfig, `iptables_mode: auto` (no kubelet hint on this host)",
+                "2 (+1 probe a minute)",
+                tproxy_add(stdin_for(&Source::Runtime(&consul), "auto"), "bench"),
+            ),
+            strategy("one iptables process per rule via nsenter (consul-cni)", 2 * consul_rules, per_rule(&consul_tx)),
+            strategy("iptables-save + iptables-restore via nsenter (istio-cni, kuma-cni)", 4, {
+                save_then_restore(&consul_tx)
+            }),
+            strategy("iptables-save + iptables-restore, each entered by setns in the child", 2, {
+                save_then_restore_setns(&consul_tx)
+            }),
+            strategy("one bare iptables-restore, setns in the forked child (the floor)", 1, bare_restore(&consul_tx)),
+            strategy("one bare iptables-restore, vfork'd by a thread inside the namespace", 1, {
+                threaded_restore(&consul_tx)
+            }),
+            strategy(
+                "one iptables-restore via nsenter (the same rules applied by hand)",
+                2,
+                nsenter_restore(&consul_tx),
+            ),
+        ],
+    );
+    c[1].what += &format!(" ({:.0} requests)", requests("consul-api-status"));
+    c[2].what += &format!(" ({:.0} request)", requests("consul-api"));
+    let base = c[0].stats.pct(0.5);
+    print_rows(&c, base, "tproxy-cni");
 
     let kuma_tx = transaction(&kuma);
     let kuma_rules = per_rule_commands(&kuma_tx).len();
-    println!("\n## Kuma pod: {kuma_rules} chains and rules (IPv4, nat + raw), {runs} runs each (ms)\n");
-    let kuma_ours = measure(runs, tproxy_add(stdin_for(&Source::Runtime(&kuma), "nft"), "bench"));
-    let kuma_base = kuma_ours.pct(0.5);
-    let kuma_api = measure(runs, tproxy_add(stdin_for(&without_status, "nft"), "kuma-api"));
-    let kuma_calls = requests("kuma-api");
-    let kuma_rows = vec![
-        row("tproxy-cni ADD, annotations from runtimeConfig", 2, kuma_ours),
-        row(&format!("tproxy-cni ADD, from the API stand-in ({kuma_calls:.0} request)"), 2, kuma_api),
-        row("iptables-save + iptables-restore via nsenter (kuma-cni)", 4, measure(runs, save_then_restore(&kuma_tx))),
-        row(
-            "iptables-save + iptables-restore, each entered by setns in the child",
-            2,
-            measure(runs, save_then_restore_setns(&kuma_tx)),
-        ),
-        row("one iptables process per rule via nsenter", 2 * kuma_rules, measure(runs, per_rule(&kuma_tx))),
-        row(
-            "one bare iptables-restore, setns in the forked child (the floor)",
-            1,
-            measure(runs, bare_restore(&kuma_tx)),
-        ),
-        row("one iptables-restore via nsenter", 2, measure(runs, nsenter_restore(&kuma_tx))),
-    ];
-    print_rows(&kuma_rows, kuma_base, "tproxy-cni");
+    println!("\n## Kuma pod: {kuma_rules} chains and rules (IPv4, nat + raw), {runs} runs of each, interleaved (ms)\n");
+    let mut k = measure_all(
+        runs,
+        vec![
+            strategy(
+                "tproxy-cni ADD, annotations from runtimeConfig",
+                2,
+                tproxy_add(stdin_for(&Source::Runtime(&kuma), "nft"), "bench"),
+            ),
+            strategy(
+                "tproxy-cni ADD, from the API stand-in",
+                2,
+                tproxy_add(stdin_for(&without_status, "nft"), "kuma-api"),
+            ),
+            strategy("iptables-save + iptables-restore via nsenter (kuma-cni)", 4, save_then_restore(&kuma_tx)),
+            strategy("iptables-save + iptables-restore, each entered by setns in the child", 2, {
+                save_then_restore_setns(&kuma_tx)
+            }),
+            strategy("one iptables process per rule via nsenter", 2 * kuma_rules, per_rule(&kuma_tx)),
+            strategy("one bare iptables-restore, setns in the forked child (the floor)", 1, bare_restore(&kuma_tx)),
+            strategy("one iptables-restore via nsenter", 2, nsenter_restore(&kuma_tx)),
+        ],
+    );
+    k[1].what += &format!(" ({:.0} request)", requests("kuma-api"));
+    let kuma_base = k[0].stats.pct(0.5);
+    print_rows(&k, kuma_base, "tproxy-cni");
 
-    println!("\n## What any plugin pays, {runs} runs each (ms)\n");
-    let passthrough = measure(runs, tproxy_add(stdin_for(&Source::Runtime(&json!({"app": "web"})), "nft"), "bench"));
-    let passthrough_rss = passthrough.rss_p50();
-    let common = vec![
-        row("tproxy-cni ADD, pod in no mesh (pass-through, runtimeConfig)", 1, passthrough),
-        row(
-            "tproxy-cni ADD, pod in no mesh, from the API stand-in (1 request)",
-            1,
-            measure(runs, tproxy_add(stdin_for(&without_status, "nft"), "plain-api")),
-        ),
-        row(
-            "/bin/cat reading the same stdin (the cost of starting any process)",
-            1,
-            measure(runs, |_: &Ns| timed(&mut Command::new("cat"), "{}")),
-        ),
-        row(
-            "ip netns exec NS true (entering a netns, nothing else)",
-            1,
-            measure(runs, |ns: &Ns| timed(Command::new("ip").args(["netns", "exec", &ns.0, "true"]), "")),
-        ),
-    ];
+    println!("\n## What any plugin pays, {runs} runs of each, interleaved (ms)\n");
+    let mut common = measure_all(
+        runs,
+        vec![
+            strategy(
+                "tproxy-cni ADD, pod in no mesh (pass-through, runtimeConfig)",
+                1,
+                tproxy_add(stdin_for(&Source::Runtime(&plain), "nft"), "bench"),
+            ),
+            strategy("tproxy-cni ADD, pod in no mesh, from the API stand-in", 1, {
+                tproxy_add(stdin_for(&without_status, "nft"), "plain-api")
+            }),
+            strategy("/bin/cat reading the same stdin (the cost of starting any process)", 1, |_: &Ns| {
+                timed(&mut Command::new("cat"), "{}")
+            }),
+            strategy("ip netns exec NS true (entering a netns, nothing else)", 1, |ns: &Ns| {
+                timed(Command::new("ip").args(["netns", "exec", &ns.0, "true"]), "")
+            }),
+        ],
+    );
+    common[1].what += &format!(" ({:.0} request)", requests("plain-api"));
     print_rows(&common, base, "tproxy-cni Consul");
 
-    let (c, k) = (&consul_rows, &kuma_rows);
     let p50 = |r: &Row| r.stats.pct(0.5);
     println!(
         "\nConsul: tproxy-cni / per-rule = {:.2} (target <= 0.3); / save + restore = {:.2} (setns: {:.2}); \
@@ -577,14 +582,18 @@ fn main() {
     for n in [10, 100, 1000] {
         let pod = consul_pod(n, n);
         let tx = transaction(&pod);
-        let ours = measure(scale_runs, tproxy_add(stdin_for(&Source::Runtime(&pod), "nft"), "bench"));
-        let bare = measure(scale_runs, bare_restore(&tx));
+        let rows = measure_all(
+            scale_runs,
+            vec![
+                strategy("tproxy-cni", 2, tproxy_add(stdin_for(&Source::Runtime(&pod), "nft"), "bench")),
+                strategy("bare restore", 1, bare_restore(&tx)),
+            ],
+        );
+        let (ours, bare) = (rows[0].stats.pct(0.5), rows[1].stats.pct(0.5));
         println!(
-            "| {n} + {n} | {} | {:.2} | {:.2} | {:.2}x |",
+            "| {n} + {n} | {} | {ours:.2} | {bare:.2} | {:.2}x |",
             tx.lines().filter(|l| l.starts_with("-A")).count(),
-            ours.pct(0.5),
-            bare.pct(0.5),
-            ours.pct(0.5) / bare.pct(0.5)
+            ours / bare
         );
     }
 
@@ -594,7 +603,7 @@ fn main() {
     let size = std::fs::metadata(&stripped).unwrap().len();
     let _ = std::fs::remove_file(&stripped);
     let mut rss: BTreeMap<&str, i64> = BTreeMap::new();
-    rss.insert("pass-through ADD (the plugin alone)", passthrough_rss);
+    rss.insert("pass-through ADD (the plugin alone)", common[0].stats.rss_p50());
     rss.insert("Consul ADD, runtimeConfig (the plugin or the iptables-restore it runs)", c[0].stats.rss_p50());
     rss.insert("Consul ADD, API stand-in (the plugin with TLS, or iptables-restore)", c[1].stats.rss_p50());
     println!("\n## Resources\n");
