@@ -11,7 +11,6 @@
 #[path = "../tests/support/apiserver.rs"]
 mod apiserver;
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -62,25 +61,34 @@ fn run(cmd: &mut Command) {
     );
 }
 
-/// One measured run: elapsed time, max RSS in KiB (the process or any child it waited for),
-/// success.
-type Sample = (Duration, i64, bool);
+/// One measured run: elapsed time, success.
+type Sample = (Duration, bool);
 
-/// Runs `cmd` with `stdin`, waits with wait4, and measures it.
+/// Runs `cmd` with `stdin` and measures it, from spawn to reaping.
 fn timed(cmd: &mut Command, stdin: &str) -> Sample {
     let start = Instant::now();
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     if let Some(mut s) = child.stdin.take() {
         let _ = s.write_all(stdin.as_bytes());
     }
-    let (mut status, pid) = (0, child.id() as libc::pid_t);
-    // Safety: an all-zero rusage is valid; wait4 fills it.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // Safety: pid is our unreaped child; the pointers are to locals.
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-    let elapsed = start.elapsed();
-    std::mem::forget(child); // Already reaped by wait4.
-    (elapsed, ru.ru_maxrss, rc == pid && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0)
+    let ok = child.wait().is_ok_and(|s| s.success());
+    (start.elapsed(), ok)
+}
+
+/// The peak RSS in KiB of the plugin's ADD (or of the iptables-restore it runs, whichever is
+/// larger), as GNU time reports it. time forks the program from its own small process; the figure
+/// `wait4` gives for a child spawned straight from this (larger) process would include this
+/// process's own memory, because Linux carries the old memory's peak across `exec`.
+fn peak_rss(stdin: &str, name: &str) -> Option<i64> {
+    let ns = Ns::new();
+    let out_file = std::env::temp_dir().join(format!("tproxy-cni-rss-{}", std::process::id()));
+    let mut cmd = Command::new("/usr/bin/time");
+    cni_env(&ns, "ADD", name, &mut cmd);
+    cmd.arg("-f").arg("%M").arg("-o").arg(&out_file).arg(plugin());
+    let (_, ok) = timed(&mut cmd, stdin);
+    let kib = std::fs::read_to_string(&out_file).ok().and_then(|s| s.trim().parse().ok());
+    let _ = std::fs::remove_file(&out_file);
+    kib.filter(|_| ok)
 }
 
 /// The CNI environment of an ADD (or `command`) for pod `default/name` in `ns`.
@@ -162,21 +170,12 @@ fn transaction(annotations: &Value) -> String {
 struct Stats {
     samples: Vec<Duration>,
     failures: usize,
-    rss_kib: Vec<i64>,
 }
 
 impl Stats {
-    fn add(&mut self, (d, rss, ok): Sample) {
+    fn add(&mut self, (d, ok): Sample) {
         self.samples.push(d);
-        self.rss_kib.push(rss);
         self.failures += usize::from(!ok);
-    }
-
-    /// The median of the runs' peak RSS (a single peak is at the mercy of one odd run).
-    fn rss_p50(&self) -> i64 {
-        let mut s = self.rss_kib.clone();
-        s.sort();
-        s[s.len() / 2]
     }
 
     fn pct(&self, p: f64) -> f64 {
@@ -262,15 +261,12 @@ fn per_rule(tx: &str) -> impl FnMut(&Ns) -> Sample {
     move |ns| {
         let start = Instant::now();
         let mut ok = true;
-        let mut rss = 0;
         for args in &commands {
             let mut cmd = Command::new("nsenter");
             cmd.arg(format!("--net={}", ns.path().display())).arg("iptables-nft").args(args);
-            let (_, r, good) = timed(&mut cmd, "");
-            ok &= good;
-            rss = rss.max(r);
+            ok &= timed(&mut cmd, "").1;
         }
-        (start.elapsed(), rss, ok)
+        (start.elapsed(), ok)
     }
 }
 
@@ -280,10 +276,9 @@ fn save_then_restore(tx: &str) -> impl FnMut(&Ns) -> Sample {
     move |ns| {
         let start = Instant::now();
         let net = format!("--net={}", ns.path().display());
-        let (_, r1, ok1) = timed(Command::new("nsenter").args([&net, "iptables-nft-save"]), "");
-        let (_, r2, ok2) =
-            timed(Command::new("nsenter").args([net.as_str(), "iptables-nft-restore", "--noflush"]), &tx);
-        (start.elapsed(), r1.max(r2), ok1 && ok2)
+        let (_, ok1) = timed(Command::new("nsenter").args([&net, "iptables-nft-save"]), "");
+        let (_, ok2) = timed(Command::new("nsenter").args([net.as_str(), "iptables-nft-restore", "--noflush"]), &tx);
+        (start.elapsed(), ok1 && ok2)
     }
 }
 
@@ -294,9 +289,9 @@ fn save_then_restore_setns(tx: &str) -> impl FnMut(&Ns) -> Sample {
     move |ns| {
         let f = File::open(ns.path()).unwrap();
         let start = Instant::now();
-        let (_, r1, ok1) = timed(in_ns(&mut Command::new("/usr/sbin/iptables-nft-save"), &f), "");
-        let (_, r2, ok2) = timed(in_ns(Command::new("/usr/sbin/iptables-nft-restore").arg("--noflush"), &f), &tx);
-        (start.elapsed(), r1.max(r2), ok1 && ok2)
+        let (_, ok1) = timed(in_ns(&mut Command::new("/usr/sbin/iptables-nft-save"), &f), "");
+        let (_, ok2) = timed(in_ns(Command::new("/usr/sbin/iptables-nft-restore").arg("--noflush"), &f), &tx);
+        (start.elapsed(), ok1 && ok2)
     }
 }
 
@@ -328,7 +323,7 @@ fn threaded_restore(tx: &str) -> impl FnMut(&Ns) -> Sample {
     move |ns| {
         let f = File::open(ns.path()).unwrap();
         let start = Instant::now();
-        let (_, rss, ok) = std::thread::scope(|s| {
+        let (_, ok) = std::thread::scope(|s| {
             s.spawn(|| {
                 // Safety: only this thread changes namespace, and it ends with the scope.
                 assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
@@ -337,7 +332,7 @@ fn threaded_restore(tx: &str) -> impl FnMut(&Ns) -> Sample {
             .join()
             .unwrap()
         });
-        (start.elapsed(), rss, ok)
+        (start.elapsed(), ok)
     }
 }
 
@@ -602,15 +597,26 @@ fn main() {
     run(Command::new("strip").arg(&stripped));
     let size = std::fs::metadata(&stripped).unwrap().len();
     let _ = std::fs::remove_file(&stripped);
-    let mut rss: BTreeMap<&str, i64> = BTreeMap::new();
-    rss.insert("pass-through ADD (the plugin alone)", common[0].stats.rss_p50());
-    rss.insert("Consul ADD, runtimeConfig (the plugin or the iptables-restore it runs)", c[0].stats.rss_p50());
-    rss.insert("Consul ADD, API stand-in (the plugin with TLS, or iptables-restore)", c[1].stats.rss_p50());
-    println!("\n## Resources\n");
+    let rss_runs = if quick { 3 } else { 21 };
+    let consul_stdin = stdin_for(&Source::Runtime(&consul), "nft");
+    let status_stdin = stdin_for(&with_status, "nft");
+    let kuma_stdin = stdin_for(&Source::Runtime(&kuma), "nft");
+    println!("\n## Resources (peak RSS: median of {rss_runs} ADDs under GNU time)\n");
     println!("| what | value |");
     println!("|---|---:|");
-    for (what, kib) in rss {
-        println!("| peak RSS (median of the runs), {what} | {kib} KiB |");
+    let rss_rows = [
+        ("pass-through ADD (the plugin alone)", stdin_for(&Source::Runtime(&plain), "nft"), "bench"),
+        ("Consul ADD, runtimeConfig (the plugin, or the iptables-restore it runs)", consul_stdin.clone(), "bench"),
+        ("Consul ADD, API stand-in (the plugin with TLS, or iptables-restore)", status_stdin, "consul-api-status"),
+        ("Kuma ADD, runtimeConfig (the plugin, or the iptables-restore it runs)", kuma_stdin, "bench"),
+    ];
+    for (what, stdin, name) in rss_rows {
+        let mut kib: Vec<i64> = (0..rss_runs).filter_map(|_| peak_rss(&stdin, name)).collect();
+        kib.sort();
+        match kib.get(kib.len() / 2) {
+            Some(k) => println!("| peak RSS, {what} | {k} KiB |"),
+            None => println!("| peak RSS, {what} | n/a (needs /usr/bin/time: apt-get install time) |"),
+        }
     }
     println!("| stripped binary size | {} KiB |", size / 1024);
     println!("\nload average at the end: {}; the run took {:.0} s", loadavg(), started.elapsed().as_secs_f64());
