@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod cni;
+pub mod install;
 pub mod log;
 pub mod mesh;
 pub mod netfilter;

@@ -1,5 +1,7 @@
 //! The command line, for operators and hosts: everything that is not a CNI call.
 
+mod install;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;
@@ -34,6 +36,7 @@ enum Cmd {
         #[arg(long)]
         pod_ipv6: bool,
     },
+    Install(Box<install::InstallArgs>),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -42,6 +45,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Render { file, pod_ipv6 } => render(file, pod_ipv6),
+        Cmd::Install(args) => return install::main(*args),
     };
     match result {
         Ok(out) => {
