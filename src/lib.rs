@@ -12,6 +12,7 @@ pub mod log;
 pub mod mesh;
 pub mod netfilter;
 pub mod netns;
+pub mod origdst;
 pub mod pod;
 pub mod redirect;
 pub mod rules;

@@ -264,7 +264,8 @@ pub fn parse_port_range(s: &str, what: &'static str) -> Result<PortRange, ValueE
     match s.split_once([':', '-']) {
         None => Ok(PortRange::single(parse_port(s, what)?)),
         Some((a, b)) => {
-            let (first, last) = (parse_port(a, what)?.get(), parse_port(b, what)?.get());
+            let whole = |_| ValueError::NotANumber { what, value: Quoted::new(s) };
+            let (first, last) = (parse_port(a, what).map_err(whole)?.get(), parse_port(b, what).map_err(whole)?.get());
             if first > last {
                 return Err(ValueError::BadRange { what, value: Quoted::new(s) });
             }
@@ -288,7 +289,8 @@ pub fn parse_uid_range(s: &str, what: &'static str) -> Result<UidRange, ValueErr
     match s.split_once('-') {
         None => Ok(UidRange::single(parse_uid(s, what)?)),
         Some((a, b)) => {
-            let (first, last) = (parse_uid(a, what)?, parse_uid(b, what)?);
+            let whole = |_| ValueError::NotANumber { what, value: Quoted::new(s) };
+            let (first, last) = (parse_uid(a, what).map_err(whole)?, parse_uid(b, what).map_err(whole)?);
             if first > last {
                 return Err(ValueError::BadRange { what, value: Quoted::new(s) });
             }

@@ -52,6 +52,14 @@ pub enum CheckError {
     Mismatch(#[from] Mismatch),
 }
 
+/// How a family's rules got installed.
+enum Applied {
+    /// Into tables that held nothing of ours: one transaction.
+    Fresh,
+    /// Over rules of ours already there: read, then one replacing transaction.
+    Replaced,
+}
+
 /// A chosen backend, ready to work on namespaces.
 #[derive(Debug, Clone)]
 pub struct Netfilter {
@@ -75,19 +83,23 @@ impl Netfilter {
     /// Installs `sets`, replacing whatever of ours is there, so that afterwards the namespace holds
     /// exactly one copy of them. Families not in `sets` lose any rules of ours they held.
     pub fn apply(&self, ns: &Netns, sets: &[RuleSet]) -> Result<(), NetfilterError> {
+        let mut installed_fresh = Vec::new();
         let mut repeated = false;
         for set in sets {
-            let fresh = rules::render_fresh(set);
-            match self.restore(ns, set.family, &fresh) {
-                Ok(()) => log::debug!("installed the {} rules with one transaction", set.family.name()),
-                Err(first) => {
-                    let saved = self.save(ns, set.family)?;
-                    if !saved.iter().any(SavedTable::has_owned) {
-                        return Err(first);
+            let step = self.apply_family(ns, set);
+            match step {
+                Ok(Applied::Fresh) => installed_fresh.push(set.family),
+                Ok(Applied::Replaced) => repeated = true,
+                Err(e) => {
+                    // Leave the namespace as we found it: undo the families this call installed
+                    // into empty tables (a replaced set cannot be restored, but a retried ADD
+                    // replaces it again).
+                    for family in installed_fresh {
+                        if let Err(undo) = self.remove_family(ns, family) {
+                            log::warn!("cannot undo the {} rules after a failure: {undo}", family.name());
+                        }
                     }
-                    repeated = true;
-                    log::debug!("rules of ours are already in the {} tables: replacing them", set.family.name());
-                    self.restore(ns, set.family, &render_replace(&set.tables, &saved))?;
+                    return Err(e);
                 }
             }
         }
@@ -98,6 +110,23 @@ impl Netfilter {
             }
         }
         Ok(())
+    }
+
+    fn apply_family(&self, ns: &Netns, set: &RuleSet) -> Result<Applied, NetfilterError> {
+        let first = match self.restore(ns, set.family, &rules::render_fresh(set)) {
+            Ok(()) => {
+                log::debug!("installed the {} rules with one transaction", set.family.name());
+                return Ok(Applied::Fresh);
+            }
+            Err(e) => e,
+        };
+        let saved = self.save(ns, set.family)?;
+        if !saved.iter().any(SavedTable::has_owned) {
+            return Err(first);
+        }
+        log::debug!("rules of ours are already in the {} tables: replacing them", set.family.name());
+        self.restore(ns, set.family, &render_replace(&set.tables, &saved))?;
+        Ok(Applied::Replaced)
     }
 
     /// Removes every rule and chain of ours from the namespace, in both families.

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the Debian packages tproxy-cni's demo and tests need, if any is missing. Needs root.
+#   iptables, nftables          both iptables backends, and nft for one failure test
+#   iproute2, util-linux        ip netns / links; unshare, setpriv
+#   containernetworking-plugins bridge + host-local, the primary CNI of every test chain
+#   golang-go, golang-github-appc-cni-dev   to build cnidrv, the libcni driver in ../shared/tools
+set -euo pipefail
+pkgs=(iptables nftables iproute2 util-linux containernetworking-plugins golang-go golang-github-appc-cni-dev)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "== installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

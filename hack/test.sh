@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: installs the Debian packages it needs, checks formatting and
+# lints, runs the demo, then every unit and integration test (real namespaces, real iptables, real
+# traffic, the real CNI chain through libcni).
+#
+# Usage: sudo hack/test.sh [extra cargo test arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "hack/test.sh needs root: the tests create network namespaces and iptables rules"; exit 1; }
+
+bash hack/deps.sh
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy -q --all-targets -- -D warnings
+echo "== demo (hack/demo.sh)"
+if ! bash hack/demo.sh > target/demo.log 2>&1; then
+  cat target/demo.log
+  echo "hack/demo.sh failed"
+  exit 1
+fi
+tail -n 3 target/demo.log
+echo "== cargo test"
+cargo test "$@" 2>&1 | tee target/test.log
