@@ -276,7 +276,9 @@ fn an_old_installer_shutting_down_leaves_the_new_install_intact() {
 
     // Each pod has its own ready file (an emptyDir), so each process gets its own here.
     let new_ready = host.root.join("new-ready");
-    let old = host.start(&v1, &["--generation", "1", "--pod-name", "tproxy-cni-old"]);
+    // Both pods share the host network, so the same probe address.
+    let probe = support::free_port().to_string();
+    let old = host.start(&v1, &["--generation", "1", "--pod-name", "tproxy-cni-old", "--probe-addr", &probe]);
     wait_for(Duration::from_secs(10), "v1 installed", || host.ready_file().exists());
     let new = host.start(
         &v2,
@@ -289,6 +291,8 @@ fn an_old_installer_shutting_down_leaves_the_new_install_intact() {
             settings_v2.to_str().unwrap(),
             "--ready-file",
             new_ready.to_str().unwrap(),
+            "--probe-addr",
+            &probe,
         ],
     );
     let v2_bytes = fs::read(&v2).unwrap();
@@ -296,9 +300,16 @@ fn an_old_installer_shutting_down_leaves_the_new_install_intact() {
     wait_for(Duration::from_secs(10), "v2 entry", || {
         host.conf_json("10-calico.conflist").is_some_and(|d| d["plugins"][3]["log_level"] == "debug")
     });
+    // The old one lets go of the probe address, so the new one answers kubelet while both run.
+    let addr = probe.parse().unwrap();
+    wait_for(Duration::from_secs(5), "the new pod's /readyz", || {
+        new.log().contains(&format!("serving probes on {probe}"))
+    });
+    assert_eq!(support::http_status(addr, "/readyz"), Some(200));
     let (status, log) = old.terminate();
     assert!(status.success(), "{log}");
     assert!(log.contains("tproxy-cni-new (generation 2) owns the install: leaving it in place"), "{log}");
+    assert_eq!(support::http_status(addr, "/readyz"), Some(200));
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         fs::read(host.bin.join("tproxy-cni")).unwrap(),
@@ -420,4 +431,25 @@ fn bad_input_is_refused_before_anything_changes() {
         assert_eq!(Host::snapshot(&host.bin), bin_before, "{message}: bin dir changed");
         assert!(!host.state.exists(), "{message}: state dir created");
     }
+}
+
+/// Idle, the installer sleeps: its own writes and locks do not wake it into a loop.
+#[test]
+fn an_idle_installer_uses_next_to_no_cpu() {
+    let host = Host::new("idle");
+    host.put_conf("10-calico.conflist", &golden("primary", "10-calico.conflist"));
+    let probe = support::free_port();
+    let inst = host.start(&host.fake_plugin("1"), &["--probe-addr", &probe.to_string(), "--resync-interval", "1s"]);
+    wait_for(Duration::from_secs(10), "ready", || host.ready_file().exists());
+    let cpu = |pid: i32| -> u64 {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap() // utime + stime, in ticks
+    };
+    let before = cpu(inst.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let ticks = cpu(inst.pid()) - before;
+    eprintln!("idle for 3 s with a 1 s resync: {ticks} clock ticks of CPU");
+    assert!(ticks < 30, "the installer is busy while idle: {ticks} ticks in 3 s");
+    assert!(inst.terminate().0.success());
 }

@@ -24,6 +24,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Map, Value};
@@ -249,14 +250,14 @@ pub fn run<A: NodeApi>(settings: Settings, node_api: Option<A>) -> Result<(), In
     });
 
     watch::block_termination_signals().map_err(|e| InstallError::Watch { path: layout.conf_dir.clone(), source: e })?;
-    let mut watcher = Watcher::new(&layout.conf_dir, Some(&settings.service_account_dir))
-        .map_err(|e| InstallError::Watch { path: layout.conf_dir.clone(), source: e })?;
-    let listener = match settings.probe_addr {
-        Some(addr) => Some(ready::bind(addr).map_err(|e| InstallError::Probe { addr, source: e })?),
-        None => None,
-    };
     let serr = |e| InstallError::State { path: settings.state_dir.clone(), source: e };
     let state = StateDir::open(&settings.state_dir).map_err(serr)?;
+    let mut watcher = Watcher::new(&layout.conf_dir, &[&settings.service_account_dir, state.root()])
+        .map_err(|e| InstallError::Watch { path: layout.conf_dir.clone(), source: e })?;
+    let listener = match settings.probe_addr {
+        Some(addr) => ready::bind(addr).map_err(|e| InstallError::Probe { addr, source: e })?,
+        None => None,
+    };
     let me = Identity::new(settings.pod_uid.as_deref(), settings.pod.clone(), settings.generation).map_err(serr)?;
     let life: LifeLock = state.life_lock(&me).map_err(serr)?;
     log::info!(
@@ -272,9 +273,11 @@ pub fn run<A: NodeApi>(settings: Settings, node_api: Option<A>) -> Result<(), In
 
     let heartbeat = Arc::new(Heartbeat::default());
     heartbeat.beat();
-    if let Some(listener) = listener {
+    let serving = Arc::new(AtomicBool::new(true));
+    if let Some(addr) = settings.probe_addr {
         let check = readiness_check(layout.clone(), plugin.clone(), entry.clone(), creds.clone());
-        ready::serve(listener, check, heartbeat.clone(), settings.resync * 3 + Duration::from_secs(30));
+        let stale = settings.resync * 3 + Duration::from_secs(30);
+        ready::serve(addr, listener, serving.clone(), check, heartbeat.clone(), stale);
     }
     let mut ready_file = ReadyFile::new(settings.ready_file.clone());
     let taint = if settings.startup_taint.is_some() {
@@ -326,6 +329,7 @@ pub fn run<A: NodeApi>(settings: Settings, node_api: Option<A>) -> Result<(), In
             }
         };
         starting = false;
+        serving.store(inst.owner, Ordering::Relaxed);
         let next = match inst.taint {
             TaintProgress::Pending { next: t, .. } if inst.owner => {
                 next.min(t.saturating_duration_since(Instant::now()))
@@ -335,8 +339,8 @@ pub fn run<A: NodeApi>(settings: Settings, node_api: Option<A>) -> Result<(), In
         match watcher.wait(next) {
             Ok(w) if w.signal.is_some() => break w.signal.unwrap_or_default(),
             Ok(w) => {
-                if w.token_dir {
-                    log::debug!("the service-account token directory changed");
+                if w.other_dir {
+                    log::debug!("the token or state directory changed");
                 }
             }
             Err(e) => {

@@ -162,7 +162,7 @@ impl StateDir {
 
     /// Takes the exclusive state lock, waiting for it.
     pub fn lock(&self) -> io::Result<StateLock> {
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(self.root.join("lock"))?;
+        let file = open_lock_file(&self.root.join("lock"))?;
         flock(&file, libc::LOCK_EX)?;
         Ok(StateLock { _file: file })
     }
@@ -170,7 +170,7 @@ impl StateDir {
     /// Takes this process's life lock.
     pub fn life_lock(&self, me: &Identity) -> io::Result<LifeLock> {
         let path = self.instance_lock(&me.instance);
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        let file = open_lock_file(&path)?;
         flock(&file, libc::LOCK_EX | libc::LOCK_NB)?;
         Ok(LifeLock { _file: file, path })
     }
@@ -178,7 +178,7 @@ impl StateDir {
     /// Is the process with this instance id still alive (holding its life lock)?
     pub fn alive(&self, instance: &str) -> io::Result<bool> {
         let path = self.instance_lock(instance);
-        let file = match OpenOptions::new().write(true).open(&path) {
+        let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e),
@@ -215,6 +215,18 @@ impl StateDir {
 
     fn instance_lock(&self, instance: &str) -> PathBuf {
         self.root.join("instances").join(format!("{}.lock", sanitize(instance)))
+    }
+}
+
+/// Opens a lock file read-only (creating it first if needed): a read-only open and close raises no
+/// inotify event the installer watches for, so taking a lock never wakes the installer itself.
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    match File::open(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+            File::open(path)
+        }
+        other => other,
     }
 }
 

@@ -8,9 +8,10 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::atomic;
@@ -37,28 +38,73 @@ fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
-/// Binds the probe listener (before anything is installed, so a busy port fails fast).
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr)
+/// Binds the probe listener. An address another installer on this node holds (a rolling update
+/// with surge: both pods share the host network) is not an error: `Ok(None)`, and [`serve`] binds
+/// it once that installer lets go.
+pub fn bind(addr: SocketAddr) -> io::Result<Option<TcpListener>> {
+    match TcpListener::bind(addr) {
+        Ok(l) => Ok(Some(l)),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            log::info!("probe address {addr} is in use (another installer on this node?): will bind it when free");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
-/// Serves probes on `listener` from a new thread, forever.
-pub fn serve(listener: TcpListener, check: Check, heartbeat: Arc<Heartbeat>, stale_after: Duration) {
+/// Serves probes on `addr` from a new thread, forever, while `serving` is true. When it turns false
+/// (this installer became passive) the listener is closed, so the installer that owns the node's
+/// install can take the address; when it turns true again the address is bound again.
+pub fn serve(
+    addr: SocketAddr,
+    listener: Option<TcpListener>,
+    serving: Arc<AtomicBool>,
+    check: Check,
+    heartbeat: Arc<Heartbeat>,
+    stale_after: Duration,
+) {
     std::thread::Builder::new()
         .name("probes".into())
         .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(stream) => {
-                        if let Err(e) = answer(stream, &check, &heartbeat, stale_after) {
-                            log::debug!("probe connection: {e}");
+            let mut listener = listener;
+            loop {
+                let want = serving.load(Ordering::Relaxed);
+                match (&listener, want) {
+                    (Some(l), true) => {
+                        if readable(l, 200) {
+                            match l.accept() {
+                                Ok((stream, _)) => {
+                                    if let Err(e) = answer(stream, &check, &heartbeat, stale_after) {
+                                        log::debug!("probe connection: {e}");
+                                    }
+                                }
+                                Err(e) => log::debug!("probe accept: {e}"),
+                            }
                         }
                     }
-                    Err(e) => log::debug!("probe accept: {e}"),
+                    (Some(_), false) => {
+                        log::info!("passive: releasing the probe address {addr}");
+                        listener = None;
+                    }
+                    (None, true) => match TcpListener::bind(addr) {
+                        Ok(l) => {
+                            log::info!("serving probes on {addr}");
+                            listener = Some(l);
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                    },
+                    (None, false) => std::thread::sleep(Duration::from_millis(200)),
                 }
             }
         })
         .expect("spawning the probe thread");
+}
+
+/// Waits up to `ms` for a connection to accept.
+fn readable(l: &TcpListener, ms: i32) -> bool {
+    let mut fd = libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // Safety: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut fd, 1, ms) > 0 }
 }
 
 fn answer(stream: TcpStream, check: &Check, heartbeat: &Heartbeat, stale_after: Duration) -> io::Result<()> {
@@ -133,7 +179,6 @@ impl ReadyFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicBool;
 
     fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = TcpStream::connect(addr).unwrap();
@@ -145,7 +190,7 @@ mod tests {
 
     #[test]
     fn readyz_follows_the_check_and_livez_the_heartbeat() {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap().unwrap();
         let addr = listener.local_addr().unwrap();
         let ready = Arc::new(AtomicBool::new(false));
         let r = ready.clone();
@@ -153,7 +198,8 @@ mod tests {
             Arc::new(move || if r.load(Ordering::SeqCst) { Ok(()) } else { Err("no conflist entry".into()) });
         let hb = Arc::new(Heartbeat::default());
         hb.beat();
-        serve(listener, check, hb, Duration::from_secs(60));
+        let serving = Arc::new(AtomicBool::new(true));
+        serve(addr, Some(listener), serving.clone(), check, hb, Duration::from_secs(60));
         let resp = get(addr, "/readyz");
         assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
         assert!(resp.ends_with("not ready: no conflist entry\n"), "{resp}");
@@ -161,6 +207,24 @@ mod tests {
         assert!(get(addr, "/readyz").starts_with("HTTP/1.1 200 OK"));
         assert!(get(addr, "/livez").starts_with("HTTP/1.1 200 OK"));
         assert!(get(addr, "/other").starts_with("HTTP/1.1 404"));
+        // Passive: the address is released for the owner, and taken back when we own again.
+        serving.store(false, Ordering::SeqCst);
+        let start = std::time::Instant::now();
+        let taken = loop {
+            if let Ok(l) = TcpListener::bind(addr) {
+                break l;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "the address was not released");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        serving.store(true, Ordering::SeqCst);
+        drop(taken);
+        let start = std::time::Instant::now();
+        while TcpStream::connect(addr).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(5), "the address was not bound again");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(get(addr, "/livez").starts_with("HTTP/1.1 200 OK"));
     }
 
     #[test]

@@ -22,8 +22,8 @@ pub struct Wake {
     pub signal: Option<i32>,
     /// Something changed in the CNI conf dir.
     pub conf_dir: bool,
-    /// Something changed in the token dir.
-    pub token_dir: bool,
+    /// Something changed in one of the other watched dirs (the token dir, the state dir).
+    pub other_dir: bool,
 }
 
 /// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts later.
@@ -54,13 +54,13 @@ pub struct Watcher {
     signals: OwnedFd,
     conf_dir: PathBuf,
     conf_wd: Option<WatchDescriptor>,
-    token_wd: Option<WatchDescriptor>,
+    other_wds: Vec<WatchDescriptor>,
     buffer: Vec<u8>,
 }
 
 impl Watcher {
-    /// Watches `conf_dir` and, when given, `token_dir`. Call [`block_termination_signals`] first.
-    pub fn new(conf_dir: &Path, token_dir: Option<&Path>) -> io::Result<Watcher> {
+    /// Watches `conf_dir` and the `others`. Call [`block_termination_signals`] first.
+    pub fn new(conf_dir: &Path, others: &[&Path]) -> io::Result<Watcher> {
         let set = termination_set();
         // Safety: -1 asks for a new descriptor; `set` is initialised.
         let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
@@ -75,14 +75,14 @@ impl Watcher {
             signals,
             conf_dir: conf_dir.to_path_buf(),
             conf_wd: None,
-            token_wd: None,
+            other_wds: Vec::new(),
             buffer: vec![0; 16 * 1024],
         };
         w.conf_wd = Some(w.inotify.watches().add(conf_dir, dir_mask())?);
-        if let Some(dir) = token_dir {
+        for dir in others {
             match w.inotify.watches().add(dir, dir_mask()) {
-                Ok(wd) => w.token_wd = Some(wd),
-                // No token dir (yet): the periodic resync still picks the token up.
+                Ok(wd) => w.other_wds.push(wd),
+                // No such dir (yet): the periodic resync still notices its changes.
                 Err(e) => log::warn!("cannot watch {}: {e}; relying on the periodic resync", dir.display()),
             }
         }
@@ -145,11 +145,12 @@ impl Watcher {
                     let ours = ev.name.is_some_and(|n| n.to_string_lossy().ends_with(super::atomic::TEMP_SUFFIX));
                     wake.conf_dir |= !ours;
                     conf_gone |= ev.mask.intersects(inotify::EventMask::DELETE_SELF | inotify::EventMask::MOVE_SELF);
-                } else if Some(&ev.wd) == self.token_wd.as_ref() {
-                    wake.token_dir = true;
+                } else if self.other_wds.contains(&ev.wd) {
+                    let ours = ev.name.is_some_and(|n| n.to_string_lossy().ends_with(super::atomic::TEMP_SUFFIX));
+                    wake.other_dir |= !ours;
                 } else if ev.mask.contains(inotify::EventMask::Q_OVERFLOW) {
                     wake.conf_dir = true;
-                    wake.token_dir = true;
+                    wake.other_dir = true;
                 }
             }
             if conf_gone {
@@ -186,7 +187,7 @@ mod tests {
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(d.join("conf")).unwrap();
         fs::create_dir_all(d.join("sa")).unwrap();
-        let mut w = Watcher::new(&d.join("conf"), Some(&d.join("sa"))).unwrap();
+        let mut w = Watcher::new(&d.join("conf"), &[&d.join("sa")]).unwrap();
         assert_eq!(w.wait(Duration::from_millis(10)).unwrap(), Wake::default());
 
         fs::write(d.join("conf/.x.1.tproxy-cni-tmp"), b"{}").unwrap();
@@ -196,12 +197,12 @@ mod tests {
         fs::rename(d.join("new"), d.join("conf/10-a.conflist")).unwrap();
         let t = Instant::now();
         let wake = w.wait(Duration::from_secs(5)).unwrap();
-        assert!(wake.conf_dir && !wake.token_dir && wake.signal.is_none(), "{wake:?}");
+        assert!(wake.conf_dir && !wake.other_dir && wake.signal.is_none(), "{wake:?}");
         assert!(t.elapsed() < Duration::from_secs(1));
 
         std::os::unix::fs::symlink("x", d.join("sa/..data_tmp")).unwrap();
         fs::rename(d.join("sa/..data_tmp"), d.join("sa/..data")).unwrap();
-        assert!(w.wait(Duration::from_secs(5)).unwrap().token_dir);
+        assert!(w.wait(Duration::from_secs(5)).unwrap().other_dir);
         fs::remove_dir_all(&d).unwrap();
     }
 }
