@@ -250,7 +250,8 @@ fn the_token_copy_follows_kubelet_rotation() {
     let inst = host.start(&host.fake_plugin("1"), &[]);
     wait_for(Duration::from_secs(10), "ready", || host.ready_file().exists());
     let kc: serde_json::Value = serde_json::from_slice(&fs::read(host.kubeconfig()).unwrap()).unwrap();
-    assert_eq!(kc["users"][0]["user"]["tokenFile"], host.token_copy().to_str().unwrap());
+    // The kubeconfig names the token copy by its path on the host, beside the host kubeconfig.
+    assert_eq!(kc["users"][0]["user"]["tokenFile"], "/etc/cni/net.d/ZZZ-tproxy-cni-token");
     assert_eq!(kc["clusters"][0]["cluster"]["server"], "https://10.96.0.1:443");
     for i in 2..=4 {
         let token = format!("token-{i}");
@@ -452,4 +453,29 @@ fn an_idle_installer_uses_next_to_no_cpu() {
     eprintln!("idle for 3 s with a 1 s resync: {ticks} clock ticks of CPU");
     assert!(ticks < 30, "the installer is busy while idle: {ticks} ticks in 3 s");
     assert!(inst.terminate().0.success());
+}
+
+/// The DaemonSet runs the installer as UID 0 with every capability dropped and no privileged mode:
+/// that is enough to install into and uninstall from root-owned host directories.
+#[test]
+fn root_without_any_capability_is_enough() {
+    let host = Host::new("nocaps");
+    host.put_conf("10-calico.conflist", &golden("primary", "10-calico.conflist"));
+    let (conf_before, bin_before) = (Host::snapshot(&host.conf), Host::snapshot(&host.bin));
+    let mut args: Vec<String> =
+        ["--reuid=0", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", support::BIN]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    args.extend(host.args(&host.fake_plugin("1")));
+    let mut inst = support::Installer::spawn_program("setpriv", &args, &host.root);
+    wait_for(Duration::from_secs(10), "ready", || host.ready_file().exists());
+    let status = fs::read_to_string(format!("/proc/{}/status", inst.pid())).unwrap();
+    let cap_eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
+    assert!(cap_eff.ends_with("0000000000000000"), "the installer still has capabilities: {cap_eff}");
+    assert!(host.chained("10-calico.conflist"));
+    inst.signal(libc::SIGTERM);
+    assert!(inst.wait(Duration::from_secs(10)).success(), "{}", inst.log());
+    assert_eq!(Host::snapshot(&host.conf), conf_before);
+    assert_eq!(Host::snapshot(&host.bin), bin_before);
 }

@@ -54,6 +54,8 @@ pub struct Credentials {
     pub kubeconfig: PathBuf,
     /// The token copy we write.
     pub token: PathBuf,
+    /// The token copy's path as the plugin sees it on the host (what `tokenFile` names).
+    pub host_token: PathBuf,
 }
 
 /// What [`Credentials::sync`] changed.
@@ -76,7 +78,7 @@ impl Credentials {
             return Err(KubeconfigError::EmptyToken(self.service_account_dir.join("token")));
         }
         let ca = sa("ca.crt", "CA certificate")?;
-        let kubeconfig = render(&self.server, &ca, &self.token);
+        let kubeconfig = render(&self.server, &ca, &self.host_token);
         let token_changed = self.put(&self.token, &token, &mut before_create)?;
         let kubeconfig_changed = self.put(&self.kubeconfig, &kubeconfig, &mut before_create)?;
         Ok(Synced { token: token_changed, kubeconfig: kubeconfig_changed })
@@ -90,7 +92,7 @@ impl Credentials {
             return false;
         };
         fs::read(&self.token).is_ok_and(|t| t == token)
-            && fs::read(&self.kubeconfig).is_ok_and(|k| k == render(&self.server, &ca, &self.token))
+            && fs::read(&self.kubeconfig).is_ok_and(|k| k == render(&self.server, &ca, &self.host_token))
     }
 
     fn put(
@@ -190,6 +192,7 @@ mod tests {
             service_account_dir: d.join("sa"),
             kubeconfig: d.join("net.d").join(KUBECONFIG_NAME),
             token: d.join("net.d").join(TOKEN_NAME),
+            host_token: PathBuf::from("/etc/cni/net.d").join(TOKEN_NAME),
         };
         let mut created = Vec::new();
         assert_eq!(
@@ -206,7 +209,7 @@ mod tests {
             assert_eq!(fs::metadata(p).unwrap().permissions().mode() & 0o777, 0o600);
         }
         let kc: serde_json::Value = serde_json::from_slice(&fs::read(&c.kubeconfig).unwrap()).unwrap();
-        assert_eq!(kc["users"][0]["user"]["tokenFile"], c.token.to_str().unwrap());
+        assert_eq!(kc["users"][0]["user"]["tokenFile"], "/etc/cni/net.d/ZZZ-tproxy-cni-token", "the host's path");
         assert_eq!(kc["clusters"][0]["cluster"]["certificate-authority-data"], "Q0E=");
         assert_eq!(c.sync(|_| Ok(())).unwrap(), Synced::default(), "nothing to rewrite");
         fs::write(d.join("sa/token"), b"t2").unwrap();

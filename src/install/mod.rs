@@ -35,7 +35,7 @@ use self::conflist::{ChainError, Scan, Shape};
 use self::kubeconfig::{Credentials, KubeconfigError};
 use self::owner::{Decision, Identity, InstallState, LifeLock, Marker, StateDir};
 use self::ready::{Heartbeat, ReadyFile};
-use self::taint::{NodeApi, Removal};
+use self::taint::NodeApi;
 use self::undo::{Record, UndoError, UndoErrors, UndoLog};
 use self::watch::Watcher;
 use crate::cni::config::POD_ANNOTATIONS_CAPABILITY;
@@ -67,9 +67,9 @@ pub struct Settings {
     pub source_binary: PathBuf,
     /// Plugin settings passed through into our conflist entry, as given.
     pub plugin_settings: Map<String, Value>,
-    /// The kubeconfig path written into our entry, as the plugin sees it on the host. Defaults to
-    /// the kubeconfig's place in `cni_conf_dir`, which is right when the pod mounts the host's conf dir
-    /// at the same path.
+    /// The kubeconfig path written into our entry, as the plugin sees it on the host; the token
+    /// copy's host path is its sibling. Defaults to the kubeconfig's place in `cni_conf_dir`, which is
+    /// right when the pod mounts the host's conf dir at the same path.
     pub host_kubeconfig: Option<PathBuf>,
     /// The API server URL as reachable from the host network namespace.
     pub api_server: String,
@@ -204,14 +204,7 @@ struct Installer<A> {
     waiting_since: Option<Instant>,
     last_wait_log: Option<Instant>,
     node_api: Option<A>,
-    taint: TaintProgress,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TaintProgress {
-    NotConfigured,
-    Pending { next: Instant, backoff: Duration },
-    Done,
+    taint: taint::Progress,
 }
 
 /// Runs the installer until SIGTERM or SIGINT. `node_api` removes the start-up taint when the settings
@@ -247,6 +240,7 @@ pub fn run<A: NodeApi>(settings: Settings, node_api: Option<A>) -> Result<(), In
         service_account_dir: settings.service_account_dir.clone(),
         kubeconfig,
         token: settings.cni_conf_dir.join(kubeconfig::TOKEN_NAME),
+        host_token: host_kubeconfig.with_file_name(kubeconfig::TOKEN_NAME),
     });
 
     watch::block_termination_signals().map_err(|e| InstallError::Watch { path: layout.conf_dir.clone(), source: e })?;
@@ -280,11 +274,7 @@ pub fn run<A: NodeApi>(settings: Settings, node_api: Option<A>) -> Result<(), In
         ready::serve(addr, listener, serving.clone(), check, heartbeat.clone(), stale);
     }
     let mut ready_file = ReadyFile::new(settings.ready_file.clone());
-    let taint = if settings.startup_taint.is_some() {
-        TaintProgress::Pending { next: Instant::now(), backoff: Duration::from_secs(1) }
-    } else {
-        TaintProgress::NotConfigured
-    };
+    let taint = taint::Progress::start(settings.startup_taint.is_some(), Instant::now());
     let mut inst = Installer {
         undo: UndoLog::new(state.undo_log()),
         settings,
@@ -309,9 +299,11 @@ pub fn run<A: NodeApi>(settings: Settings, node_api: Option<A>) -> Result<(), In
     let mut starting = true;
     let signal = loop {
         heartbeat.beat();
+        let mut ready_now = false;
         let next = match inst.tick(starting) {
             Ok(Some(Chain::InPlace(_))) => {
                 set_ready(&mut ready_file, true);
+                ready_now = true;
                 inst.remove_taint_when_due();
                 inst.settings.resync
             }
@@ -330,10 +322,8 @@ pub fn run<A: NodeApi>(settings: Settings, node_api: Option<A>) -> Result<(), In
         };
         starting = false;
         serving.store(inst.owner, Ordering::Relaxed);
-        let next = match inst.taint {
-            TaintProgress::Pending { next: t, .. } if inst.owner => {
-                next.min(t.saturating_duration_since(Instant::now()))
-            }
+        let next = match inst.taint.due_in(Instant::now()) {
+            Some(due) if inst.owner && ready_now => next.min(due),
             _ => next,
         };
         match watcher.wait(next) {
@@ -602,9 +592,9 @@ impl<A: NodeApi> Installer<A> {
         (recent >= FLAP_COUNT && since < FLAP_MIN_INTERVAL).then(|| FLAP_MIN_INTERVAL - since)
     }
 
+    /// Removes the start-up taint once everything is in place, if an attempt is due.
     fn remove_taint_when_due(&mut self) {
-        let TaintProgress::Pending { next, backoff } = self.taint else { return };
-        if !self.owner || Instant::now() < next {
+        if !self.owner {
             return;
         }
         let (Some(api), Some(node), Some(key)) =
@@ -612,23 +602,7 @@ impl<A: NodeApi> Installer<A> {
         else {
             return;
         };
-        match taint::remove(api, node, key) {
-            Ok(Removal::Removed) => {
-                log::info!("removed the start-up taint {key} from node {node}");
-                self.taint = TaintProgress::Done;
-            }
-            Ok(Removal::Absent) => {
-                log::info!("node {node} has no start-up taint {key}");
-                self.taint = TaintProgress::Done;
-            }
-            Err(e) => {
-                log::warn!("{}; retrying in {}s", crate::cni::error::chain(&e), backoff.as_secs());
-                self.taint = TaintProgress::Pending {
-                    next: Instant::now() + backoff,
-                    backoff: (backoff * 2).min(Duration::from_secs(60)),
-                };
-            }
-        }
+        self.taint = taint::step(self.taint, Instant::now(), api, node, key);
     }
 
     /// On exit: remove the install if we still own it and cleanup is on; otherwise leave it.
@@ -679,10 +653,7 @@ pub enum NoNodeApi {}
 
 impl NodeApi for NoNodeApi {
     type Error = std::convert::Infallible;
-    fn node_taints(&self, _: &str) -> Result<taint::NodeTaints, Self::Error> {
-        match *self {}
-    }
-    fn set_node_taints(&self, _: &str, _: &[Value], _: &str) -> Result<bool, Self::Error> {
+    fn remove_node_taint(&self, _: &str, _: &str) -> Result<bool, Self::Error> {
         match *self {}
     }
 }

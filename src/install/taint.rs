@@ -5,85 +5,81 @@
 //! and removes the taint: a mesh pod can then never start on a node where it would not be redirected.
 //! The installer tolerates the taint itself.
 //!
-//! The API calls go through [`NodeApi`], which the Kubernetes client implements; the logic here —
-//! read, drop exactly our taint, write back under optimistic concurrency, retry on conflict — is
-//! independent of HTTP and tested against a fake.
+//! The API call goes through [`NodeApi`], which the Kubernetes client implements (it reads the node
+//! and removes exactly the taints with our key under optimistic concurrency). What is decided here is
+//! *when*: only once ready, only by the owner of the node's install, and — when the API server is
+//! unreachable or refuses — again later with a growing delay, never blocking the watch loop for long.
 
-use serde_json::Value;
-use thiserror::Error;
+use std::time::{Duration, Instant};
 
 /// The start-up taint's default key.
 pub const DEFAULT_KEY: &str = "tproxy-cni.io/not-ready";
 
-/// How many times a write that lost a race with another writer (kubelet, the node controller) is
-/// retried with fresh data.
-const CONFLICT_RETRIES: usize = 5;
+/// The first delay after a failed attempt; it doubles up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest delay between two attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-/// A node's taints at one resourceVersion.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NodeTaints {
-    /// `spec.taints`, each kept whole (unknown fields included).
-    pub taints: Vec<Value>,
-    /// `metadata.resourceVersion` when read.
-    pub resource_version: String,
-}
-
-/// The two calls the taint logic needs from the API server.
+/// The one call the installer needs from the API server.
 pub trait NodeApi {
     type Error: std::error::Error + Send + Sync + 'static;
 
-    /// `GET /api/v1/nodes/{node}`: its taints and resourceVersion.
-    fn node_taints(&self, node: &str) -> Result<NodeTaints, Self::Error>;
-
-    /// Sets `spec.taints` to `taints` if the node is still at `resource_version` (a merge patch that
-    /// carries `metadata.resourceVersion`). `Ok(false)` when the node changed since (HTTP 409).
-    fn set_node_taints(&self, node: &str, taints: &[Value], resource_version: &str) -> Result<bool, Self::Error>;
+    /// Removes every taint with `key` from `node`, leaving the node's other taints alone. `Ok(true)`
+    /// when a taint was removed, `Ok(false)` when the node had none.
+    fn remove_node_taint(&self, node: &str, key: &str) -> Result<bool, Self::Error>;
 }
 
-/// What happened to the taint.
+/// Where the start-up taint's removal stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Removal {
-    Removed,
-    /// The node did not carry it (already removed, or never added): nothing to do.
-    Absent,
+pub enum Progress {
+    /// No start-up taint is configured.
+    NotConfigured,
+    /// Not removed yet: the next attempt is due at `next`; a failure waits `backoff` before the one
+    /// after.
+    Pending { next: Instant, backoff: Duration },
+    /// Removed, or the node never had it.
+    Done,
 }
 
-#[derive(Debug, Error)]
-pub enum TaintError<E: std::error::Error + Send + Sync + 'static> {
-    #[error("cannot read node {node}")]
-    Read {
-        node: String,
-        #[source]
-        source: E,
-    },
-    #[error("cannot update the taints of node {node}")]
-    Write {
-        node: String,
-        #[source]
-        source: E,
-    },
-    #[error(
-        "node {node} kept changing while its taint {key} was being removed ({CONFLICT_RETRIES} conflicts); will retry"
-    )]
-    Conflicts { node: String, key: String },
-}
+impl Progress {
+    /// The state before the first attempt, which is due at once.
+    pub fn start(configured: bool, now: Instant) -> Progress {
+        if configured { Progress::Pending { next: now, backoff: FIRST_BACKOFF } } else { Progress::NotConfigured }
+    }
 
-/// Removes every taint with `key` (whatever its effect or value) from `node`.
-pub fn remove<A: NodeApi>(api: &A, node: &str, key: &str) -> Result<Removal, TaintError<A::Error>> {
-    for _ in 0..CONFLICT_RETRIES {
-        let current = api.node_taints(node).map_err(|source| TaintError::Read { node: node.into(), source })?;
-        let kept: Vec<Value> =
-            current.taints.iter().filter(|t| t.get("key").and_then(Value::as_str) != Some(key)).cloned().collect();
-        if kept.len() == current.taints.len() {
-            return Ok(Removal::Absent);
-        }
-        match api.set_node_taints(node, &kept, &current.resource_version) {
-            Ok(true) => return Ok(Removal::Removed),
-            Ok(false) => log::debug!("node {node} changed while removing taint {key}: retrying"),
-            Err(source) => return Err(TaintError::Write { node: node.into(), source }),
+    /// How long until the next attempt is due, if one is pending.
+    pub fn due_in(&self, now: Instant) -> Option<Duration> {
+        match self {
+            Progress::Pending { next, .. } => Some(next.saturating_duration_since(now)),
+            _ => None,
         }
     }
-    Err(TaintError::Conflicts { node: node.into(), key: key.into() })
+}
+
+/// One attempt, if one is due: the new progress.
+pub fn step<A: NodeApi>(progress: Progress, now: Instant, api: &A, node: &str, key: &str) -> Progress {
+    let Progress::Pending { next, backoff } = progress else { return progress };
+    if now < next {
+        return progress;
+    }
+    match api.remove_node_taint(node, key) {
+        Ok(true) => {
+            log::info!("removed the start-up taint {key} from node {node}: pods can be scheduled here now");
+            Progress::Done
+        }
+        Ok(false) => {
+            log::info!("node {node} has no start-up taint {key}");
+            Progress::Done
+        }
+        Err(e) => {
+            log::warn!(
+                "cannot remove the start-up taint {key} from node {node}: {}; retrying in {}s",
+                crate::cni::error::chain(&e),
+                backoff.as_secs()
+            );
+            Progress::Pending { next: now + backoff, backoff: (backoff * 2).min(MAX_BACKOFF) }
+        }
+    }
 }
 
 /// Checks a taint key as the API server would (a qualified name: optional DNS prefix, `/`, name).
@@ -118,82 +114,76 @@ pub fn validate_key(key: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
     use std::cell::RefCell;
 
     #[derive(Debug, thiserror::Error)]
-    #[error("fake API error")]
-    struct FakeError;
+    #[error("API server unavailable")]
+    struct Unavailable;
 
-    /// An API server holding one node, which can be made to lose races.
+    /// An API server that fails a number of times, then holds a node with or without the taint.
     struct FakeApi {
-        taints: RefCell<Vec<Value>>,
-        version: RefCell<u64>,
-        /// How many writes to refuse with a conflict (someone else wrote in between).
-        conflicts: RefCell<usize>,
-        writes: RefCell<usize>,
-    }
-
-    impl FakeApi {
-        fn new(taints: Vec<Value>, conflicts: usize) -> FakeApi {
-            FakeApi {
-                taints: RefCell::new(taints),
-                version: RefCell::new(1),
-                conflicts: RefCell::new(conflicts),
-                writes: RefCell::new(0),
-            }
-        }
+        failures: RefCell<usize>,
+        tainted: RefCell<bool>,
+        calls: RefCell<Vec<(String, String)>>,
     }
 
     impl NodeApi for FakeApi {
-        type Error = FakeError;
-        fn node_taints(&self, node: &str) -> Result<NodeTaints, FakeError> {
-            if node != "n1" {
-                return Err(FakeError);
+        type Error = Unavailable;
+        fn remove_node_taint(&self, node: &str, key: &str) -> Result<bool, Unavailable> {
+            self.calls.borrow_mut().push((node.into(), key.into()));
+            if *self.failures.borrow() > 0 {
+                *self.failures.borrow_mut() -= 1;
+                return Err(Unavailable);
             }
-            Ok(NodeTaints { taints: self.taints.borrow().clone(), resource_version: self.version.borrow().to_string() })
-        }
-        fn set_node_taints(&self, _: &str, taints: &[Value], rv: &str) -> Result<bool, FakeError> {
-            *self.writes.borrow_mut() += 1;
-            if *self.conflicts.borrow() > 0 {
-                *self.conflicts.borrow_mut() -= 1;
-                // Another writer added a taint meanwhile.
-                self.taints
-                    .borrow_mut()
-                    .push(json!({"key": format!("other{}", self.version.borrow()), "effect": "NoExecute"}));
-                *self.version.borrow_mut() += 1;
-                return Ok(false);
-            }
-            if rv != self.version.borrow().to_string() {
-                return Ok(false);
-            }
-            *self.taints.borrow_mut() = taints.to_vec();
-            *self.version.borrow_mut() += 1;
-            Ok(true)
+            Ok(self.tainted.replace(false))
         }
     }
 
-    #[test]
-    fn removes_only_our_taint_and_keeps_the_others_whole() {
-        let others =
-            json!({"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule", "timeAdded": "2026-01-01T00:00:00Z"});
-        let api = FakeApi::new(vec![json!({"key": DEFAULT_KEY, "effect": "NoSchedule"}), others.clone()], 0);
-        assert_eq!(remove(&api, "n1", DEFAULT_KEY).unwrap(), Removal::Removed);
-        assert_eq!(*api.taints.borrow(), vec![others]);
-        assert_eq!(remove(&api, "n1", DEFAULT_KEY).unwrap(), Removal::Absent);
-        assert_eq!(*api.writes.borrow(), 1, "an absent taint costs no write");
+    fn api(failures: usize, tainted: bool) -> FakeApi {
+        FakeApi { failures: RefCell::new(failures), tainted: RefCell::new(tainted), calls: RefCell::new(Vec::new()) }
     }
 
     #[test]
-    fn retries_on_conflict_with_fresh_data_and_gives_up_in_the_end() {
-        let api = FakeApi::new(vec![json!({"key": DEFAULT_KEY, "effect": "NoSchedule"})], 2);
-        assert_eq!(remove(&api, "n1", DEFAULT_KEY).unwrap(), Removal::Removed);
-        let keys: Vec<_> = api.taints.borrow().iter().map(|t| t["key"].as_str().unwrap().to_owned()).collect();
-        assert_eq!(keys, ["other1", "other2"], "the taints other writers added in between survive");
+    fn removes_once_and_is_done() {
+        let t0 = Instant::now();
+        let a = api(0, true);
+        let p = step(Progress::start(true, t0), t0, &a, "n1", DEFAULT_KEY);
+        assert_eq!(p, Progress::Done);
+        assert_eq!(step(p, t0, &a, "n1", DEFAULT_KEY), Progress::Done);
+        assert_eq!(*a.calls.borrow(), [("n1".to_owned(), DEFAULT_KEY.to_owned())], "no call once done");
+        // A node registered without the taint: nothing to remove, done as well.
+        assert_eq!(step(Progress::start(true, t0), t0, &api(0, false), "n1", DEFAULT_KEY), Progress::Done);
+    }
 
-        let api = FakeApi::new(vec![json!({"key": DEFAULT_KEY, "effect": "NoSchedule"})], 100);
-        assert!(matches!(remove(&api, "n1", DEFAULT_KEY), Err(TaintError::Conflicts { .. })));
-        assert!(matches!(remove(&api, "nope", DEFAULT_KEY), Err(TaintError::Read { .. })));
+    #[test]
+    fn failures_back_off_exponentially_up_to_a_minute_and_wait_their_turn() {
+        let t0 = Instant::now();
+        let a = api(10, true);
+        let mut p = Progress::start(true, t0);
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            p = step(p, now, &a, "n1", DEFAULT_KEY);
+            let wait = p.due_in(now).unwrap();
+            // Not due yet: no call.
+            let calls = a.calls.borrow().len();
+            assert_eq!(step(p, now + wait / 2, &a, "n1", DEFAULT_KEY), p);
+            assert_eq!(a.calls.borrow().len(), calls);
+            waits.push(wait.as_secs());
+            now += wait;
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
+        // The API server comes back: the next due attempt removes the taint.
+        *a.failures.borrow_mut() = 0;
+        assert_eq!(step(p, now, &a, "n1", DEFAULT_KEY), Progress::Done);
+    }
+
+    #[test]
+    fn nothing_happens_when_not_configured() {
+        let t0 = Instant::now();
+        let a = api(0, true);
+        assert_eq!(step(Progress::start(false, t0), t0, &a, "n1", DEFAULT_KEY), Progress::NotConfigured);
+        assert!(a.calls.borrow().is_empty());
     }
 
     #[test]

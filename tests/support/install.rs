@@ -212,9 +212,14 @@ pub struct Installer {
 
 impl Installer {
     pub fn spawn(args: &[String], log_dir: &Path) -> Installer {
+        Installer::spawn_program(BIN, args, log_dir)
+    }
+
+    /// Runs `program` (a wrapper such as `setpriv` that execs the installer) with `args`.
+    pub fn spawn_program(program: &str, args: &[String], log_dir: &Path) -> Installer {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let log = log_dir.join(format!("installer-{n}.log"));
-        let child = Command::new(BIN)
+        let child = Command::new(program)
             .args(args)
             .env_remove("KUBERNETES_SERVICE_HOST")
             .stdin(Stdio::null())
