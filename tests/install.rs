@@ -479,3 +479,31 @@ fn root_without_any_capability_is_enough() {
     assert_eq!(Host::snapshot(&host.conf), conf_before);
     assert_eq!(Host::snapshot(&host.bin), bin_before);
 }
+
+/// The state dir is lost (a node rebuilt with the same disk for /etc and /opt, a wiped /var): the
+/// next installer records what it finds of ours, so uninstall still removes all of it.
+#[test]
+fn a_lost_state_dir_still_uninstalls_everything_of_ours() {
+    let host = Host::new("lost");
+    let calico = golden("primary", "10-calico.conflist");
+    host.put_conf("10-calico.conflist", &calico);
+    let bin_before = Host::snapshot(&host.bin);
+    let plugin = host.fake_plugin("1");
+    let first = host.start(&plugin, &[]);
+    wait_for(Duration::from_secs(10), "ready", || host.ready_file().exists());
+    first.kill();
+    fs::remove_dir_all(&host.state).unwrap();
+    let _ = fs::remove_file(host.ready_file());
+
+    let second = host.start(&plugin, &[]);
+    wait_for(Duration::from_secs(10), "ready", || host.ready_file().exists());
+    let (status, log) = second.terminate();
+    assert!(status.success(), "{log}");
+    assert_eq!(Host::snapshot(&host.bin), bin_before, "{log}");
+    let names: Vec<_> = fs::read_dir(&host.conf).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["10-calico.conflist"], "kubeconfig and token copy removed");
+    // Without the pristine bytes, only our entry is taken out: same document, our formatting.
+    let now: serde_json::Value =
+        serde_json::from_slice(&fs::read(host.conf.join("10-calico.conflist")).unwrap()).unwrap();
+    assert_eq!(now, serde_json::from_slice::<serde_json::Value>(&calico).unwrap());
+}

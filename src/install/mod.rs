@@ -462,6 +462,9 @@ impl<A: NodeApi> Installer<A> {
         if synced.kubeconfig {
             log::info!("kubeconfig {} written", self.creds.kubeconfig.display());
         }
+        for path in [&self.creds.token, &self.creds.kubeconfig] {
+            self.undo.record(Record::File { path: path.clone() })?; // a no-op when already recorded
+        }
         self.ensure_chained()
     }
 
@@ -469,6 +472,10 @@ impl<A: NodeApi> Installer<A> {
         let target = &self.layout.binary;
         let werr = |e| InstallError::Write { path: target.clone(), source: e };
         if self.plugin.in_place(target).map_err(werr)? {
+            // Ours already (a restart, or a state dir that was lost): make sure uninstall knows it.
+            if self.undo.pending_at(target)?.is_none() {
+                self.undo.record(Record::Binary { path: target.clone(), saved: None })?;
+            }
             return Ok(());
         }
         let saved = match self.undo.pending_at(target)? {
@@ -517,6 +524,16 @@ impl<A: NodeApi> Installer<A> {
         let list_path = conflist::list_path(&primary.path, primary.shape);
         self.unchain_elsewhere(&list_path)?;
         let Some(doc) = conflist::inject(&primary, &self.entry)? else {
+            if self.undo.pending_at(&list_path)?.is_none() {
+                // Our entry is there but unrecorded (the state dir was lost): record it, so uninstall
+                // removes it. With no pristine copy, uninstall removes only our entry.
+                let pristine = self.state.pristine(&primary.path);
+                self.undo.record(Record::Chain {
+                    path: list_path.clone(),
+                    original: primary.path.clone(),
+                    pristine,
+                })?;
+            }
             return Ok(Chain::InPlace(list_path));
         };
         let had_ours = primary.shape == Shape::List && conflist::has_any_entry(&primary.doc);
