@@ -442,6 +442,11 @@ impl<A: NodeApi> Installer<A> {
     /// Puts the binary, the credentials and the conflist entry in place; writes only what differs.
     fn reconcile(&mut self) -> Result<Chain, InstallError> {
         if !self.swept {
+            match self.state.sweep_dead() {
+                Ok(0) => {}
+                Ok(n) => log::debug!("removed {n} life-lock file(s) of installers that died"),
+                Err(e) => log::warn!("cannot sweep {}: {e}", self.state.root().display()),
+            }
             for dir in [&self.layout.bin_dir, &self.layout.conf_dir] {
                 match atomic::sweep_temps(dir) {
                     Ok(0) => {}

@@ -194,6 +194,20 @@ impl StateDir {
         }
     }
 
+    /// Removes the life-lock files of processes that died without removing them (crashes).
+    pub fn sweep_dead(&self) -> io::Result<usize> {
+        let mut n = 0;
+        for e in fs::read_dir(self.root.join("instances"))? {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".lock")
+                && !self.alive(id)?
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Reads the marker. An unreadable marker is treated as absent (and said so).
     pub fn marker(&self) -> io::Result<Option<Marker>> {
         let path = self.root.join("owner.json");
@@ -289,7 +303,11 @@ mod tests {
         let a = Identity { instance: "a-1".into(), pod: String::new(), generation: 0 };
         let lock = state.life_lock(&a).unwrap();
         assert!(state.alive("a-1").unwrap());
+        let b = Identity { instance: "b-2".into(), pod: String::new(), generation: 0 };
+        let _b = state.life_lock(&b).unwrap();
         drop(lock); // what the kernel does when the process dies
+        assert_eq!(state.sweep_dead().unwrap(), 1, "only the dead one is swept");
+        assert!(!d.join("instances/a-1.lock").exists() && d.join("instances/b-2.lock").exists());
         assert!(!state.alive("a-1").unwrap());
         assert!(!state.alive("never-was").unwrap());
         fs::remove_dir_all(&d).unwrap();
