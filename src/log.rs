@@ -54,12 +54,24 @@ pub fn set_context(context: String) {
     logger().state.lock().unwrap_or_else(|e| e.into_inner()).context = context;
 }
 
+/// Only our own crate's records are written. The HTTP and TLS libraries log at debug level what
+/// they send and receive, and that must never reach a node's log file (it could carry credentials).
+fn ours(metadata: &Metadata) -> bool {
+    let target = metadata.target();
+    target == OUR_TARGET || target.strip_prefix(OUR_TARGET).is_some_and(|rest| rest.starts_with("::"))
+}
+
+const OUR_TARGET: &str = "tproxy_cni";
+
 impl Log for Logger {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= self.state.lock().unwrap_or_else(|e| e.into_inner()).level
+        ours(metadata) && metadata.level() <= self.state.lock().unwrap_or_else(|e| e.into_inner()).level
     }
 
     fn log(&self, record: &Record) {
+        if !ours(record.metadata()) {
+            return;
+        }
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if record.level() > st.level {
             return;
@@ -100,6 +112,14 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_our_own_records_are_written() {
+        let md = |target| Metadata::builder().target(target).level(log::Level::Error).build();
+        assert!(ours(&md("tproxy_cni")) && ours(&md("tproxy_cni::kube::client")));
+        assert!(!ours(&md("ureq::unversioned::transport")) && !ours(&md("rustls::client")));
+        assert!(!ours(&md("tproxy_cni_other")));
+    }
 
     #[test]
     fn dates_are_right_across_leap_years() {

@@ -397,6 +397,10 @@ fn bad_input_is_refused_before_anything_changes() {
     host.put_conf("10-calico.conflist", &golden("primary", "10-calico.conflist"));
     let plugin = host.fake_plugin("1");
     let (conf_before, bin_before) = (Host::snapshot(&host.conf), Host::snapshot(&host.bin));
+    let broken_sa = host.root.join("broken-sa");
+    fs::create_dir_all(&broken_sa).unwrap();
+    fs::write(broken_sa.join("token"), "t").unwrap();
+    fs::write(broken_sa.join("ca.crt"), "").unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
             vec!["--plugin-config".into(), write_settings(&host, r#"{"type":"other"}"#).to_string_lossy().into()],
@@ -411,17 +415,31 @@ fn bad_input_is_refused_before_anything_changes() {
             "must hold a JSON object",
         ),
         (vec!["--cni-bin-dir".into(), "/nonexistent/bin".into()], "set --cni-bin-dir"),
-        (vec!["--api-server".into(), "http://10.0.0.1".into()], "must be an https:// URL"),
+        (vec!["--api-server".into(), "http://10.0.0.1".into()], "only https:// servers are supported"),
         (vec!["--resync-interval".into(), "soon".into()], "is not a duration"),
         (vec!["--startup-taint".into(), "Bad Key".into()], "is not a qualified name"),
         (vec!["--startup-taint".into(), "tproxy-cni.io/not-ready".into()], "--startup-taint needs --node-name"),
+        (
+            // The projected CA holds no certificate: the API client cannot be built.
+            vec![
+                "--startup-taint".into(),
+                "tproxy-cni.io/not-ready".into(),
+                "--node-name".into(),
+                "n1".into(),
+                "--service-account-dir".into(),
+                broken_sa.to_string_lossy().into(),
+            ],
+            "--startup-taint needs the pod's service account",
+        ),
     ];
     for (extra, message) in cases {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let args = host.args_with(&plugin, &extra);
-        let out = Command::new(support::BIN).args(&args).env_remove("KUBERNETES_SERVICE_HOST").output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{message}: accepted");
+        // Bounded: an input wrongly accepted would otherwise run the installer forever.
+        let mut run = support::Installer::spawn(&args, &host.root);
+        let status = run.wait(Duration::from_secs(10));
+        let stderr = run.log();
+        assert!(!status.success(), "{message}: accepted");
         assert!(stderr.contains(message), "expected {message:?} in:\n{stderr}");
         assert_eq!(
             stderr.trim_end().lines().filter(|l| l.contains("error") || l.starts_with("tproxy-cni install:")).count(),
@@ -506,4 +524,46 @@ fn a_lost_state_dir_still_uninstalls_everything_of_ours() {
     let now: serde_json::Value =
         serde_json::from_slice(&fs::read(host.conf.join("10-calico.conflist")).unwrap()).unwrap();
     assert_eq!(now, serde_json::from_slice::<serde_json::Value>(&calico).unwrap());
+}
+
+#[path = "support/apiserver.rs"]
+mod apiserver;
+
+/// The start-up taint stays until the plugin is in place, then goes (and only it), through the real
+/// API client over TLS to the stand-in API server; an API server refusing at first is retried.
+#[test]
+fn the_start_up_taint_is_removed_once_ready_and_retried_when_refused() {
+    let server = apiserver::ApiServer::start();
+    let other = serde_json::json!({"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"});
+    server.add_node(
+        "node-1",
+        vec![serde_json::json!({"key": "tproxy-cni.io/not-ready", "effect": "NoSchedule"}), other.clone()],
+    );
+    let mut host = Host::new("taint");
+    host.ca_pem = server.ca_pem().to_owned();
+    host.rotate_token(apiserver::TOKEN);
+    let url = server.url();
+    let args = ["--api-server", &url, "--startup-taint", "tproxy-cni.io/not-ready", "--node-name", "node-1"];
+    let inst = host.start(&host.fake_plugin("1"), &args);
+
+    // Not ready (no primary configuration yet): the taint stays and the API is not even asked.
+    wait_for(Duration::from_secs(10), "waiting", || inst.log().contains("waiting for the primary CNI"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.node("node-1").unwrap()["spec"]["taints"].as_array().unwrap().len(), 2);
+    assert!(server.requests().is_empty(), "{:?}", server.requests());
+
+    // The API server refuses (RBAC not applied yet): the installer keeps trying.
+    server.set_fault(Some(apiserver::Fault::Status(403)));
+    host.replace_conf("10-calico.conflist", &golden("primary", "10-calico.conflist"));
+    wait_for(Duration::from_secs(10), "a refused attempt", || inst.log().contains("cannot remove the start-up taint"));
+    assert!(host.ready_file().exists(), "readiness does not wait for the API server");
+    server.set_fault(None);
+    let took = wait_for(Duration::from_secs(15), "the taint removed", || {
+        server.node("node-1").unwrap()["spec"]["taints"].as_array().unwrap().len() == 1
+    });
+    eprintln!("taint removed {took:?} after the API server stopped refusing");
+    assert_eq!(server.node("node-1").unwrap()["spec"]["taints"], serde_json::json!([other]));
+    assert!(server.requests().iter().all(|r| r.bearer.as_deref() == Some(apiserver::TOKEN)));
+    let (status, log) = inst.terminate();
+    assert!(status.success(), "{log}");
 }

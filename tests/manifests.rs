@@ -101,7 +101,7 @@ fn rbac_grants_exactly_the_least_verbs() {
         }
     }
     grants.sort();
-    let want = [("", "pods", "get"), ("", "pods", "patch")];
+    let want = [("", "nodes", "get"), ("", "nodes", "patch"), ("", "pods", "get"), ("", "pods", "patch")];
     let want: Vec<(String, String, String)> =
         want.iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
     assert_eq!(grants, want, "no list/watch, no update, no delete, no wildcard");

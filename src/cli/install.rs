@@ -9,7 +9,8 @@ use std::time::Duration;
 use clap::{ArgAction, Args};
 use serde_json::{Map, Value};
 
-use crate::install::{self, NoNodeApi, Settings};
+use crate::install::{self, Settings};
+use crate::kube::{Client, Kubeconfig};
 
 /// Install the plugin on this node and keep it installed until SIGTERM: the DaemonSet's command.
 ///
@@ -97,8 +98,10 @@ pub struct InstallArgs {
 /// Runs the installer; the process exit code.
 pub fn main(args: InstallArgs) -> ExitCode {
     crate::log::init(args.log_level);
-    let result =
-        settings(args).and_then(|s| install::run::<NoNodeApi>(s, None).map_err(|e| crate::cni::error::chain(&e)));
+    let result = settings(args).and_then(|s| {
+        let client = node_client(&s)?;
+        install::run(s, client).map_err(|e| crate::cni::error::chain(&e))
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
@@ -120,9 +123,8 @@ fn settings(a: InstallArgs) -> Result<Settings, String> {
             );
         }
     };
-    if !api_server.starts_with("https://") || api_server.len() <= "https://".len() {
-        return Err(format!("--api-server {api_server:?} must be an https:// URL"));
-    }
+    let api_server = crate::kube::kubeconfig::parse_server(&api_server)
+        .map_err(|why| format!("--api-server {api_server:?} is not usable: {why}"))?;
     let source_binary = match a.source_binary {
         Some(p) => p,
         None => {
@@ -139,6 +141,9 @@ fn settings(a: InstallArgs) -> Result<Settings, String> {
     };
     if let Some(key) = &a.startup_taint {
         crate::install::taint::validate_key(key)?;
+        if a.node_name.as_deref().is_none_or(str::is_empty) {
+            return Err("--startup-taint needs --node-name (NODE_NAME from the downward API)".into());
+        }
     }
     if a.resync_interval < Duration::from_millis(100) {
         return Err("--resync-interval must be at least 100ms".into());
@@ -167,6 +172,18 @@ fn settings(a: InstallArgs) -> Result<Settings, String> {
         resync: a.resync_interval,
         cleanup_on_exit: a.cleanup_on_exit,
     })
+}
+
+/// The API client that removes the start-up taint, when one is configured: the installer pod's own
+/// service account, talking to the API server the plugin is given.
+fn node_client(s: &Settings) -> Result<Option<Client>, String> {
+    if s.startup_taint.is_none() {
+        return Ok(None);
+    }
+    let mut config = Kubeconfig::in_cluster("127.0.0.1", "443", &s.service_account_dir)
+        .map_err(|e| format!("--startup-taint needs the pod's service account: {}", crate::cni::error::chain(&e)))?;
+    config.server = s.api_server.clone();
+    Ok(Some(Client::new(config, crate::kube::DEFAULT_TIMEOUT)))
 }
 
 /// Reads the plugin settings: a JSON object (an empty file means none).

@@ -24,7 +24,8 @@ pub enum Code {
     Decode = 6,
     /// The network configuration is well-formed JSON but invalid.
     InvalidConfig = 7,
-    /// A transient failure; the runtime should retry.
+    /// A transient failure; the runtime should retry. Ours: the Kubernetes API server could not be
+    /// reached (or kept failing) within `api_timeout`, for a pod we could not classify without it.
     TryAgainLater = 11,
     /// STATUS: the plugin cannot serve ADD right now.
     PluginNotAvailable = 50,
@@ -36,6 +37,12 @@ pub enum Code {
     Netns = 102,
     /// CHECK: the rules in the pod's namespace differ from what the pod should have.
     CheckMismatch = 103,
+    /// The Kubernetes API server refused us (401, 403), its certificate is not trusted by the
+    /// kubeconfig's CA, or it answered something that is not the pod: an operator must fix the
+    /// kubeconfig or RBAC; retrying alone will not help.
+    ApiAccess = 104,
+    /// A bug in tproxy-cni (it panicked); the message says where.
+    Internal = 199,
 }
 
 impl Code {
@@ -134,7 +141,7 @@ mod tests {
 
     #[test]
     fn our_codes_are_100_and_up() {
-        for c in [Code::InvalidAnnotation, Code::Netfilter, Code::Netns, Code::CheckMismatch] {
+        for c in [Code::InvalidAnnotation, Code::Netfilter, Code::Netns, Code::CheckMismatch, Code::ApiAccess] {
             assert!(c.number() >= 100);
         }
     }

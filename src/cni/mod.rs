@@ -20,10 +20,11 @@ use self::config::{ConfigError, NetConf};
 use self::error::{CniError, Code};
 use self::result::ResultError;
 use self::version::Version;
+use crate::kube::Class;
 use crate::mesh::{AnnotationError, PodNetwork};
 use crate::netfilter::{Backend, CheckError, Netfilter, NetfilterError};
 use crate::netns::{Netns, NetnsError};
-use crate::pod::{self, PodRef};
+use crate::pod::{self, Api, ConsulStatus, PodError, PodRef};
 use crate::rules;
 
 /// The CNI operations.
@@ -89,6 +90,8 @@ pub enum Error {
     #[error(transparent)]
     Annotation(#[from] AnnotationError),
     #[error(transparent)]
+    Pod(#[from] PodError),
+    #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error(transparent)]
     Netfilter(#[from] NetfilterError),
@@ -110,6 +113,11 @@ pub fn to_cni_error(e: &Error) -> CniError {
         Error::Config(ConfigError::Version(_)) | Error::NotInVersion(..) => Code::IncompatibleVersion,
         Error::Config(_) | Error::PrevResult(_) => Code::InvalidConfig,
         Error::Annotation(_) => Code::InvalidAnnotation,
+        Error::Pod(e) => match e.class() {
+            Class::Transient => Code::TryAgainLater,
+            Class::Config => Code::InvalidConfig,
+            Class::Access | Class::Rejected | Class::NotFound => Code::ApiAccess,
+        },
         Error::Netns(_) => Code::Netns,
         Error::Netfilter(_) | Error::Check(CheckError::Netfilter(_)) => Code::Netfilter,
         Error::Check(CheckError::Mismatch(_)) => Code::CheckMismatch,
@@ -126,17 +134,23 @@ pub fn to_cni_error(e: &Error) -> CniError {
     err
 }
 
-/// Runs one CNI call.
+/// Runs one CNI call. A panic (a bug) still ends as an error document the runtime can show.
 pub fn run(env: &HashMap<String, String>, stdin: &[u8]) -> Outcome {
     let answer_version = config::peek_version(stdin).unwrap_or(Version::LATEST);
-    match dispatch(env, stdin) {
-        Ok(stdout) => Outcome { stdout, exit_code: 0 },
-        Err(e) => {
-            let err = to_cni_error(&e);
-            log::error!("{}", err.msg);
-            Outcome { stdout: err.to_json(answer_version.as_str()), exit_code: 1 }
+    let err = match std::panic::catch_unwind(|| dispatch(env, stdin)) {
+        Ok(Ok(stdout)) => return Outcome { stdout, exit_code: 0 },
+        Ok(Err(e)) => to_cni_error(&e),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            CniError::new(Code::Internal, format!("internal error (please report it): {what}"))
         }
-    }
+    };
+    log::error!("{}", err.msg);
+    Outcome { stdout: err.to_json(answer_version.as_str()), exit_code: 1 }
 }
 
 fn dispatch(env: &HashMap<String, String>, stdin: &[u8]) -> Result<String, Error> {
@@ -176,16 +190,21 @@ fn add(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
     // Validate everything before touching the namespace: a refused ADD changes nothing.
     let output = result::passthrough(conf.prev_result.as_deref(), conf.cni_version)?;
     let net = PodNetwork { has_ipv6: result::has_ipv6(conf.prev_result.as_deref()) };
-    let Some(redirect) = pod::redirect(conf, &inv.args, net)? else {
+    let api = Api::new(conf);
+    let found = pod::lookup(conf, &inv.args, &api)?;
+    let Some(redirect) = found.redirect(net)? else {
         log::debug!("pod is not in a mesh with transparent proxy: passing through");
         return Ok(output);
     };
     let sets = rules::build(&redirect);
     let ns = Netns::open(inv.netns.as_deref().expect("ADD requires CNI_NETNS"))?;
+    let status = ConsulStatus::new(conf, &inv.args, &found, &redirect, &api);
+    status.iter().for_each(|s| s.report(pod::CONSUL_STATUS_WAITING));
     let nf = Netfilter::new(Backend::resolve(conf.iptables_mode));
     nf.apply(&ns, &sets)?;
     let families: Vec<_> = sets.iter().map(|s| s.family.name()).collect();
     log::info!("{} redirect installed ({}, iptables-{})", redirect.mesh(), families.join("+"), nf.backend().name());
+    status.iter().for_each(|s| s.report(pod::CONSUL_STATUS_COMPLETE));
     Ok(output)
 }
 
@@ -226,7 +245,8 @@ fn check(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
         return Err(Error::NotInVersion(Command::Check, Version::V0_4_0, conf.cni_version));
     }
     let net = PodNetwork { has_ipv6: result::has_ipv6(conf.prev_result.as_deref()) };
-    let sets = pod::redirect(conf, &inv.args, net)?.map(|r| rules::build(&r)).unwrap_or_default();
+    let sets =
+        pod::lookup(conf, &inv.args, &Api::new(conf))?.redirect(net)?.map(|r| rules::build(&r)).unwrap_or_default();
     let ns = Netns::open(inv.netns.as_deref().expect("CHECK requires CNI_NETNS"))?;
     Netfilter::new(Backend::resolve(conf.iptables_mode)).check(&ns, &sets)?;
     Ok(String::new())

@@ -235,10 +235,7 @@ pub fn run<A: NodeApi>(settings: Settings, node_api: Option<A>) -> Result<(), In
         ));
     }
     if settings.startup_taint.is_some() && node_api.is_none() {
-        return Err(InstallError::Setting(
-            "--startup-taint is not available in this build: no API client is wired to the installer yet (docs/installer.md)"
-                .into(),
-        ));
+        return Err(InstallError::Setting("--startup-taint needs an API client".into()));
     }
     let plugin = Arc::new(Plugin::load(&settings.source_binary)?);
     let creds = Arc::new(Credentials {
@@ -672,17 +669,6 @@ impl<A: NodeApi> Installer<A> {
             }
             Err(errors) => Err(InstallError::Uninstall(errors)),
         }
-    }
-}
-
-/// A [`NodeApi`] for runs without a start-up taint; never called.
-#[derive(Debug)]
-pub enum NoNodeApi {}
-
-impl NodeApi for NoNodeApi {
-    type Error = std::convert::Infallible;
-    fn remove_node_taint(&self, _: &str, _: &str) -> Result<bool, Self::Error> {
-        match *self {}
     }
 }
 

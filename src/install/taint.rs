@@ -5,8 +5,8 @@
 //! and removes the taint: a mesh pod can then never start on a node where it would not be redirected.
 //! The installer tolerates the taint itself.
 //!
-//! The API call goes through [`NodeApi`], which the Kubernetes client implements (it reads the node
-//! and removes exactly the taints with our key under optimistic concurrency). What is decided here is
+//! The API call goes through [`NodeApi`], which [`crate::kube::Client`] implements (it reads the
+//! node and removes exactly the taints with our key under optimistic concurrency). What is decided here is
 //! *when*: only once ready, only by the owner of the node's install, and — when the API server is
 //! unreachable or refuses — again later with a growing delay, never blocking the watch loop for long.
 
@@ -27,6 +27,16 @@ pub trait NodeApi {
     /// Removes every taint with `key` from `node`, leaving the node's other taints alone. `Ok(true)`
     /// when a taint was removed, `Ok(false)` when the node had none.
     fn remove_node_taint(&self, node: &str, key: &str) -> Result<bool, Self::Error>;
+}
+
+/// The Kubernetes client reads the node and removes the taint with a JSON patch that first tests
+/// each taint it removes, re-reading the node when another writer got there first.
+impl NodeApi for crate::kube::Client {
+    type Error = crate::kube::Error;
+
+    fn remove_node_taint(&self, node: &str, key: &str) -> Result<bool, Self::Error> {
+        crate::kube::Client::remove_node_taint(self, node, key)
+    }
 }
 
 /// Where the start-up taint's removal stands.

@@ -27,6 +27,8 @@ pub struct Host {
     pub state: PathBuf,
     pub sa: PathBuf,
     pub run: PathBuf,
+    /// The CA certificate projected beside the token.
+    pub ca_pem: String,
     sa_generation: usize,
 }
 
@@ -42,6 +44,7 @@ impl Host {
             sa: root.join("sa"),
             run: root.join("run"),
             root,
+            ca_pem: "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n".into(),
             sa_generation: 0,
         };
         for d in [&h.bin, &h.conf, &h.sa, &h.run] {
@@ -66,7 +69,7 @@ impl Host {
         let dir = self.sa.join(&dir_name);
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("token"), token).unwrap();
-        fs::write(dir.join("ca.crt"), "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n").unwrap();
+        fs::write(dir.join("ca.crt"), &self.ca_pem).unwrap();
         fs::write(dir.join("namespace"), "kube-system").unwrap();
         let old = fs::read_link(self.sa.join("..data")).ok();
         symlink(&dir_name, self.sa.join("..data_tmp")).unwrap();

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
+pub mod apiserver;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -204,21 +206,23 @@ impl Fam {
     }
 }
 
+static CNIDRV: OnceLock<PathBuf> = OnceLock::new();
+
 /// Builds (once per machine, under a lock) the libcni driver from `../shared/tools/cnidrv`.
 pub fn cnidrv() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cnidrv");
-        let lock = fs::File::create(out.with_extension("lock")).unwrap();
-        // Safety: flock on an open descriptor; released when `lock` is dropped.
-        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-        if !out.exists() {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/cnidrv/build.sh");
-            sh(Command::new("bash").arg(&script).arg(&out));
-        }
-        out
-    })
-    .clone()
+    CNIDRV
+        .get_or_init(|| {
+            let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cnidrv");
+            let lock = fs::File::create(out.with_extension("lock")).unwrap();
+            // Safety: flock on an open descriptor; released when `lock` is dropped.
+            unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+            if !out.exists() {
+                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/cnidrv/build.sh");
+                sh(Command::new("bash").arg(&script).arg(&out));
+            }
+            out
+        })
+        .clone()
 }
 
 /// A CNI network: a Linux bridge with host-local IPAM (IPv4 and IPv6, no gateway, no default
@@ -369,7 +373,9 @@ impl Pod<'_> {
 
 impl Drop for Pod<'_> {
     fn drop(&mut self) {
-        if !self.deleted.load(Ordering::Relaxed) {
+        // Without a driver (its build failed and the test is already unwinding) there is nothing
+        // to DEL with, and panicking again here would abort before the namespace is removed.
+        if !self.deleted.load(Ordering::Relaxed) && CNIDRV.get().is_some() {
             let _ = self.net.cnidrv("del", &self.ns, &self.id, &self.cni_args(), None);
         }
     }
