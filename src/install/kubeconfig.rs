@@ -161,6 +161,27 @@ mod tests {
         }
     }
 
+    /// The plugin's own kubeconfig loader accepts what the installer writes, CA and token file included.
+    #[test]
+    fn the_plugin_loads_the_kubeconfig_we_write() {
+        let d = std::env::temp_dir().join(format!("tproxy-kc-load-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap().pem();
+        let token = d.join(TOKEN_NAME);
+        fs::write(&token, "the-token").unwrap();
+        let path = d.join(KUBECONFIG_NAME);
+        fs::write(&path, render("https://[fd00::1]:6443", ca.as_bytes(), &token)).unwrap();
+        let k = crate::kube::Kubeconfig::load(&path).unwrap();
+        assert_eq!(k.server, "https://[fd00::1]:6443");
+        assert!(matches!(&k.token, crate::kube::kubeconfig::TokenSource::File { path, .. } if *path == token));
+        assert_eq!(k.token.current().unwrap().unwrap().expose(), "the-token");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
     #[test]
     fn server_urls_bracket_ipv6() {
         assert_eq!(server_url("10.96.0.1", 443), "https://10.96.0.1:443");

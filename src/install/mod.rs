@@ -75,9 +75,11 @@ pub struct Settings {
     pub api_server: String,
     /// The projected service-account volume.
     pub service_account_dir: PathBuf,
-    /// The pod's UID, `namespace/name` and DaemonSet `pod-template-generation`.
+    /// The pod's UID (part of the instance id in the ownership marker).
     pub pod_uid: Option<String>,
+    /// The pod's `namespace/name`, for the marker and log lines; empty outside Kubernetes.
     pub pod: String,
+    /// The DaemonSet's `pod-template-generation`: the higher one owns the node's install.
     pub generation: u64,
     /// This node's name (for the start-up taint).
     pub node_name: Option<String>,
