@@ -567,3 +567,40 @@ fn the_start_up_taint_is_removed_once_ready_and_retried_when_refused() {
     let (status, log) = inst.terminate();
     assert!(status.success(), "{log}");
 }
+
+/// A runtime exec'ing the plugin while an upgrade replaces it always runs a whole binary, old or
+/// new, and never meets "text file busy".
+#[test]
+fn replacing_the_binary_never_breaks_an_exec() {
+    let host = Host::new("exec");
+    host.put_conf("10-bridge.conflist", &golden("primary", "10-bridge.conflist"));
+    let (v1, v2) = (host.fake_plugin("1"), host.fake_plugin("2"));
+    let old = host.start(&v1, &["--generation", "1"]);
+    wait_for(Duration::from_secs(10), "v1", || host.ready_file().exists());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let runner = {
+        let (stop, bin) = (stop.clone(), host.bin.join("tproxy-cni"));
+        std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeMap::<String, usize>::new();
+            while !stop.load(Ordering::Relaxed) {
+                let out = Command::new(&bin).output().unwrap_or_else(|e| panic!("exec failed: {e}"));
+                let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                assert!(out.status.success(), "exec of a replaced binary failed: {:?}", out);
+                *seen.entry(text).or_default() += 1;
+            }
+            seen
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let new = host.start(&v2, &["--generation", "2", "--ready-file", host.root.join("r2").to_str().unwrap()]);
+    let v2_bytes = fs::read(&v2).unwrap();
+    wait_for(Duration::from_secs(10), "v2", || fs::read(host.bin.join("tproxy-cni")).is_ok_and(|b| b == v2_bytes));
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    let seen = runner.join().unwrap();
+    eprintln!("execs during the upgrade: {seen:?}");
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["tproxy-cni 1", "tproxy-cni 2"], "only whole binaries ran");
+    assert!(old.terminate().0.success());
+    assert!(new.terminate().0.success());
+}

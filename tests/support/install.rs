@@ -99,8 +99,10 @@ impl Host {
     /// A small stand-in plugin binary, distinct per `version`.
     pub fn fake_plugin(&self, version: &str) -> PathBuf {
         let p = self.root.join(format!("plugin-{version}"));
-        let mut body = format!("#!/bin/sh\n# tproxy-cni {version}\n").into_bytes();
+        // A runnable script that prints its version; the padding after `exit` is never read.
+        let mut body = format!("#!/bin/sh\necho tproxy-cni {version}\nexit 0\n# ").into_bytes();
         body.extend(std::iter::repeat_n(version.as_bytes()[0], 100_000));
+        body.push(b'\n');
         fs::write(&p, body).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
         p
