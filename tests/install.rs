@@ -564,6 +564,9 @@ fn the_start_up_taint_is_removed_once_ready_and_retried_when_refused() {
     eprintln!("taint removed {took:?} after the API server stopped refusing");
     assert_eq!(server.node("node-1").unwrap()["spec"]["taints"], serde_json::json!([other]));
     assert!(server.requests().iter().all(|r| r.bearer.as_deref() == Some(apiserver::TOKEN)));
+    let status = fs::read_to_string(format!("/proc/{}/status", inst.pid())).unwrap();
+    let peak = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap_or("VmHWM: ?").to_owned();
+    eprintln!("installer memory after TLS calls to the API server: {peak}");
     let (status, log) = inst.terminate();
     assert!(status.success(), "{log}");
 }
