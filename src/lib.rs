@@ -3,7 +3,8 @@
 //!
 //! The pipeline (see `docs/architecture.md`):
 //! [`cni`] (protocol) → [`pod`] (annotations) → [`mesh`] (dialect) → [`redirect`] (typed model) →
-//! [`rules`] (rules as data) → [`netfilter`] (one transaction in the pod's [`netns`]).
+//! [`rules`] (rules as data) → [`netfilter`] (one transaction in the pod's [`netns`]), with
+//! [`netlink`] for what the namespace needs besides rules (Kuma's `::6` on the loopback).
 
 pub mod cli;
 pub mod cni;
@@ -12,6 +13,7 @@ pub mod kube;
 pub mod log;
 pub mod mesh;
 pub mod netfilter;
+pub mod netlink;
 pub mod netns;
 pub mod origdst;
 pub mod pod;

@@ -103,18 +103,14 @@ pub enum Lookup {
 }
 
 /// The names of a pod's containers, for dialects that recognise their sidecar by name.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Containers {
-    pub containers: Vec<String>,
-    pub init_containers: Vec<String>,
-}
+pub use crate::mesh::PodContainers as Containers;
 
 impl Lookup {
     /// The redirect the pod asks for, or `None` when it asks for none.
     pub fn redirect(&self, net: PodNetwork) -> Result<Option<Redirect>, AnnotationError> {
         match self {
             Lookup::Nomad(json) => mesh::consul::from_json(json, net).map(|c| Some(Redirect::Consul(c))),
-            Lookup::Pod { annotations, .. } => mesh::classify(annotations, net),
+            Lookup::Pod { annotations, containers, .. } => mesh::classify_pod(annotations, containers.as_ref(), net),
             Lookup::Pass(_) => Ok(None),
         }
     }

@@ -6,7 +6,9 @@
 //!
 //! Each mesh lays its chains out differently (names, order, which tables), so the model is one
 //! variant per mesh, each holding exactly the knobs that mesh has: an invalid combination cannot be
-//! represented, and the rule builder for a mesh needs no "unsupported here" checks.
+//! represented, and the rule builder for a mesh needs no "unsupported here" checks. A shared
+//! "superset" struct would instead carry fields one mesh ignores (Consul has no conntrack zones,
+//! Kuma no DNAT to a DNS IP) and every builder would have to reject or silently drop them.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -18,6 +20,7 @@ use thiserror::Error;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Redirect {
     Consul(ConsulRedirect),
+    Kuma(KumaRedirect),
 }
 
 impl Redirect {
@@ -25,6 +28,7 @@ impl Redirect {
     pub fn families(&self) -> Families {
         match self {
             Redirect::Consul(c) => c.families,
+            Redirect::Kuma(k) => k.families,
         }
     }
 
@@ -32,6 +36,32 @@ impl Redirect {
     pub fn mesh(&self) -> &'static str {
         match self {
             Redirect::Consul(_) => "consul",
+            Redirect::Kuma(_) => "kuma",
+        }
+    }
+
+    /// Does this redirect get an IPv6 pass as soon as the pod's namespace has any IPv6 address,
+    /// even one the previous plugin did not report (Kuma's dual-stack mode counts eth0's
+    /// link-local address)? Then the caller looks at the namespace and calls [`Redirect::with_ipv6`].
+    pub fn ipv6_follows_netns(&self) -> bool {
+        matches!(self, Redirect::Kuma(k) if k.dual_stack && !k.families.ipv6)
+    }
+
+    /// The same redirect with its IPv6 pass on.
+    pub fn with_ipv6(mut self) -> Redirect {
+        match &mut self {
+            Redirect::Consul(c) => c.families.ipv6 = true,
+            Redirect::Kuma(k) => k.families.ipv6 = true,
+        }
+        self
+    }
+
+    /// The address the proxy's IPv6 inbound passthrough uses as its source, which must exist on the
+    /// pod's loopback for the IPv6 pass to work (Kuma: `::6`), when there is one.
+    pub fn ipv6_passthrough_address(&self) -> Option<std::net::Ipv6Addr> {
+        match self {
+            Redirect::Kuma(k) if k.families.ipv6 => Some(KUMA_INBOUND_PASSTHROUGH_V6),
+            _ => None,
         }
     }
 }
@@ -86,13 +116,26 @@ pub struct PortRange {
 }
 
 impl PortRange {
+    /// Every port, `1:65535`.
+    pub const ALL: PortRange = PortRange { first: 1, last: 65535 };
+
     pub fn single(port: Port) -> PortRange {
         PortRange { first: port.get(), last: port.get() }
+    }
+
+    /// How many of `-m multiport`'s 15 slots this takes: one for a port, two for a range.
+    pub fn multiport_slots(self) -> usize {
+        if self.first == self.last { 1 } else { 2 }
     }
 
     /// [`PortRange::single`] for constants.
     pub const fn single_const(port: Port) -> PortRange {
         PortRange { first: port.0.get(), last: port.0.get() }
+    }
+
+    /// Is `port` in the range?
+    pub fn contains(self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
     }
 }
 
@@ -197,6 +240,86 @@ pub enum ConsulDns {
     Port { ip: Option<IpAddr>, port: Port },
     /// All port 53 traffic is sent to `ip`, port unchanged (a DNS service IP).
     All { ip: IpAddr },
+}
+
+/// Kuma's transparent proxy, as kuma-cni and `kumactl install transparent-proxy` describe it.
+///
+/// Everything Kuma's rule builder reads, typed. Knobs of Kuma's that only change how its
+/// installer runs (retries, lock waits, executables, comment toggling) are not part of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KumaRedirect {
+    /// The kuma-dp user: its traffic is never redirected outbound.
+    pub proxy_uid: u32,
+    /// Where `KUMA_MESH_INBOUND_REDIRECT` sends connections. The chain exists in gateway mode too:
+    /// the proxy calling its own pod address is sent there.
+    pub inbound_port: Port,
+    /// Where `KUMA_MESH_OUTBOUND_REDIRECT` sends connections.
+    pub outbound_port: Port,
+    /// Inbound redirection; `None` when it is off (gateway mode, `redirect.inbound.enabled: false`).
+    pub inbound: Option<KumaInbound>,
+    /// Outbound redirection; `None` when it is off (`redirect.outbound.enabled: false`).
+    pub outbound: Option<KumaOutbound>,
+    /// Destinations never redirected outbound, any protocol (`RETURN` at the top of nat OUTPUT).
+    pub exclude_outbound_cidrs: Cidrs,
+    /// Per-UID outbound port exclusions (`RETURN` at the top of nat OUTPUT), one per protocol.
+    pub exclude_outbound_ports_for_uids: Vec<UidPortExclusion>,
+    /// DNS capture; `None` when it is off.
+    pub dns: Option<KumaDns>,
+    /// Drop packets conntrack finds invalid (mangle PREROUTING).
+    pub drop_invalid_packets: bool,
+    /// Log the packets entering nat OUTPUT and PREROUTING at this syslog level (0-7).
+    pub log_level: Option<u8>,
+    /// Kuma's `dualstack` IP family mode (the default); `false` is `ipv4`.
+    pub dual_stack: bool,
+    pub families: Families,
+}
+
+/// The source address of Kuma's IPv6 inbound passthrough (`127.0.0.6` is the IPv4 one).
+pub const KUMA_INBOUND_PASSTHROUGH_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+/// Kuma's inbound redirection knobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KumaInbound {
+    /// Destination ports not redirected (ignored when `include_ports` is set, as Kuma does).
+    pub exclude_ports: Vec<Port>,
+    /// When not empty, only these destination ports are redirected.
+    pub include_ports: Vec<Port>,
+    /// Source networks not redirected.
+    pub exclude_cidrs: Cidrs,
+}
+
+/// Kuma's outbound redirection knobs (the chain `KUMA_MESH_OUTBOUND`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KumaOutbound {
+    /// Destination ports not redirected (ignored when `include_ports` is set, as Kuma does).
+    pub exclude_ports: Vec<Port>,
+    /// When not empty, only these destination ports are redirected.
+    pub include_ports: Vec<Port>,
+}
+
+/// A transport protocol named by configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+/// Outbound traffic of some UIDs to some ports that is never redirected: one protocol of a
+/// `[proto:][ports:]uids` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UidPortExclusion {
+    pub transport: Transport,
+    /// At most 15 port slots (a range takes two), the limit of `-m multiport`.
+    pub ports: Vec<PortRange>,
+    pub uids: UidRange,
+}
+
+/// Kuma's DNS capture: every UDP query to port 53 goes to kuma-dp's DNS proxy on `port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KumaDns {
+    pub port: Port,
+    /// Separate the proxy's and the application's DNS flows into conntrack zones (raw table).
+    pub conntrack_zone_split: bool,
 }
 
 /// Why a value cannot become part of a `Redirect`. The value is quoted with escapes, so a newline or
@@ -336,6 +459,8 @@ mod tests {
         assert_eq!(parse_port_range("53", "p").unwrap().to_string(), "53");
         assert!(matches!(parse_port_range("9000:8000", "p"), Err(ValueError::BadRange { .. })));
         assert!(parse_port_range("1:2:3", "p").is_err());
+        let r = parse_port_range("8000:9000", "p").unwrap();
+        assert!(r.contains(8000) && r.contains(9000) && !r.contains(7999) && !r.contains(9001));
     }
 
     #[test]

@@ -27,13 +27,6 @@ fn at(ip: IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-fn who(answer: &Result<String, String>) -> &str {
-    match answer {
-        Ok(s) => s.split_whitespace().next().unwrap_or(""),
-        Err(_) => "refused",
-    }
-}
-
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
@@ -279,4 +272,43 @@ fn without_a_previous_result_the_plugin_answers_an_empty_result_and_still_redire
     let out = drive("del");
     assert!(out.status.success(), "DEL: {}", text(&out));
     assert_eq!(ns.our_rule_count(Fam::V4, "nft"), 0);
+}
+
+#[test]
+fn a_kuma_pod_found_through_the_api_server_is_judged_by_its_containers() {
+    if !privileged() {
+        return;
+    }
+    let api = ApiServer::start();
+    api.add_pod(PodFixture::new("default", "server"));
+    // No CNI-mode marks on the annotations: from annotations alone this would be a kuma-init pod.
+    // The spec says otherwise: a kuma-sidecar container and no kuma-init.
+    api.add_pod(
+        PodFixture::new("default", "kapp")
+            .annotation("kuma.io/sidecar-injected", "true")
+            .container("app")
+            .container("kuma-sidecar"),
+    );
+    // The CNI-mode mark is there, but the spec shows kuma-init: that container installs the rules.
+    api.add_pod(
+        PodFixture::new("default", "kinit")
+            .annotation("kuma.io/sidecar-injected", "true")
+            .annotation("k8s.v1.cni.cncf.io/networks", "kuma-cni")
+            .init_container("kuma-init")
+            .container("app")
+            .container("kuma-sidecar"),
+    );
+    let net = network(&api.default_kubeconfig(), json!({}));
+    let (_srv, s4, _srv_listener) = server(&net, None);
+
+    let app = net.pod("kapp", None);
+    let _outbound = Responder::tcp(&app.ns, sa("0.0.0.0", 15001), "outbound");
+    assert_eq!(dial(&app.ns, None, at(s4, 8080)), Ok(format!("outbound {s4}:8080")));
+    assert!(app.ns.save(Fam::V4, "nft").contains("KUMA_MESH_OUTBOUND"));
+    let out = app.check(None);
+    assert!(out.status.success(), "CHECK: {}", text(&out));
+
+    let init = net.pod("kinit", None);
+    assert_eq!(who(&dial(&init.ns, None, at(s4, 8080))), "server");
+    assert!(!init.ns.save(Fam::V4, "nft").contains("KUMA_MESH"), "a kuma-init pod is left alone");
 }

@@ -338,7 +338,7 @@ fn nomad_configuration_needs_no_api_call() {
 #[test]
 fn the_multus_attachment_example_is_accepted() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("cni-conf/multus-nad.yaml");
-    let nad: Value = serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let nad: Value = serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(nad["kind"], "NetworkAttachmentDefinition");
     let conf: Value = serde_json::from_str(nad["spec"]["config"].as_str().unwrap()).unwrap();
     assert_eq!(conf["type"], "tproxy-cni");

@@ -330,3 +330,201 @@ fn a_failed_transaction_leaves_the_namespace_as_it_was() {
     // (iptables-nft may leave an empty built-in base chain behind: iptables shows those always.)
     assert_eq!(ns.exec(&["nft", "list", "table", "ip6", "nat"]), ip6_before, "the failed IPv6 table is untouched");
 }
+
+// ---- Kuma: three tables, Kuma's comments, and ::6 on the loopback ----
+
+const KUMA_CONFIG: &str = "cniMode: true\nredirect:\n  outbound: {excludePorts: [5432]}\n  \
+                           dns: {enabled: true, port: 15053, captureAll: true}\ndropInvalidPackets: true\n";
+
+/// A snapshot without the tables that hold nothing: iptables-nft creates a table's built-in chains
+/// on first use and never deletes them, so an empty raw or mangle table may outlive our rules.
+fn without_empty_tables(snapshot: &str) -> String {
+    let mut out = String::new();
+    let mut block = String::new();
+    for line in snapshot.lines() {
+        if line.starts_with('*') || !block.is_empty() {
+            block.push_str(line);
+            block.push('\n');
+            if line == "COMMIT" {
+                let used = block.lines().any(|l| l.starts_with("-A ") || (l.starts_with(':') && l.contains(" - [")));
+                if used {
+                    out.push_str(&block);
+                }
+                block.clear();
+            }
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Is `::6/128` on the namespace's loopback?
+fn has_passthrough_v6(ns: &Netns) -> bool {
+    ns.exec(&["ip", "-6", "-o", "addr", "show", "dev", "lo"]).contains("::6/128")
+}
+
+/// Rules carrying Kuma's comment prefix in one family.
+fn kuma_rule_count(ns: &Netns, family: Fam, backend: &str) -> usize {
+    ns.save(family, backend)
+        .lines()
+        .filter(|l| l.starts_with("-A ") && l.contains("--comment \"kuma/mesh/transparent/proxy/"))
+        .count()
+}
+
+#[test]
+fn kuma_repeated_add_check_and_del_on_both_backends() {
+    if !privileged() {
+        return;
+    }
+    let annotations = kuma_pod(Some(KUMA_CONFIG), &[]);
+    for backend in BACKENDS {
+        let net = Network::new(json!({"iptables_mode": backend}));
+        let pod = net.pod_unstarted("kuma");
+        plant_canary(&pod.ns, backend);
+        let before = pod.ns.snapshot();
+        let result = stdout_json(&pod.add(Some(&annotations)));
+        let once = pod.ns.snapshot();
+        for fam in [Fam::V4, Fam::V6] {
+            let saved = pod.ns.save(fam, backend);
+            for table in ["*nat", "*raw", "*mangle"] {
+                assert!(saved.contains(table), "{backend} {fam:?}: {table} missing:\n{saved}");
+            }
+            assert_eq!(kuma_rule_count(&pod.ns, fam, backend), 20, "{backend} {fam:?}:\n{saved}");
+        }
+        assert!(has_passthrough_v6(&pod.ns), "{backend}: ::6 on lo");
+
+        // A runtime retrying ADD: exactly one copy of everything, ::6 included.
+        for _ in 0..2 {
+            let again = stdout_json(&call("ADD", &pod.ns, &plugin_stdin(backend, Some(&annotations), Some(&result))));
+            assert_eq!(again, result);
+            assert_eq!(pod.ns.snapshot(), once, "{backend}: a repeated ADD changes nothing");
+        }
+        assert_eq!(pod.ns.exec(&["ip", "-6", "-o", "addr", "show", "dev", "lo"]).matches("::6/128").count(), 1);
+        assert!(pod.check(Some(&annotations)).status.success(), "{backend}: CHECK after ADD");
+
+        // CHECK names what is missing: a rule of the raw table, and the loopback address.
+        let zone_rule = pod
+            .ns
+            .save(Fam::V4, backend)
+            .lines()
+            .find(|l| l.contains("-j CT --zone 2") && l.contains("--uid-owner"))
+            .unwrap()
+            .to_owned();
+        pod.ns.restore(Fam::V4, backend, &format!("*raw\n{}\nCOMMIT\n", zone_rule.replacen("-A", "-D", 1)));
+        pod.ns.exec(&["ip", "-6", "addr", "del", "::6/128", "dev", "lo"]);
+        let err = String::from_utf8_lossy(&pod.check(Some(&annotations)).stderr).into_owned();
+        assert!(err.contains("missing in ipv4 raw/OUTPUT: -p udp -m udp --sport 15053"), "{backend}: {err}");
+        assert!(err.contains("missing address ::6/128 on lo"), "{backend}: {err}");
+        // ADD repairs both.
+        stdout_json(&call("ADD", &pod.ns, &plugin_stdin(backend, Some(&annotations), Some(&result))));
+        assert_eq!(pod.ns.snapshot(), once, "{backend}: repaired");
+        assert!(has_passthrough_v6(&pod.ns));
+        assert!(pod.check(Some(&annotations)).status.success(), "{backend}: CHECK after repair");
+
+        // DEL removes every rule of ours in every table, and ::6; the canary stays.
+        assert!(pod.del(Some(&annotations)).status.success());
+        assert_eq!(
+            without_empty_tables(&pod.ns.snapshot()),
+            without_empty_tables(&before),
+            "{backend}: DEL leaves no rule or chain of ours and every foreign one"
+        );
+        assert!(!has_passthrough_v6(&pod.ns), "{backend}: ::6 removed by DEL");
+    }
+}
+
+#[test]
+fn kuma_ipv6_pass_follows_the_namespace_not_only_the_previous_result() {
+    if !privileged() {
+        return;
+    }
+    let annotations = kuma_pod(None, &[]);
+    let prev_v4 = json!({"cniVersion": "1.0.0", "ips": [{"address": "198.18.0.9/24"}]});
+
+    // Only a link-local address (a veth whose both ends are inside): Kuma counts it.
+    let ns = Netns::new("tpk");
+    ns.exec(&["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
+    ns.exec(&["ip", "link", "set", "eth0", "up"]);
+    ns.exec(&["ip", "link", "set", "eth0p", "up"]);
+    stdout_json(&call("ADD", &ns, &plugin_stdin("nft", Some(&annotations), Some(&prev_v4))));
+    assert!(kuma_rule_count(&ns, Fam::V6, "nft") > 0, "link-local IPv6 is enough for the IPv6 pass");
+    assert!(has_passthrough_v6(&ns));
+    assert!(call("CHECK", &ns, &plugin_stdin("nft", Some(&annotations), Some(&prev_v4))).status.success());
+    assert!(call("DEL", &ns, &plugin_stdin("nft", Some(&annotations), None)).status.success());
+    assert!(!has_passthrough_v6(&ns));
+
+    // IPv6 turned off in the namespace: IPv4 pass only, no ::6.
+    let ns = Netns::new("tpk");
+    ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+    stdout_json(&call("ADD", &ns, &plugin_stdin("nft", Some(&annotations), Some(&prev_v4))));
+    assert!(kuma_rule_count(&ns, Fam::V4, "nft") > 0);
+    assert_eq!(kuma_rule_count(&ns, Fam::V6, "nft"), 0);
+    assert!(call("CHECK", &ns, &plugin_stdin("nft", Some(&annotations), Some(&prev_v4))).status.success());
+}
+
+#[test]
+fn kuma_bad_input_is_code_100_and_changes_nothing() {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new("tpe");
+    plant_canary(&ns, "nft");
+    let before = ns.snapshot();
+    let yaml = |y: &str| plugin_stdin("nft", Some(&kuma_pod(Some(y), &[])), None);
+    let legacy = |k: &str, v: &str| plugin_stdin("nft", Some(&kuma_pod(None, &[(k, v)])), None);
+    let mut two_meshes = kuma_pod(None, &[]);
+    two_meshes["consul.hashicorp.com/connect-inject-status"] = json!("injected");
+    two_meshes["consul.hashicorp.com/transparent-proxy-status"] = json!("enabled");
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("bad YAML", yaml("redirect: {inbound: [}"), "is not Kuma's transparent proxy configuration"),
+        ("unknown ipFamilyMode", yaml("ipFamilyMode: ipv6only\n"), "ipFamilyMode \"ipv6only\" is not one of"),
+        ("unknown boolean", legacy("kuma.io/gateway", "maybe"), "\"maybe\" is not one of enabled, disabled"),
+        ("port 0, DNS on", yaml("redirect:\n  dns: {enabled: true, port: 0}\n"), "redirect.dns.port is 0"),
+        (
+            "per-UID: protocol",
+            legacy("traffic.kuma.io/exclude-outbound-ports-for-uids", "icmp:80:1000"),
+            "protocol \"icmp\" is not tcp or udp",
+        ),
+        ("per-UID: UID list", yaml("redirect:\n  outbound: {excludePortsForUIDs: [\"tcp:80:1,2\"]}\n"), "not a list"),
+        (
+            "per-UID: reversed range",
+            legacy("traffic.kuma.io/exclude-outbound-ports-for-uids", "udp:53:2000-1000"),
+            "not a valid range",
+        ),
+        (
+            "injected text",
+            legacy("traffic.kuma.io/exclude-outbound-ips", "10.0.0.0/8\n-A OUTPUT -j ACCEPT"),
+            "is not a CIDR",
+        ),
+        ("two meshes", plugin_stdin("nft", Some(&two_meshes), None), "injected by both meshes"),
+    ];
+    for (what, stdin, msg) in cases {
+        let doc = error_of(&call("ADD", &ns, &stdin));
+        assert_eq!(doc["code"], 100, "{what}: {doc}");
+        assert!(doc["msg"].as_str().unwrap().contains(msg), "{what}: {doc}");
+        assert_eq!(ns.snapshot(), before, "{what}: the namespace must be untouched");
+        assert!(!has_passthrough_v6(&ns), "{what}: no ::6");
+    }
+}
+
+#[test]
+fn a_kuma_table_failing_after_nat_committed_leaves_nothing_behind() {
+    if !privileged() {
+        return;
+    }
+    // A native nftables base chain OUTPUT in `ip raw` with a priority iptables-nft does not use:
+    // the nat table of our transaction commits, then the raw table fails.
+    let ns = Netns::new("tpf");
+    plant_canary(&ns, "nft");
+    ns.exec(&["nft", "add table ip raw; add chain ip raw OUTPUT { type filter hook output priority 10; }"]);
+    let before = ns.snapshot();
+    let ruleset_before = ns.exec(&["nft", "list", "ruleset"]);
+    let prev_v4 = json!({"cniVersion": "1.0.0", "ips": [{"address": "198.18.0.9/24"}]});
+    let doc =
+        error_of(&call("ADD", &ns, &plugin_stdin("nft", Some(&kuma_pod(Some(KUMA_CONFIG), &[])), Some(&prev_v4))));
+    assert_eq!(doc["code"], 101, "{doc}");
+    assert_eq!(ns.snapshot(), before, "no rule or chain of ours is left in any table");
+    assert!(!has_passthrough_v6(&ns), "the ::6 this ADD added is removed again");
+    assert!(!ns.exec(&["nft", "list", "ruleset"]).contains("KUMA_MESH"), "{ruleset_before}");
+}

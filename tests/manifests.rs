@@ -19,12 +19,9 @@ fn installer_dir() -> PathBuf {
 /// Every YAML document of a file, as JSON values.
 fn documents(path: &Path) -> Vec<Value> {
     let text = fs::read_to_string(path).unwrap();
-    serde_norway::Deserializer::from_str(&text)
-        .map(|doc| {
-            let v: serde_norway::Value = serde::Deserialize::deserialize(doc)
-                .unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", path.display()));
-            serde_json::to_value(v).unwrap()
-        })
+    serde_saphyr::from_multiple::<Value>(&text)
+        .unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", path.display()))
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }

@@ -33,7 +33,8 @@ pub enum Code {
     InvalidAnnotation = 100,
     /// The netfilter transaction failed (iptables-restore refused it or could not run).
     Netfilter = 101,
-    /// The pod's network namespace could not be opened or entered.
+    /// The pod's network namespace could not be opened or entered, or its loopback address (Kuma's
+    /// `::6`) could not be set.
     Netns = 102,
     /// CHECK: the rules in the pod's namespace differ from what the pod should have.
     CheckMismatch = 103,

@@ -22,7 +22,8 @@ use self::result::ResultError;
 use self::version::Version;
 use crate::kube::Class;
 use crate::mesh::{AnnotationError, PodNetwork};
-use crate::netfilter::{Backend, CheckError, Netfilter, NetfilterError};
+use crate::netfilter::{Backend, CheckError, Mismatch, Netfilter, NetfilterError};
+use crate::netlink::{self, NetlinkError};
 use crate::netns::{Netns, NetnsError};
 use crate::pod::{self, Api, ConsulStatus, PodError, PodRef};
 use crate::rules;
@@ -94,6 +95,8 @@ pub enum Error {
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
     Netfilter(#[from] NetfilterError),
     #[error(transparent)]
     Check(#[from] CheckError),
@@ -118,7 +121,7 @@ pub fn to_cni_error(e: &Error) -> CniError {
             Class::Config => Code::InvalidConfig,
             Class::Access | Class::Rejected | Class::NotFound => Code::ApiAccess,
         },
-        Error::Netns(_) => Code::Netns,
+        Error::Netns(_) | Error::Netlink(_) => Code::Netns,
         Error::Netfilter(_) | Error::Check(CheckError::Netfilter(_)) => Code::Netfilter,
         Error::Check(CheckError::Mismatch(_)) => Code::CheckMismatch,
         Error::NotReady(_) => Code::PluginNotAvailable,
@@ -196,12 +199,16 @@ fn add(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
         log::debug!("pod is not in a mesh with transparent proxy: passing through");
         return Ok(output);
     };
-    let sets = rules::build(&redirect);
     let ns = Netns::open(inv.netns.as_deref().expect("ADD requires CNI_NETNS"))?;
-    let status = ConsulStatus::new(conf, &inv.args, &found, &redirect, &api);
+    let prepared = netlink::prepare(&ns, redirect)?;
+    let (redirect, sets) = (&prepared.redirect, rules::build(&prepared.redirect));
+    let status = ConsulStatus::new(conf, &inv.args, &found, redirect, &api);
     status.iter().for_each(|s| s.report(pod::CONSUL_STATUS_WAITING));
     let nf = Netfilter::new(Backend::resolve(conf.iptables_mode));
-    nf.apply(&ns, &sets)?;
+    if let Err(e) = nf.apply(&ns, &sets) {
+        prepared.undo(&ns);
+        return Err(e.into());
+    }
     let families: Vec<_> = sets.iter().map(|s| s.family.name()).collect();
     log::info!("{} redirect installed ({}, iptables-{})", redirect.mesh(), families.join("+"), nf.backend().name());
     status.iter().for_each(|s| s.report(pod::CONSUL_STATUS_COMPLETE));
@@ -234,7 +241,8 @@ fn remove_from(netns: Option<&std::path::Path>, backend: Backend) -> Result<(), 
         Err(e) => return Err(e.into()),
     };
     let nf = Netfilter::new(backend);
-    nf.remove(&ns)?;
+    let removed = nf.remove(&ns)?;
+    netlink::release(&ns, &removed)?;
     nf.forget_lock(&ns);
     Ok(())
 }
@@ -245,11 +253,24 @@ fn check(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
         return Err(Error::NotInVersion(Command::Check, Version::V0_4_0, conf.cni_version));
     }
     let net = PodNetwork { has_ipv6: result::has_ipv6(conf.prev_result.as_deref()) };
-    let sets =
-        pod::lookup(conf, &inv.args, &Api::new(conf))?.redirect(net)?.map(|r| rules::build(&r)).unwrap_or_default();
+    let redirect = pod::lookup(conf, &inv.args, &Api::new(conf))?.redirect(net)?;
     let ns = Netns::open(inv.netns.as_deref().expect("CHECK requires CNI_NETNS"))?;
-    Netfilter::new(Backend::resolve(conf.iptables_mode)).check(&ns, &sets)?;
-    Ok(String::new())
+    let (sets, address_diffs) = match redirect {
+        Some(r) => {
+            let (r, diffs) = netlink::inspect(&ns, r)?;
+            (rules::build(&r), diffs)
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    match Netfilter::new(Backend::resolve(conf.iptables_mode)).check(&ns, &sets) {
+        Ok(()) if address_diffs.is_empty() => Ok(String::new()),
+        Ok(()) => Err(CheckError::Mismatch(Mismatch(address_diffs)).into()),
+        Err(CheckError::Mismatch(Mismatch(mut diffs))) => {
+            diffs.extend(address_diffs);
+            Err(CheckError::Mismatch(Mismatch(diffs)).into())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// STATUS: ready when every tool ADD may run is installed.

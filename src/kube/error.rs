@@ -30,8 +30,10 @@ pub enum Problem {
     Missing,
     #[error("cannot be read")]
     Read(#[source] std::io::Error),
+    #[error("is not valid YAML")]
+    Yaml(#[source] Box<serde_saphyr::Error>),
     #[error("is not a valid kubeconfig")]
-    Yaml(#[source] serde_norway::Error),
+    Shape(#[source] serde_json::Error),
     #[error("is not a YAML mapping (is it really a kubeconfig?)")]
     NotAMapping,
     #[error("has no current-context")]

@@ -230,19 +230,19 @@ struct RawContext {
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 struct RawUser {
-    token: Option<serde_norway::Value>,
+    token: Option<serde_json::Value>,
     #[serde(rename = "tokenFile")]
     token_file: Option<String>,
     client_certificate: Option<String>,
     client_certificate_data: Option<String>,
     client_key: Option<String>,
-    client_key_data: Option<serde_norway::Value>,
-    username: Option<serde_norway::Value>,
-    password: Option<serde_norway::Value>,
-    exec: Option<serde_norway::Value>,
-    auth_provider: Option<serde_norway::Value>,
+    client_key_data: Option<serde_json::Value>,
+    username: Option<serde_json::Value>,
+    password: Option<serde_json::Value>,
+    exec: Option<serde_json::Value>,
+    auth_provider: Option<serde_json::Value>,
     #[serde(rename = "as")]
-    impersonate: Option<serde_norway::Value>,
+    impersonate: Option<serde_json::Value>,
 }
 
 fn null_default<'de, D: serde::Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
@@ -254,11 +254,11 @@ fn set(s: Option<String>) -> Option<String> {
     s.filter(|s| !s.trim().is_empty())
 }
 
-fn secret_text(v: Option<serde_norway::Value>, what: &'static str) -> Result<Option<String>, &'static str> {
+fn secret_text(v: Option<serde_json::Value>, what: &'static str) -> Result<Option<String>, &'static str> {
     match v {
-        None | Some(serde_norway::Value::Null) => Ok(None),
-        Some(serde_norway::Value::String(s)) if s.trim().is_empty() => Ok(None),
-        Some(serde_norway::Value::String(s)) => Ok(Some(s)),
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s)),
         Some(_) => Err(what),
     }
 }
@@ -274,11 +274,11 @@ impl Kubeconfig {
     pub fn parse(path: &Path, text: &[u8]) -> Result<Kubeconfig, Problem> {
         // Check the shape first: a decoder's "invalid type" message quotes the value it got, and a
         // file that is one bare string (a token file named by mistake) must not be echoed.
-        let doc: serde_norway::Value = serde_norway::from_slice(text).map_err(Problem::Yaml)?;
-        if !doc.is_mapping() {
+        let doc: serde_json::Value = serde_saphyr::from_slice(text).map_err(|e| Problem::Yaml(Box::new(e)))?;
+        if !doc.is_object() {
             return Err(Problem::NotAMapping);
         }
-        let raw: RawConfig = serde_norway::from_value(doc).map_err(Problem::Yaml)?;
+        let raw: RawConfig = serde_json::from_value(doc).map_err(Problem::Shape)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let context_name = set(raw.current_context).ok_or(Problem::NoCurrentContext)?;
         let context = raw

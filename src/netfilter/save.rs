@@ -2,9 +2,13 @@
 //!
 //! Ownership is decided by marks, never by position: a chain is ours when its name is one of the
 //! meshes' chain names we create; a rule is ours when it sits in such a chain, jumps to one, or
-//! carries our comment. Everything else is foreign and is never touched.
+//! carries one of our comments: `tproxy-cni` (or `tproxy-cni/…`) on Consul's layout, Kuma's
+//! `kuma/mesh/transparent/proxy/…` on Kuma's. Everything else is foreign and is never touched.
+//!
+//! Kuma's comment prefix is Kuma's own, so a rule that `kuma-init` installed would look like ours;
+//! a namespace holds one Kuma layout, and a pod with `kuma-init` is never ours (`mesh::kuma`).
 
-use crate::rules::OWNER_COMMENT;
+use crate::rules::{KUMA_COMMENT_PREFIX, OWNER_COMMENT};
 
 /// Chain name prefixes of the layouts we install (Consul's, and Kuma's).
 const OWNED_CHAIN_PREFIXES: &[&str] = &["CONSUL_PROXY_", "CONSUL_DNS_REDIRECT", "KUMA_MESH_"];
@@ -44,6 +48,12 @@ pub fn parse(dump: &str) -> Vec<SavedTable> {
     tables
 }
 
+/// Is this rule comment one of ours? The exact mark, or the mark followed by `/` and more.
+pub fn is_owner_comment(c: &str) -> bool {
+    c.strip_prefix(OWNER_COMMENT).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        || c.strip_prefix(KUMA_COMMENT_PREFIX).is_some_and(|rest| !rest.is_empty())
+}
+
 pub fn is_owned_chain(name: &str) -> bool {
     OWNED_CHAIN_PREFIXES.iter().any(|p| name.starts_with(p))
 }
@@ -55,8 +65,7 @@ impl SavedRule {
     }
 
     fn has_owner_comment(&self) -> bool {
-        value_after(&self.spec, &["--comment"])
-            .is_some_and(|c| c == OWNER_COMMENT || c.starts_with(&format!("{OWNER_COMMENT}/")))
+        value_after(&self.spec, &["--comment"]).is_some_and(|c| is_owner_comment(&c))
     }
 
     /// A rule of ours sitting in a chain that is not ours (a built-in chain, typically).
@@ -68,6 +77,14 @@ impl SavedRule {
     /// Is this rule ours at all?
     pub fn is_owned(&self) -> bool {
         is_owned_chain(&self.chain) || self.is_owned_outside_our_chains()
+    }
+
+    /// A rule that sits in, or jumps to, a chain with one of our names but lacks our comment: the
+    /// mesh's own tool (`consul connect redirect-traffic`, kuma-init, `kumactl install
+    /// transparent-proxy`) installed it, not us. Every rule we install carries the comment.
+    pub fn is_lookalike(&self) -> bool {
+        (is_owned_chain(&self.chain) || self.jump_target().is_some_and(|t| is_owned_chain(&t)))
+            && !self.has_owner_comment()
     }
 }
 
@@ -123,6 +140,11 @@ impl SavedTable {
         self.rules.iter().filter(|r| r.is_owned_outside_our_chains())
     }
 
+    /// Rules under our chain names that we did not install (see [`SavedRule::is_lookalike`]).
+    pub fn lookalikes(&self) -> impl Iterator<Item = &SavedRule> {
+        self.rules.iter().filter(|r| r.is_lookalike())
+    }
+
     pub fn has_owned(&self) -> bool {
         self.owned_chains().next().is_some() || self.owned_rules_outside().next().is_some()
     }
@@ -175,6 +197,38 @@ COMMIT
         assert!(!t.rules[1].is_owned());
         assert!(!t.rules[3].is_owned());
         assert!(t.rules[4].is_owned());
+    }
+
+    #[test]
+    fn finds_rules_under_our_names_that_we_did_not_install() {
+        let t = &parse(DUMP)[0];
+        // The unmarked jump into our chain; not the canary (foreign name), not our marked rules.
+        assert_eq!(t.lookalikes().map(|r| r.spec.as_str()).collect::<Vec<_>>(), ["-p tcp -j CONSUL_PROXY_OUTPUT"]);
+        let kuma = parse(
+            "*nat\n:KUMA_MESH_OUTBOUND - [0:0]\n-A KUMA_MESH_OUTBOUND -p tcp -m comment --comment \"kuma/mesh/transparent/proxy/outbound\" -j RETURN\n-A OUTPUT -p tcp -j KUMA_MESH_OUTBOUND\nCOMMIT\n",
+        );
+        // Kuma's comment is one of our marks (we install Kuma's layout with Kuma's comments), so
+        // only the uncommented jump, as an old kuma-init wrote it, is someone else's.
+        assert_eq!(kuma[0].lookalikes().map(|r| r.spec.as_str()).collect::<Vec<_>>(), ["-p tcp -j KUMA_MESH_OUTBOUND"]);
+    }
+
+    #[test]
+    fn kuma_rules_in_built_in_chains_are_ours_and_lookalikes_are_not() {
+        let dump = r#"*raw
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A OUTPUT -p udp -m udp --dport 53 -m comment --comment "kuma/mesh/transparent/proxy/zone 2" -j CT --zone 2
+-A OUTPUT -p udp -m comment --comment "kuma/mesh/transparent/proxy" -j CT --zone 3
+-A OUTPUT -p udp -m comment --comment "x kuma/mesh/transparent/proxy/y" -j CT --zone 4
+-A OUTPUT -p udp -m comment --comment "tproxy-cnix" -j CT --zone 5
+-A PREROUTING -m comment --comment "tproxy-cni/kuma" -j CT --zone 6
+COMMIT
+"#;
+        let t = &parse(dump)[0];
+        let ours: Vec<_> = t.owned_rules_outside().map(|r| r.spec.rsplit(' ').next().unwrap()).collect();
+        assert_eq!(ours, ["2", "6"]);
+        assert!(t.has_owned());
+        assert!(t.owned_chains().next().is_none(), "built-in chains are never ours");
     }
 
     #[test]

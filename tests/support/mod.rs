@@ -208,7 +208,7 @@ impl Fam {
 
 static CNIDRV: OnceLock<PathBuf> = OnceLock::new();
 
-/// Builds (once per machine, under a lock) the libcni driver from `../shared/tools/cnidrv`.
+/// Builds (once per machine, under a lock) the libcni driver from `shared/tools/cnidrv`.
 pub fn cnidrv() -> PathBuf {
     CNIDRV
         .get_or_init(|| {
@@ -217,12 +217,23 @@ pub fn cnidrv() -> PathBuf {
             // Safety: flock on an open descriptor; released when `lock` is dropped.
             unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
             if !out.exists() {
-                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/cnidrv/build.sh");
-                sh(Command::new("bash").arg(&script).arg(&out));
+                sh(Command::new("bash").arg(shared_tool("cnidrv/build.sh")).arg(&out));
             }
             out
         })
         .clone()
+}
+
+/// A file under the project's `shared/tools`, which sits beside the checkout: next to it in CI and
+/// in the main clone, a level higher in a worktree under `wt/`.
+pub fn shared_tool(path: &str) -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .skip(1)
+        .map(|dir| dir.join("shared/tools").join(path))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("shared/tools/{path} not found beside {} or above it", manifest.display()))
 }
 
 /// A CNI network: a Linux bridge with host-local IPAM (IPv4 and IPv6, no gateway, no default
@@ -468,7 +479,12 @@ impl Responder {
 
     /// A UDP server that answers every datagram with `"<name>"`.
     pub fn udp(ns: &Netns, bind: SocketAddr, name: &str) -> Responder {
-        let sock = in_netns(ns, None, || bind_udp(bind)).unwrap_or_else(|e| panic!("bind udp {bind}: {e}"));
+        Responder::udp_as(ns, None, bind, name)
+    }
+
+    /// [`Responder::udp`] with a socket owned by `uid` (what `-m owner` sees on its answers).
+    pub fn udp_as(ns: &Netns, uid: Option<u32>, bind: SocketAddr, name: &str) -> Responder {
+        let sock = in_netns(ns, uid, || bind_udp(bind)).unwrap_or_else(|e| panic!("bind udp {bind}: {e}"));
         sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -516,11 +532,77 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(s.into())
 }
 
+/// A socket address, for brevity in tests.
+pub fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// Who answered a [`dial`]: the first word of the answer (a [`Responder`]'s name), or "refused".
+pub fn who(answer: &Result<String, String>) -> &str {
+    match answer {
+        Ok(s) => s.split_whitespace().next().unwrap_or(""),
+        Err(_) => "refused",
+    }
+}
+
+/// A plain pod that plays the remote host: on each of `ports`, TCP responders named
+/// `server:<port>` (IPv4) and `server6:<port>` (IPv6); `extra` addresses (CIDR notation) are added
+/// to its eth0 after the chain gave it `v4` and `v6`.
+pub struct Sibling<'n> {
+    pub pod: Pod<'n>,
+    pub v4: IpAddr,
+    pub v6: IpAddr,
+    pub listeners: Vec<Responder>,
+}
+
+impl<'n> Sibling<'n> {
+    pub fn new(net: &'n Network, ports: &[u16], extra: &[&str]) -> Sibling<'n> {
+        let pod = net.pod("server", None);
+        let (v4, v6) = (pod.addr(Fam::V4), pod.addr(Fam::V6));
+        for a in extra {
+            let mut args = vec!["ip", "addr", "add", a, "dev", "eth0"];
+            if a.contains(':') {
+                args.push("nodad");
+            }
+            pod.ns.exec(&args);
+        }
+        let mut listeners = Vec::new();
+        for &port in ports {
+            listeners.push(Responder::tcp(
+                &pod.ns,
+                sa(std::net::Ipv4Addr::UNSPECIFIED, port),
+                &format!("server:{port}"),
+            ));
+            listeners.push(Responder::tcp(
+                &pod.ns,
+                sa(std::net::Ipv6Addr::UNSPECIFIED, port),
+                &format!("server6:{port}"),
+            ));
+        }
+        Sibling { pod, v4, v6, listeners }
+    }
+}
+
 /// Dials `to` from inside `ns` as `uid` (None: root) and returns the first line the server sent,
 /// or the error (for example "connection refused" when nothing listens).
 pub fn dial(ns: &Netns, uid: Option<u32>, to: SocketAddr) -> Result<String, String> {
     in_netns(ns, uid, || {
         let mut s = TcpStream::connect_timeout(&to, TIMEOUT).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+        Ok(out.trim().to_owned())
+    })
+}
+
+/// [`dial`] from a given local address (which must exist in `ns`).
+pub fn dial_from(ns: &Netns, uid: Option<u32>, from: IpAddr, to: SocketAddr) -> Result<String, String> {
+    in_netns(ns, uid, || {
+        let s = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)
+            .map_err(|e| e.to_string())?;
+        s.bind(&SocketAddr::new(from, 0).into()).map_err(|e| format!("bind {from}: {e}"))?;
+        s.connect_timeout(&to.into(), TIMEOUT).map_err(|e| e.to_string())?;
+        let mut s: TcpStream = s.into();
         s.set_read_timeout(Some(TIMEOUT)).unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).map_err(|e| e.to_string())?;
@@ -546,6 +628,22 @@ pub fn udp_ask(ns: &Netns, uid: Option<u32>, to: SocketAddr) -> Result<String, S
         }
         Err("no reply".into())
     })
+}
+
+/// Kuma annotations as a webhook in CNI mode writes them, with the given transparent-proxy YAML
+/// (`None`: the per-knob annotations of webhooks up to v2.14, from `extra`).
+pub fn kuma_pod(yaml: Option<&str>, extra: &[(&str, &str)]) -> serde_json::Value {
+    let mut a = serde_json::json!({
+        "kuma.io/sidecar-injected": "true",
+        "k8s.v1.cni.cncf.io/networks": "kuma-cni",
+    });
+    if let Some(y) = yaml {
+        a["traffic.kuma.io/transparent-proxy-config"] = serde_json::Value::from(y);
+    }
+    for (k, v) in extra {
+        a[*k] = serde_json::Value::from(*v);
+    }
+    a
 }
 
 /// Consul annotations as the webhook writes them, with the given redirect-traffic-config JSON.
