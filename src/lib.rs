@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod cni;
 pub mod kube;
+pub mod limits;
 pub mod log;
 pub mod mesh;
 pub mod netfilter;

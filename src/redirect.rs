@@ -331,6 +331,8 @@ pub enum ValueError {
     NotAnIp { what: &'static str, value: Quoted },
     #[error("{what} {value} is not a CIDR or IP address")]
     NotACidr { what: &'static str, value: Quoted },
+    #[error("{what} has {count} entries, more than the limit of {limit}")]
+    TooMany { what: &'static str, count: usize, limit: usize },
 }
 
 /// A value from the outside world, printed escaped and shortened for error messages.

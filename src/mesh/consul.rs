@@ -29,6 +29,8 @@ pub const CONSUL_DNS: &str = "consul.hashicorp.com/consul-dns";
 pub const ENABLE_METRICS: &str = "consul.hashicorp.com/enable-metrics";
 pub const PROMETHEUS_SCRAPE_PORT: &str = "consul.hashicorp.com/prometheus-scrape-port";
 pub const USE_PROXY_HEALTH_CHECK: &str = "consul.hashicorp.com/use-proxy-health-check";
+/// What an error about the individual annotations taken together names (the rule budget).
+const INDIVIDUAL_EXCLUSIONS: &str = "consul.hashicorp.com/transparent-proxy-exclude-*";
 /// Where Nomad's configuration comes from, for error messages.
 pub const NOMAD_CNI_ARG: &str = "CNI_ARGS CONSUL_IPTABLES_CONFIG";
 
@@ -41,6 +43,23 @@ pub const DEFAULT_DNS_PORT: u16 = 8600;
 pub const DEFAULT_PROMETHEUS_PORT: u16 = 20200;
 pub const PROXY_HEALTH_PORT: u16 = 21000;
 
+/// Every annotation this dialect reads (each is held to [`crate::limits::MAX_ANNOTATION_BYTES`]).
+const READ: [&str; 13] = [
+    INJECT_STATUS,
+    MESH_INJECT_STATUS,
+    TPROXY_STATUS,
+    REDIRECT_CONFIG,
+    DUAL_STACK,
+    EXCLUDE_INBOUND_PORTS,
+    EXCLUDE_OUTBOUND_PORTS,
+    EXCLUDE_OUTBOUND_CIDRS,
+    EXCLUDE_UIDS,
+    CONSUL_DNS,
+    ENABLE_METRICS,
+    PROMETHEUS_SCRAPE_PORT,
+    USE_PROXY_HEALTH_CHECK,
+];
+
 /// Is this pod in Consul's mesh with transparent proxy on?
 pub fn owns(annotations: &Annotations) -> bool {
     let set = |k: &str| annotations.get(k).is_some_and(|v| !v.is_empty());
@@ -52,6 +71,11 @@ pub fn redirect(annotations: &Annotations, net: PodNetwork) -> Result<Option<Con
     if !owns(annotations) {
         return Ok(None);
     }
+    for key in READ {
+        if let Some(v) = annotations.get(key) {
+            crate::limits::annotation_size(v).map_err(|reason| err(key, reason))?;
+        }
+    }
     let dual_stack = match annotations.get(DUAL_STACK).map(String::as_str) {
         None | Some("") => false,
         Some(v) if v.eq_ignore_ascii_case("true") => true,
@@ -60,15 +84,16 @@ pub fn redirect(annotations: &Annotations, net: PodNetwork) -> Result<Option<Con
             return Err(err(DUAL_STACK, format!("{} is not true or false", crate::redirect::Quoted::new(v))));
         }
     };
-    let config = match annotations.get(REDIRECT_CONFIG) {
-        Some(json) => parse_json(json, REDIRECT_CONFIG)?,
-        None => from_individual_annotations(annotations, dual_stack)?,
+    let (config, source) = match annotations.get(REDIRECT_CONFIG) {
+        Some(json) => (parse_json(json, REDIRECT_CONFIG)?, REDIRECT_CONFIG),
+        None => (from_individual_annotations(annotations, dual_stack)?, INDIVIDUAL_EXCLUSIONS),
     };
-    build(config, dual_stack, net, REDIRECT_CONFIG).map(Some)
+    build(config, dual_stack, net, source).map(Some)
 }
 
 /// Nomad's path: the configuration JSON straight from `CNI_ARGS`. Nomad does not do dual-stack.
 pub fn from_json(json: &str, net: PodNetwork) -> Result<ConsulRedirect, AnnotationError> {
+    crate::limits::annotation_size(json).map_err(|reason| err(NOMAD_CNI_ARG, reason))?;
     build(parse_json(json, NOMAD_CNI_ARG)?, false, net, NOMAD_CNI_ARG)
 }
 
@@ -107,19 +132,33 @@ fn parse_json(json: &str, source: &'static str) -> Result<Config, AnnotationErro
 
 /// Rebuilds what the webhook would have written, from the individual annotations.
 fn from_individual_annotations(a: &Annotations, dual_stack: bool) -> Result<Config, AnnotationError> {
-    let list = |k: &str| a.get(k).map(|v| split_list(v).map(str::to_owned).collect::<Vec<_>>()).unwrap_or_default();
+    // Each list is checked here, under its own annotation's name, so an error names the annotation
+    // the pod really has (the rebuilt JSON is checked again by `build`, which then cannot fail on it).
+    let list = |k: &'static str, check: fn(&str, &'static str) -> Result<(), ValueError>| {
+        let entries: Vec<String> = a.get(k).map(|v| split_list(v).map(str::to_owned).collect()).unwrap_or_default();
+        crate::limits::list_entries("the list", entries.len()).map_err(|e| err(k, e.to_string()))?;
+        for e in &entries {
+            check(e, "entry").map_err(|e| err(k, e.to_string()))?;
+        }
+        Ok::<_, AnnotationError>(entries)
+    };
+    let port_range = |s: &str, what| parse_port_range(s, what).map(drop);
+    let cidr = |s: &str, what| parse_cidr(s, what).map(drop);
+    let uid_range = |s: &str, what| parse_uid_range(s, what).map(drop);
     let is_true = |k: &str| a.get(k).is_some_and(|v| v.eq_ignore_ascii_case("true"));
 
     let mut inbound = Vec::new();
     if is_true(ENABLE_METRICS) {
-        inbound.push(a.get(PROMETHEUS_SCRAPE_PORT).cloned().unwrap_or_else(|| DEFAULT_PROMETHEUS_PORT.to_string()));
+        let port = a.get(PROMETHEUS_SCRAPE_PORT).cloned().unwrap_or_else(|| DEFAULT_PROMETHEUS_PORT.to_string());
+        parse_port_range(&port, "port").map_err(|e| err(PROMETHEUS_SCRAPE_PORT, e.to_string()))?;
+        inbound.push(port);
     }
     if is_true(USE_PROXY_HEALTH_CHECK) {
         inbound.push(PROXY_HEALTH_PORT.to_string());
     }
-    inbound.extend(list(EXCLUDE_INBOUND_PORTS));
+    inbound.extend(list(EXCLUDE_INBOUND_PORTS, port_range)?);
     let mut uids = vec![DEFAULT_CONNECT_INIT_UID.to_string()];
-    uids.extend(list(EXCLUDE_UIDS));
+    uids.extend(list(EXCLUDE_UIDS, uid_range)?);
     let (dns_ip, dns_port) = if is_true(CONSUL_DNS) {
         (if dual_stack { "::1" } else { "127.0.0.1" }.to_owned(), i64::from(DEFAULT_DNS_PORT))
     } else {
@@ -132,8 +171,8 @@ fn from_individual_annotations(a: &Annotations, dual_stack: bool) -> Result<Conf
         proxy_inbound_port: i64::from(DEFAULT_INBOUND_PORT),
         proxy_outbound_port: i64::from(DEFAULT_OUTBOUND_PORT),
         exclude_inbound_ports: Some(inbound),
-        exclude_outbound_ports: Some(list(EXCLUDE_OUTBOUND_PORTS)),
-        exclude_outbound_cidrs: Some(list(EXCLUDE_OUTBOUND_CIDRS)),
+        exclude_outbound_ports: Some(list(EXCLUDE_OUTBOUND_PORTS, port_range)?),
+        exclude_outbound_cidrs: Some(list(EXCLUDE_OUTBOUND_CIDRS, cidr)?),
         exclude_uids: Some(uids),
         ..Config::default()
     })
@@ -159,18 +198,23 @@ fn build(
         0 => Port::new(DEFAULT_OUTBOUND_PORT).expect("non-zero"),
         n => number_port(n, "ProxyOutboundPort").map_err(v)?,
     };
-    let ports = |l: Option<Vec<String>>, what| {
-        l.unwrap_or_default().iter().map(|p| parse_port_range(p, what)).collect::<Result<Vec<_>, _>>()
+    let entries = |l: Option<Vec<String>>, what| {
+        let l = l.unwrap_or_default();
+        crate::limits::list_entries(what, l.len()).map(|()| l)
     };
-    let exclude_inbound_ports = ports(c.exclude_inbound_ports, "ExcludeInboundPorts entry").map_err(v)?;
-    let exclude_outbound_ports = ports(c.exclude_outbound_ports, "ExcludeOutboundPorts entry").map_err(v)?;
+    let ports = |l: Option<Vec<String>>, what, entry| {
+        entries(l, what)?.iter().map(|p| parse_port_range(p, entry)).collect::<Result<Vec<_>, _>>()
+    };
+    let exclude_inbound_ports =
+        ports(c.exclude_inbound_ports, "ExcludeInboundPorts", "ExcludeInboundPorts entry").map_err(v)?;
+    let exclude_outbound_ports =
+        ports(c.exclude_outbound_ports, "ExcludeOutboundPorts", "ExcludeOutboundPorts entry").map_err(v)?;
     let mut exclude_outbound_cidrs = Cidrs::default();
-    for s in c.exclude_outbound_cidrs.unwrap_or_default() {
+    for s in entries(c.exclude_outbound_cidrs, "ExcludeOutboundCIDRs").map_err(v)? {
         exclude_outbound_cidrs.push(parse_cidr(&s, "ExcludeOutboundCIDRs entry").map_err(v)?);
     }
-    let exclude_uids = c
-        .exclude_uids
-        .unwrap_or_default()
+    let exclude_uids = entries(c.exclude_uids, "ExcludeUIDs")
+        .map_err(v)?
         .iter()
         .map(|u| parse_uid_range(u, "ExcludeUIDs entry"))
         .collect::<Result<Vec<_>, _>>()
@@ -199,7 +243,7 @@ fn build(
         (Some(ip), _) => Some(ConsulDns::All { ip }),
         (None, _) => None,
     };
-    Ok(ConsulRedirect {
+    let r = ConsulRedirect {
         proxy_uid,
         inbound_port,
         outbound_port,
@@ -210,7 +254,10 @@ fn build(
         dns,
         dual_stack,
         families: Families { ipv6: dual_stack || net.has_ipv6 },
-    })
+    };
+    let rules = crate::rules::most_rules_per_family(&crate::redirect::Redirect::Consul(r.clone()));
+    crate::limits::rules_per_family(rules).map_err(|reason| err(source, reason))?;
+    Ok(r)
 }
 
 fn number_port(n: i64, what: &'static str) -> Result<Port, ValueError> {

@@ -50,6 +50,31 @@ pub const GATEWAY: &str = "kuma.io/gateway";
 pub const DROP_INVALID_PACKETS: &str = "traffic.kuma.io/drop-invalid-packets";
 pub const IPTABLES_LOGS: &str = "traffic.kuma.io/iptables-logs";
 
+/// What an error about the per-knob annotations taken together names (the rule budget).
+const LEGACY_EXCLUSIONS: &str = "traffic.kuma.io/exclude-*";
+
+/// Every annotation this dialect reads (each is held to [`crate::limits::MAX_ANNOTATION_BYTES`]).
+const READ: [&str; 18] = [
+    SIDECAR_INJECTED,
+    TPROXY_CONFIG,
+    CNCF_NETWORKS,
+    INBOUND_PORT,
+    OUTBOUND_PORT,
+    SIDECAR_UID,
+    BUILTIN_DNS,
+    BUILTIN_DNS_PORT,
+    EXCLUDE_INBOUND_PORTS,
+    EXCLUDE_OUTBOUND_PORTS,
+    EXCLUDE_INBOUND_IPS,
+    EXCLUDE_OUTBOUND_IPS,
+    EXCLUDE_OUTBOUND_PORTS_FOR_UIDS,
+    APPLICATION_PROBE_PROXY_PORT,
+    IP_FAMILY_MODE,
+    GATEWAY,
+    DROP_INVALID_PACKETS,
+    IPTABLES_LOGS,
+];
+
 /// Kuma's defaults (`DefaultConfig()` and kuma-cni's annotation defaults).
 pub const DEFAULT_PROXY_UID: u32 = 5678;
 pub const DEFAULT_INBOUND_PORT: u16 = 15006;
@@ -121,6 +146,11 @@ pub fn redirect(
 ) -> Result<Option<KumaRedirect>, AnnotationError> {
     if a.get(SIDECAR_INJECTED).map(String::as_str) != Some("true") {
         return Ok(None);
+    }
+    for key in READ {
+        if let Some(v) = a.get(key) {
+            crate::limits::annotation_size(v).map_err(|reason| err(key, reason))?;
+        }
     }
     match a.get(TPROXY_CONFIG).filter(|v| !v.trim().is_empty()) {
         Some(yaml) => {
@@ -250,6 +280,7 @@ impl PortList {
                 ports.push(parse_port(p, what)?);
             }
         }
+        crate::limits::list_entries(list_name(what), ports.len())?;
         Ok(ports)
     }
 }
@@ -328,6 +359,8 @@ fn from_config(c: Config, net: PodNetwork) -> Result<KumaRedirect, AnnotationErr
     };
     let exclude_outbound_cidrs =
         cidrs(flow.exclude_ports_for_ips.iter().flatten(), "redirect.outbound.excludePortsForIPs entry").map_err(v)?;
+    let uid_entries = flow.exclude_ports_for_uids.as_ref().map_or(0, Vec::len);
+    crate::limits::list_entries("redirect.outbound.excludePortsForUIDs", uid_entries).map_err(v)?;
     let mut exclude_outbound_ports_for_uids = Vec::new();
     for entry in flow.exclude_ports_for_uids.iter().flatten() {
         exclude_outbound_ports_for_uids.extend(
@@ -356,23 +389,26 @@ fn from_config(c: Config, net: PodNetwork) -> Result<KumaRedirect, AnnotationErr
         (true, Some(l)) => Some(log_level(&l.to_string(), "log.level").map_err(v)?),
     };
 
-    Ok(finish(
-        KumaRedirect {
-            proxy_uid,
-            inbound_port,
-            outbound_port,
-            inbound,
-            outbound,
-            exclude_outbound_cidrs,
-            exclude_outbound_ports_for_uids,
-            dns,
-            drop_invalid_packets: c.drop_invalid_packets.unwrap_or(false),
-            log_level,
-            dual_stack,
-            families: Families { ipv6: false },
-        },
-        net,
-    ))
+    within_rule_budget(
+        finish(
+            KumaRedirect {
+                proxy_uid,
+                inbound_port,
+                outbound_port,
+                inbound,
+                outbound,
+                exclude_outbound_cidrs,
+                exclude_outbound_ports_for_uids,
+                dns,
+                drop_invalid_packets: c.drop_invalid_packets.unwrap_or(false),
+                log_level,
+                dual_stack,
+                families: Families { ipv6: false },
+            },
+            net,
+        ),
+        TPROXY_CONFIG,
+    )
 }
 
 /// The same configuration from the per-knob annotations of webhooks up to v2.14, with kuma-cni's
@@ -392,7 +428,13 @@ pub fn from_legacy_annotations(a: &Annotations, net: PodNetwork) -> Result<KumaR
     let port_list = |k: &'static str, default: Option<u16>| -> Result<Vec<Port>, AnnotationError> {
         match get(k) {
             None => Ok(default.map(port_const).into_iter().collect()),
-            Some(v) => split_list(v).map(|p| parse_port(p, "port").map_err(|e| err(k, e.to_string()))).collect(),
+            Some(v) => {
+                let ports = split_list(v)
+                    .map(|p| parse_port(p, "port").map_err(|e| err(k, e.to_string())))
+                    .collect::<Result<Vec<_>, _>>()?;
+                crate::limits::list_entries("the list", ports.len()).map_err(|e| err(k, e.to_string()))?;
+                Ok(ports)
+            }
         }
     };
     let cidr_list = |k: &'static str| -> Result<Cidrs, AnnotationError> {
@@ -429,6 +471,10 @@ pub fn from_legacy_annotations(a: &Annotations, net: PodNetwork) -> Result<KumaR
         exclude_ports: port_list(EXCLUDE_OUTBOUND_PORTS, Some(DEFAULT_EXCLUDED_PORT))?,
         include_ports: Vec::new(),
     });
+    let uid_entries =
+        get(EXCLUDE_OUTBOUND_PORTS_FOR_UIDS).map_or(0, |v| v.split(';').filter(|e| !e.trim().is_empty()).count());
+    crate::limits::list_entries("the list", uid_entries)
+        .map_err(|e| err(EXCLUDE_OUTBOUND_PORTS_FOR_UIDS, e.to_string()))?;
     let mut exclude_outbound_ports_for_uids = Vec::new();
     for entry in get(EXCLUDE_OUTBOUND_PORTS_FOR_UIDS).into_iter().flat_map(|v| v.split(';')) {
         if entry.trim().is_empty() {
@@ -444,23 +490,26 @@ pub fn from_legacy_annotations(a: &Annotations, net: PodNetwork) -> Result<KumaR
     } else {
         None
     };
-    Ok(finish(
-        KumaRedirect {
-            proxy_uid,
-            inbound_port,
-            outbound_port: single_port(OUTBOUND_PORT, DEFAULT_OUTBOUND_PORT)?,
-            inbound,
-            outbound,
-            exclude_outbound_cidrs: cidr_list(EXCLUDE_OUTBOUND_IPS)?,
-            exclude_outbound_ports_for_uids,
-            dns,
-            drop_invalid_packets: flag(DROP_INVALID_PACKETS)?,
-            log_level: flag(IPTABLES_LOGS)?.then_some(DEFAULT_LOG_LEVEL),
-            dual_stack,
-            families: Families { ipv6: false },
-        },
-        net,
-    ))
+    within_rule_budget(
+        finish(
+            KumaRedirect {
+                proxy_uid,
+                inbound_port,
+                outbound_port: single_port(OUTBOUND_PORT, DEFAULT_OUTBOUND_PORT)?,
+                inbound,
+                outbound,
+                exclude_outbound_cidrs: cidr_list(EXCLUDE_OUTBOUND_IPS)?,
+                exclude_outbound_ports_for_uids,
+                dns,
+                drop_invalid_packets: flag(DROP_INVALID_PACKETS)?,
+                log_level: flag(IPTABLES_LOGS)?.then_some(DEFAULT_LOG_LEVEL),
+                dual_stack,
+                families: Families { ipv6: false },
+            },
+            net,
+        ),
+        LEGACY_EXCLUSIONS,
+    )
 }
 
 /// Decides the families: IPv6 in dual-stack mode when the pod has it (the caller may also find it
@@ -512,12 +561,31 @@ fn cidrs<'a>(
     what: &'static str,
 ) -> Result<Cidrs, ValueError> {
     let mut out = Cidrs::default();
+    let mut entries = 0;
     for item in items {
         for s in split_list(item.as_ref()) {
             out.push(parse_cidr(s, what)?);
+            entries += 1;
         }
     }
+    crate::limits::list_entries(list_name(what), entries)?;
     Ok(out)
+}
+
+/// The list an entry's description (`"… entry"`) belongs to, for a limit's message.
+fn list_name(entry: &'static str) -> &'static str {
+    match entry.strip_suffix(" entry") {
+        Some(list) => list,
+        None => "the list",
+    }
+}
+
+/// Refuses a redirect with more rules per family than [`crate::limits::MAX_RULES_PER_FAMILY`];
+/// `annotation` is what the error names.
+fn within_rule_budget(k: KumaRedirect, annotation: &'static str) -> Result<KumaRedirect, AnnotationError> {
+    let rules = crate::rules::most_rules_per_family(&crate::redirect::Redirect::Kuma(k.clone()));
+    crate::limits::rules_per_family(rules).map_err(|reason| err(annotation, reason))?;
+    Ok(k)
 }
 
 fn log_level(s: &str, what: &'static str) -> Result<u8, ValueError> {
