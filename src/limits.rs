@@ -26,6 +26,25 @@ pub const MAX_RULES_PER_FAMILY: usize = 4096;
 /// from the kubeconfig itself; only regular files are read.
 pub const MAX_CONFIG_FILE_BYTES: u64 = 1024 * 1024;
 
+/// The most bytes of a parser's own message (serde's, the YAML parser's) quoted in an error: they
+/// may quote the value they choked on, which is the pod author's text.
+pub const MAX_QUOTED_MESSAGE_BYTES: usize = 200;
+
+/// The most bytes of the one-line message of a CNI error result.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+
+/// `text` cut to at most `max` bytes on a character boundary, `…` marking a cut.
+pub fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
+}
+
 /// Refuses an annotation value longer than [`MAX_ANNOTATION_BYTES`]; the error says by how much.
 pub fn annotation_size(value: &str) -> Result<(), String> {
     if value.len() > MAX_ANNOTATION_BYTES {
@@ -70,5 +89,9 @@ mod tests {
         assert_eq!(e, "ExcludeInboundPorts has 1025 entries, more than the limit of 1024");
         assert!(rules_per_family(MAX_RULES_PER_FAMILY).is_ok());
         assert!(rules_per_family(MAX_RULES_PER_FAMILY + 1).unwrap_err().contains("4097 rules"));
+        assert_eq!(bounded("short", 10), "short");
+        let long = "é".repeat(100);
+        let cut = bounded(&long, 11);
+        assert!(cut.len() <= 11 && cut.ends_with('…'), "{cut}");
     }
 }

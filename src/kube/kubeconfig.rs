@@ -277,11 +277,15 @@ impl Kubeconfig {
     pub fn parse(path: &Path, text: &[u8]) -> Result<Kubeconfig, Problem> {
         // Check the shape first: a decoder's "invalid type" message quotes the value it got, and a
         // file that is one bare string (a token file named by mistake) must not be echoed.
-        let doc: serde_json::Value = serde_saphyr::from_slice(text).map_err(|e| Problem::Yaml(Box::new(e)))?;
+        // No source snippet in errors: it would quote the lines around the error, token included.
+        let options = serde_saphyr::options! { with_snippet: false };
+        let doc: serde_json::Value =
+            serde_saphyr::from_slice_with_options(text, options).map_err(|e| Problem::Yaml(Box::new(e)))?;
         if !doc.is_object() {
             return Err(Problem::NotAMapping);
         }
-        let raw: RawConfig = serde_json::from_value(doc).map_err(Problem::Shape)?;
+        let raw: RawConfig =
+            serde_json::from_value(doc).map_err(|e| Problem::Shape(without_quoted_values(&e.to_string())))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let context_name = set(raw.current_context).ok_or(Problem::NoCurrentContext)?;
         let context = raw
@@ -486,6 +490,23 @@ fn client_cert(user: &RawUser, base: &Path) -> Result<Option<ClientCert>, Proble
 fn read_file(base: &Path, file: &str, what: &'static str) -> Result<Vec<u8>, Problem> {
     let path = base.join(file);
     read_bounded(&path).map_err(|source| Problem::File { what, file: path, source })
+}
+
+/// A decoder's message with every double-quoted value left out: `invalid type: string "…",
+/// expected …` quotes what it found, and a value in the wrong place may be a token.
+fn without_quoted_values(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let (mut quoted, mut escaped) = (false, false);
+    for c in msg.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            _ if !quoted => out.push(c),
+            _ => {}
+        }
+    }
+    out.replace(" ,", ",").replace("  ", " ")
 }
 
 /// Reads a file a kubeconfig names (or the kubeconfig itself): a regular file of at most

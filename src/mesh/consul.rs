@@ -9,6 +9,7 @@
 use serde::Deserialize;
 
 use super::{AnnotationError, Annotations, PodNetwork};
+use crate::limits;
 use crate::redirect::{
     Cidrs, ConsulDns, ConsulRedirect, Families, Port, ValueError, parse_cidr, parse_ip, parse_port_range, parse_uid,
     parse_uid_range, port_from_number, split_list,
@@ -127,7 +128,10 @@ struct Config {
 }
 
 fn parse_json(json: &str, source: &'static str) -> Result<Config, AnnotationError> {
-    serde_json::from_str(json).map_err(|e| err(source, format!("is not the redirect JSON: {e}")))
+    serde_json::from_str(json).map_err(|e| {
+        let e = e.to_string();
+        err(source, format!("is not the redirect JSON: {}", limits::bounded(&e, limits::MAX_QUOTED_MESSAGE_BYTES)))
+    })
 }
 
 /// Rebuilds what the webhook would have written, from the individual annotations.

@@ -243,29 +243,102 @@ struct EbpfConfig {
     enabled: Option<bool>,
 }
 
-/// A YAML scalar that Kuma reads as text: `5678` and `"5678"` are the same UID.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Scalar {
-    Number(u64),
-    Text(String),
-}
+/// A YAML scalar that Kuma reads as text: `5678` and `"5678"` are the same UID. Any scalar is
+/// taken as its text (`-1`, `1.5`, `true` included) so that the value checks that follow refuse it
+/// with a message naming the key and quoting the value; a list or a mapping is refused here.
+#[derive(Debug)]
+struct Scalar(String);
 
 impl Scalar {
     fn text(&self) -> String {
-        match self {
-            Scalar::Number(n) => n.to_string(),
-            Scalar::Text(s) => s.clone(),
-        }
+        self.0.clone()
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ScalarVisitor)
+    }
+}
+
+struct ScalarVisitor;
+
+impl serde::de::Visitor<'_> for ScalarVisitor {
+    type Value = Scalar;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a number or a string")
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<Scalar, E> {
+        Ok(Scalar(n.to_string()))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<Scalar, E> {
+        Ok(Scalar(n.to_string()))
+    }
+
+    fn visit_f64<E>(self, n: f64) -> Result<Scalar, E> {
+        // `{:?}` keeps the decimal point, so `1e3` stays a non-integer and is refused as one.
+        Ok(Scalar(format!("{n:?}")))
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Scalar, E> {
+        Ok(Scalar(b.to_string()))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Scalar, E> {
+        Ok(Scalar(s.to_owned()))
     }
 }
 
 /// Kuma's port lists: a YAML list of numbers or strings, or one string of comma-separated ports.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 enum PortList {
     List(Vec<Scalar>),
     One(Scalar),
+}
+
+impl<'de> Deserialize<'de> for PortList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PortList;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of ports, or a string of comma-separated ports")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<PortList, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<Scalar>()? {
+                    items.push(item);
+                }
+                Ok(PortList::List(items))
+            }
+
+            fn visit_u64<E>(self, n: u64) -> Result<PortList, E> {
+                Ok(PortList::One(Scalar(n.to_string())))
+            }
+
+            fn visit_i64<E>(self, n: i64) -> Result<PortList, E> {
+                Ok(PortList::One(Scalar(n.to_string())))
+            }
+
+            fn visit_f64<E>(self, n: f64) -> Result<PortList, E> {
+                Ok(PortList::One(Scalar(format!("{n:?}"))))
+            }
+
+            fn visit_bool<E>(self, b: bool) -> Result<PortList, E> {
+                Ok(PortList::One(Scalar(b.to_string())))
+            }
+
+            fn visit_str<E>(self, s: &str) -> Result<PortList, E> {
+                Ok(PortList::One(Scalar(s.to_owned())))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl PortList {
@@ -289,6 +362,7 @@ fn parse_yaml(yaml: &str) -> Result<Config, AnnotationError> {
     // An annotation is at most 256 KiB; our configuration is a few dozen nodes. The budget refuses
     // alias bombs and deep nesting long before they cost anything.
     let options = serde_saphyr::options! {
+        with_snippet: false,
         budget: serde_saphyr::budget! {
             max_events: 20_000,
             max_aliases: 64,
@@ -296,9 +370,12 @@ fn parse_yaml(yaml: &str) -> Result<Config, AnnotationError> {
             max_depth: 32,
         },
     };
-    serde_saphyr::from_str_with_options::<Option<Config>>(yaml, options)
-        .map(Option::unwrap_or_default)
-        .map_err(|e| yaml_err(format!("is not Kuma's transparent proxy configuration: {}", e.without_snippet())))
+    serde_saphyr::from_str_with_options::<Option<Config>>(yaml, options).map(Option::unwrap_or_default).map_err(|e| {
+        // The parser's advice on duplicate keys is for programmers: the fix is to remove one.
+        let e = e.to_string().replace(", set DuplicateKeyPolicy in Options if acceptable", " (remove one)");
+        let e = crate::limits::bounded(&e, crate::limits::MAX_QUOTED_MESSAGE_BYTES);
+        yaml_err(format!("is not Kuma's transparent proxy configuration: {e}"))
+    })
 }
 
 /// Validates the YAML configuration, merged over Kuma's defaults, into a redirect.
@@ -615,6 +692,9 @@ pub fn parse_uid_port_exclusion(entry: &str) -> Result<Vec<UidPortExclusion>, St
             })
             .collect::<Result<Vec<_>, _>>()?,
     };
+    // `tcp,TCP` names one protocol: one rule, not two identical ones.
+    let transports: Vec<Transport> =
+        [Transport::Tcp, Transport::Udp].into_iter().filter(|t| transports.contains(t)).collect();
     let ports = match ports.trim_matches(' ') {
         "" | "*" => vec![PortRange::ALL],
         list => list

@@ -265,7 +265,7 @@ fn target(table: &str, chain: &str, created: &BTreeSet<String>, args: &[&str], f
             if zone == 0 { Err("zone 0 is the default zone, not a split".into()) } else { Ok(()) }
         }
         ["LOG", "--log-prefix", prefix, "--log-level", level] => {
-            if !matches!(*prefix, "OUTPUT:" | "PREROUTING:") {
+            if !matches!(*prefix, "\"OUTPUT:\"" | "\"PREROUTING:\"") {
                 return Err(format!("log prefix {prefix:?} is not allowed"));
             }
             number(level, 7).map(drop).map_err(|e| format!("log level {e}"))
