@@ -205,8 +205,12 @@ fn add(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
     let status = ConsulStatus::new(conf, &inv.args, &found, redirect, &api);
     status.iter().for_each(|s| s.report(pod::CONSUL_STATUS_WAITING));
     let nf = Netfilter::new(Backend::resolve(conf.iptables_mode));
-    if let Err(e) = nf.apply(&ns, &sets) {
-        prepared.undo(&ns);
+    nf.apply(&ns, &sets)?;
+    if let Err(e) = prepared.add_address(&ns) {
+        // Leave nothing of ours behind a failed ADD.
+        if let Err(undo) = nf.remove(&ns) {
+            log::warn!("cannot remove the rules after failing to add the loopback address: {undo}");
+        }
         return Err(e.into());
     }
     let families: Vec<_> = sets.iter().map(|s| s.family.name()).collect();
