@@ -29,14 +29,30 @@ use support::*;
 const ORDER: [(Fam, &str); 6] =
     [(Fam::V4, "nat"), (Fam::V4, "raw"), (Fam::V4, "mangle"), (Fam::V6, "nat"), (Fam::V6, "raw"), (Fam::V6, "mangle")];
 
-/// Waits until no process of the group `pgid` is left (orphaned children included).
+/// Waits until every process of the group `pgid` has ended, reaping the orphans (an
+/// `iptables-restore` whose plugin was killed) ourselves: see [`become_subreaper`].
 fn wait_group(pgid: i32) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    // Safety: kill with signal 0 only checks whether the group has members.
-    while unsafe { libc::kill(-pgid, 0) } == 0 {
+    loop {
+        let mut status = 0;
+        // Safety: waitpid on our own process group with a valid out-pointer.
+        let r = unsafe { libc::waitpid(-pgid, &mut status, libc::WNOHANG) };
+        if r > 0 {
+            continue;
+        }
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+            return;
+        }
         assert!(Instant::now() < deadline, "process group {pgid} did not end");
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// Makes this test process the reaper of its orphaned descendants, so a tool whose plugin was
+/// killed is waited for here (the machine's init may take seconds to reap it).
+fn become_subreaper() {
+    // Safety: prctl with integer arguments.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
 }
 
 /// One namespace reused across kills, with its canary.
@@ -67,6 +83,7 @@ fn add_killed_at_random_moments_leaves_whole_tables_and_the_next_call_repairs() 
     if !privileged() {
         return;
     }
+    become_subreaper();
     let kills = if long() { 1000 } else { 32 };
     let seed = seed();
     let mut rng = Rng::new(seed);
@@ -83,20 +100,23 @@ fn add_killed_at_random_moments_leaves_whole_tables_and_the_next_call_repairs() 
     let mut canary = canary_rules();
     canary.sort();
 
-    // How long an ADD takes, per backend, mesh and path, so kill delays cover the whole call.
+    // How long an ADD takes (the fastest of three), per backend, mesh and path, so kill delays
+    // spread over the whole call.
     let mut duration: BTreeMap<(&str, &str, bool), Duration> = BTreeMap::new();
     for slot in &slots {
         for spec in &specs {
             for over_old in [false, true] {
-                reset(slot, spec, "calib");
-                if over_old {
+                for _ in 0..3 {
+                    reset(slot, spec, "calib");
+                    if over_old {
+                        assert!(add(slot, spec, true, "calib").status.success());
+                    }
+                    let start = Instant::now();
                     assert!(add(slot, spec, true, "calib").status.success());
+                    let d = start.elapsed();
+                    let e = duration.entry((slot.backend, spec.name, over_old)).or_insert(d);
+                    *e = (*e).min(d);
                 }
-                let start = Instant::now();
-                assert!(add(slot, spec, true, "calib").status.success());
-                let d = start.elapsed();
-                let e = duration.entry((slot.backend, spec.name, over_old)).or_insert(d);
-                *e = (*e).max(d);
             }
         }
         reset(slot, &specs[0], "calib");
@@ -131,7 +151,7 @@ fn add_killed_at_random_moments_leaves_whole_tables_and_the_next_call_repairs() 
         let new_rules = expected(&new.annotations, v6);
 
         let d = duration[&(slot.backend, new.name, old.is_some())];
-        let delay = Duration::from_micros(rng.below(d.as_micros() as u64 * 13 / 10 + 1));
+        let delay = Duration::from_micros(rng.below(d.as_micros() as u64 + 1));
         let mut child = spawn_plugin(
             "ADD",
             slot.ns.path().to_str().unwrap(),
@@ -211,4 +231,61 @@ fn add_killed_at_random_moments_leaves_whole_tables_and_the_next_call_repairs() 
         start.elapsed().as_secs_f64()
     );
     assert!(states.len() >= 2, "the kills all landed at the same point: {states:?}");
+}
+
+/// The children of `pid`, from `/proc/PID/task/PID/children`.
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .collect()
+}
+
+/// Regression test: Kuma's `::6` used to be added to `lo` before the first table was committed,
+/// so an ADD killed in between left an address that no DEL ever removed. The plugin is frozen
+/// (SIGSTOP on its process group) the moment it has started its first `iptables-restore`, when no
+/// rule can be in yet: the address must not be there either; killed at that moment, DEL must leave
+/// nothing.
+#[test]
+fn kuma_loopback_address_never_precedes_the_rules() {
+    if !privileged() {
+        return;
+    }
+    become_subreaper();
+    let kuma = specs().into_iter().find(|s| s.name == "kuma-yaml").unwrap();
+    for backend in BACKENDS {
+        let slot = Slot { ns: Netns::new("tpk"), backend };
+        for round in 0..3 {
+            let id = format!("s{round}");
+            reset(&slot, &kuma, &id);
+            let mut child = spawn_plugin(
+                "ADD",
+                slot.ns.path().to_str().unwrap(),
+                &id,
+                &stdin(backend, &kuma.annotations, &prev_result(true)),
+            );
+            let pid = child.id() as i32;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while children(pid).is_empty() {
+                assert!(Instant::now() < deadline, "{backend}: the plugin started no tool");
+                std::hint::spin_loop();
+            }
+            // Safety: signals to our own child's process group.
+            unsafe { libc::kill(-pid, libc::SIGSTOP) };
+            let v6_chains = !table_part(&ours(&slot.ns, backend)[&Fam::V6], "nat").chains.is_empty();
+            let address = passthrough_v6(&slot.ns);
+            assert!(address == 0 || v6_chains, "{backend} round {round}: ::6 on lo before the IPv6 rules");
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            let _ = child.wait();
+            wait_group(pid);
+            let out = call_plugin(
+                &env("DEL", slot.ns.path().to_str().unwrap(), &id),
+                &stdin(backend, &kuma.annotations, &prev_result(true)),
+            );
+            assert!(out.status.success());
+            assert!(ours(&slot.ns, backend).values().all(Ours::is_empty), "{backend}: DEL left rules");
+            assert_eq!(passthrough_v6(&slot.ns), 0, "{backend} round {round}: DEL after the kill left ::6 on lo");
+        }
+    }
 }
