@@ -688,3 +688,18 @@ fn a_container_id_with_multibyte_characters_does_not_panic() {
         }
     }
 }
+
+#[test]
+fn a_configuration_decoding_error_is_quoted_once_and_bounded() {
+    // The decoder's message (which quotes the value) used to be repeated in full as the cause.
+    let long = "x".repeat(2000);
+    let stdin = format!(r#"{{"cniVersion":"1.0.0","name":"n","type":"tproxy-cni","exclude_namespaces":"{long}"}}"#);
+    let out = call_plugin(
+        &[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/nonexistent")],
+        &stdin,
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let msg = doc["msg"].as_str().unwrap();
+    assert_eq!(doc["code"], 7, "{doc}");
+    assert!(msg.len() <= 512 && msg.matches("invalid type").count() == 1, "{} bytes: {msg}", msg.len());
+}

@@ -86,9 +86,9 @@ pub struct Attachment {
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("network configuration on stdin is not valid JSON: {}", bounded_message(.0))]
-    Syntax(#[source] serde_json::Error),
+    Syntax(serde_json::Error),
     #[error("network configuration is invalid: {}", bounded_message(.0))]
-    Invalid(#[source] serde_json::Error),
+    Invalid(serde_json::Error),
     #[error("network configuration has no cniVersion")]
     MissingVersion,
     #[error(transparent)]
