@@ -114,7 +114,7 @@ fn tamper(rng: &mut Rng, p: &PodState) -> String {
 /// The checks after every call of the plugin.
 fn check_namespace(run: &Run, p: &PodState) {
     let Some(ns) = &p.ns else { return };
-    let have = ours(ns, p.backend);
+    let (have, foreign) = state(ns, p.backend);
     let want = match &p.installed {
         Some(spec) => expected(&spec.annotations, p.v6),
         None => expected(&Value::Object(Default::default()), false),
@@ -129,7 +129,6 @@ fn check_namespace(run: &Run, p: &PodState) {
             });
         }
     }
-    let foreign = foreign(ns, p.backend);
     let mut canary = canary_rules();
     canary.sort();
     for fam in [Fam::V4, Fam::V6] {

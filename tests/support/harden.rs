@@ -269,6 +269,18 @@ pub fn foreign(ns: &Netns, backend: &str) -> BTreeMap<Fam, Vec<String>> {
         .collect()
 }
 
+/// What of ours the namespace holds and its foreign rules (sorted), per family, from one save each.
+pub fn state(ns: &Netns, backend: &str) -> (BTreeMap<Fam, Ours>, BTreeMap<Fam, Vec<String>>) {
+    let (mut ours, mut foreign) = (BTreeMap::new(), BTreeMap::new());
+    for f in [Fam::V4, Fam::V6] {
+        let (o, mut v) = read(&save(ns, f, backend));
+        v.sort();
+        ours.insert(f, o);
+        foreign.insert(f, v);
+    }
+    (ours, foreign)
+}
+
 /// How many times `::6/128` is on the namespace's loopback.
 pub fn passthrough_v6(ns: &Netns) -> usize {
     let out =
