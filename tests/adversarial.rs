@@ -703,3 +703,16 @@ fn a_configuration_decoding_error_is_quoted_once_and_bounded() {
     assert_eq!(doc["code"], 7, "{doc}");
     assert!(msg.len() <= 512 && msg.matches("invalid type").count() == 1, "{} bytes: {msg}", msg.len());
 }
+
+#[test]
+fn a_server_url_with_a_multibyte_character_is_refused_not_a_panic() {
+    // Found by fuzzing: the scheme check cut the URL at byte 8, inside a character.
+    for server in ["https:/\u{224}fd00::1", "\u{e9}ttps://x", "https://\u{e9}xample.org"] {
+        let text = format!(
+            "current-context: c\ncontexts: [{{name: c, context: {{cluster: k}}}}]\nclusters: [{{name: k, cluster: {{server: \"{server}\"}}}}]\n"
+        );
+        let e = tproxy_cni::kube::Kubeconfig::parse(std::path::Path::new("/nonexistent/kubeconfig"), text.as_bytes())
+            .unwrap_err();
+        assert!(e.to_string().contains("is not usable"), "{server}: {e}");
+    }
+}

@@ -386,7 +386,8 @@ impl Kubeconfig {
 pub fn parse_server(url: &str) -> Result<String, &'static str> {
     let url = url.trim();
     let scheme_len = "https://".len();
-    if url.len() < scheme_len || !url[..scheme_len].eq_ignore_ascii_case("https://") {
+    // `get`, not indexing: the eighth byte may fall inside a multi-byte character.
+    if !url.get(..scheme_len).is_some_and(|s| s.eq_ignore_ascii_case("https://")) {
         return Err("only https:// servers are supported");
     }
     let rest = &url[scheme_len..];
