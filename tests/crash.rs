@@ -206,7 +206,7 @@ fn add_killed_at_random_moments_leaves_whole_tables_and_the_next_call_repairs() 
         } else {
             "killed after the last commit".to_owned()
         };
-        *states.entry(what).or_default() += 1;
+        *states.entry(format!("{}: {what}", slot.backend)).or_default() += 1;
 
         // The runtime's next step repairs it.
         let kuma_v6 = new.mesh == "kuma" && v6;
