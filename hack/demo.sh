@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The tproxy-cni demo: two pods on a real bridge, set up through the real CNI chain (bridge +
 # host-local + tproxy-cni, driven by libcni), with Consul's annotations and tproxy-cni's built-in
-# defaults. A stand-in sidecar in each pod shows the client's request crossing both proxies, an
-# intention denying it and being lifted, and everything is torn down at the end.
+# defaults. `tproxy-cni validate` proves the client's redirect as an unprivileged user; then a
+# stand-in sidecar in each pod shows the client's request crossing both proxies, an intention
+# denying it and being lifted, and everything is torn down at the end.
 #
 # Usage: sudo hack/demo.sh        (installs what it needs on Debian; about a minute on first run)
 set -euo pipefail
@@ -16,7 +17,12 @@ cargo build -q --bin tproxy-cni --example demo_pod
 bin=$PWD/target/debug
 pod=$bin/examples/demo_pod
 cnidrv=$PWD/target/tmp/cnidrv
-[ -x "$cnidrv" ] || { mkdir -p target/tmp; bash ../shared/tools/cnidrv/build.sh "$cnidrv" >/dev/null; }
+if [ ! -x "$cnidrv" ]; then
+  # shared/tools sits beside the checkout (CI, the main clone) or higher up (a git worktree).
+  build=$(for d in .. ../.. ../../..; do [ -f "$d/shared/tools/cnidrv/build.sh" ] && echo "$d/shared/tools/cnidrv/build.sh" && break; done)
+  [ -n "$build" ] || { echo "shared/tools/cnidrv not found beside the checkout"; exit 1; }
+  mkdir -p target/tmp; bash "$build" "$cnidrv" >/dev/null
+fi
 
 work=$(mktemp -d /tmp/tproxy-cni-demo.XXXXXX)
 chmod 755 "$work"   # the sidecars run as the proxy's UID and read their deny file here
@@ -77,6 +83,13 @@ client_ip=$(ip netns exec demo-hello-client ip -4 -o addr show dev eth0 | awk '{
 
 say "the rules tproxy-cni installed in hello-client's network namespace"
 ip netns exec demo-hello-client iptables-save -t nat | grep -v '^#'
+
+# What an unprivileged init container can run before the sidecar starts: validate listens on the
+# sidecar's outbound port and proves, with a token and SO_ORIGINAL_DST, that a call is redirected
+# there. (The demo's pods have no default route, so it dials hello rather than its default target.)
+say "tproxy-cni validate in hello-client, as UID 1000 (what an unprivileged init container runs)"
+ip netns exec demo-hello-client setpriv --reuid 1000 --regid 1000 --clear-groups \
+  "$bin/tproxy-cni" validate --target "$hello_ip:8080" | sed 's/^/  /'
 
 say "starting the pods: app 'hello' on :8080, a sidecar (UID 5995) in each pod"
 ip netns exec demo-hello "$pod" app --name hello --port 8080 & pids+=($!)

@@ -3,8 +3,13 @@
 //! We never move a long-lived thread of the plugin into the pod's namespace. A command that must
 //! run there is given a `pre_exec` hook that calls `setns(2)` in the forked child, just before
 //! `exec`; the parent stays in the host namespace whatever happens in the child. In-process work
-//! (a netlink socket) runs on a thread made for it, which enters the namespace and ends with the
-//! work ([`Netns::run_on_thread`]); nothing else ever runs on that thread.
+//! (a netlink socket, reading the namespace's `/proc/net` files, making sockets there) runs on a
+//! thread made for it, which enters the namespace and ends with the work
+//! ([`Netns::run_on_thread`]); nothing else ever runs on that thread.
+//!
+//! When the namespace is the one the process already runs in (the host command without `--netns`,
+//! or run by an init container), nothing is entered: `setns(2)` needs `CAP_SYS_ADMIN`, which such a
+//! container lacks even when it holds the `CAP_NET_ADMIN` that the rules need.
 
 use std::fs::File;
 use std::io;
@@ -15,6 +20,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use thiserror::Error;
+
+/// The namespace of the calling thread (every thread of ours stays in the process's namespace).
+const CURRENT: &str = "/proc/thread-self/ns/net";
 
 /// `f_type` of files on nsfs (`/proc/*/ns/*` and their bind mounts under `/run/netns`).
 const NSFS_MAGIC: i64 = 0x6e73_6673;
@@ -52,6 +60,8 @@ impl NetnsError {
 pub struct Netns {
     file: File,
     path: PathBuf,
+    /// The process already runs in this namespace.
+    current: bool,
 }
 
 impl Netns {
@@ -71,7 +81,19 @@ impl Netns {
         if st.f_type as i64 != NSFS_MAGIC {
             return Err(NetnsError::NotANetns(path.to_owned()));
         }
-        Ok(Netns { file, path: path.to_owned() })
+        let m = file.metadata().map_err(|source| NetnsError::Open { path: path.to_owned(), source })?;
+        let current = std::fs::metadata(CURRENT).is_ok_and(|here| (here.dev(), here.ino()) == (m.dev(), m.ino()));
+        Ok(Netns { file, path: path.to_owned(), current })
+    }
+
+    /// The namespace this process runs in.
+    pub fn current() -> Result<Netns, NetnsError> {
+        Netns::open(Path::new(CURRENT))
+    }
+
+    /// Is this the namespace the process runs in?
+    pub fn is_current(&self) -> bool {
+        self.current
     }
 
     pub fn path(&self) -> &Path {
@@ -85,9 +107,13 @@ impl Netns {
     }
 
     /// Runs `f` on a new thread that has entered this namespace and returns its result. The thread
-    /// is used for nothing else and ends with `f`, so no other code ever runs in the pod's
-    /// namespace; a socket `f` creates stays in the namespace for its whole life.
+    /// is used for nothing else and ends with `f`, so no other code ever runs in the namespace; a
+    /// socket `f` creates stays in the namespace for its whole life. In the process's own
+    /// namespace, `f` simply runs here.
     pub fn run_on_thread<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
+        if self.current {
+            return Ok(f());
+        }
         let fd = self.file.as_raw_fd();
         std::thread::scope(|scope| {
             scope
@@ -105,8 +131,24 @@ impl Netns {
         })
     }
 
+    /// Reads one file of `/proc/net` (`tcp`, `tcp6`, `if_inet6`, …) as this namespace sees it.
+    pub fn read_proc_net(&self, name: &str) -> io::Result<String> {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{name:?} is not a /proc/net file name")));
+        }
+        let file = Path::new("/proc/thread-self/net").join(name);
+        self.run_on_thread(|| std::fs::read_to_string(&file)).map_err(|e| match e {
+            NetnsError::Enter { source, .. } => source,
+            other => io::Error::other(other),
+        })?
+    }
+
     /// Makes `cmd` run inside this namespace. The namespace must stay open until `cmd` is spawned.
+    /// Nothing is done when it is the process's own namespace.
     pub fn enter_on_spawn(&self, cmd: &mut Command) {
+        if self.current {
+            return;
+        }
         let fd: RawFd = self.file.as_raw_fd();
         // Safety: the hook runs in the forked child before exec and only calls setns(2), a single
         // async-signal-safe system call; it touches no memory shared with the parent.
@@ -142,13 +184,23 @@ mod tests {
         let ns = Netns::open(Path::new("/proc/self/ns/net")).unwrap();
         let here = std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino();
         let there = ns.run_on_thread(|| std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()).unwrap();
-        assert_eq!(here, there, "our own namespace, entered again");
+        assert_eq!(here, there, "our own namespace: the work runs where we are");
         assert_eq!(std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino(), here);
     }
 
     #[test]
-    fn our_own_namespace_opens() {
+    fn our_own_namespace_opens_and_is_known_as_current() {
         let ns = Netns::open(Path::new("/proc/self/ns/net")).unwrap();
         assert!(!ns.id().unwrap().is_empty());
+        assert!(ns.is_current() && Netns::current().unwrap().is_current());
+    }
+
+    #[test]
+    fn proc_net_files_are_read_as_the_namespace_sees_them() {
+        let ns = Netns::current().unwrap();
+        let names = |dev: &str| dev.lines().skip(2).map(|l| l.split(':').next().unwrap().trim().to_owned()).collect();
+        let ours: Vec<String> = names(&std::fs::read_to_string("/proc/self/net/dev").unwrap());
+        assert_eq!(names(&ns.read_proc_net("dev").unwrap()), ours);
+        assert!(ns.read_proc_net("../../etc/passwd").is_err());
     }
 }

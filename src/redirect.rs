@@ -132,6 +132,11 @@ impl PortRange {
     pub const fn single_const(port: Port) -> PortRange {
         PortRange { first: port.0.get(), last: port.0.get() }
     }
+
+    /// Is `port` in the range?
+    pub fn contains(self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
 }
 
 impl fmt::Display for PortRange {
@@ -463,6 +468,8 @@ mod tests {
         assert_eq!(parse_port_range("53", "p").unwrap().to_string(), "53");
         assert!(matches!(parse_port_range("9000:8000", "p"), Err(ValueError::BadRange { .. })));
         assert!(parse_port_range("1:2:3", "p").is_err());
+        let r = parse_port_range("8000:9000", "p").unwrap();
+        assert!(r.contains(8000) && r.contains(9000) && !r.contains(7999) && !r.contains(9001));
     }
 
     #[test]

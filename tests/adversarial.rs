@@ -335,7 +335,7 @@ fn cases() -> Vec<Case> {
         c(
             "consul: an IPv6 DNS address on a single-stack pod",
             consul_json(json!({"ConsulDNSIP": "::1"})),
-            refused(CONSUL_CONFIG, "ConsulDNSIP ::1 is IPv6 but the pod is not dual-stack"),
+            refused(CONSUL_CONFIG, "ConsulDNSIP ::1 is IPv6 but dual-stack mode is off"),
         ),
         c(
             "consul: an IPv4-mapped IPv6 network is IPv6",

@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use serde_json::json;
 use support::*;
@@ -16,31 +16,10 @@ const PROXY_UID: u32 = 5995;
 const CONNECT_INIT_UID: u32 = 5996;
 const OTHER_UID: u32 = 4242;
 
-fn sa(ip: IpAddr, port: u16) -> SocketAddr {
-    SocketAddr::new(ip, port)
-}
-
 /// The sibling host: answers on 8080 and 5432 (both families) and holds an extra address per
 /// family (`.200`, `::200`) that the app's configuration excludes.
-struct Server<'n> {
-    pod: Pod<'n>,
-    /// The addresses the chain gave the server (not the extra excluded ones).
-    v4: IpAddr,
-    v6: IpAddr,
-    _listeners: Vec<Responder>,
-}
-
-fn server(net: &Network) -> Server<'_> {
-    let pod = net.pod("server", None);
-    let (v4, v6) = (pod.addr(Fam::V4), pod.addr(Fam::V6));
-    pod.ns.exec(&["ip", "addr", "add", "198.18.0.200/24", "dev", "eth0"]);
-    pod.ns.exec(&["ip", "addr", "add", "fd18::200/64", "dev", "eth0", "nodad"]);
-    let mut l = Vec::new();
-    for port in [8080, 5432] {
-        l.push(Responder::tcp(&pod.ns, sa("0.0.0.0".parse().unwrap(), port), &format!("server:{port}")));
-        l.push(Responder::tcp(&pod.ns, sa("::".parse().unwrap(), port), &format!("server6:{port}")));
-    }
-    Server { pod, v4, v6, _listeners: l }
+fn server(net: &Network) -> Sibling<'_> {
+    Sibling::new(net, &[8080, 5432], &["198.18.0.200/24", "fd18::200/64"])
 }
 
 /// Listeners in the app pod: the proxy's outbound and inbound ports, an app port that is excluded
@@ -54,17 +33,10 @@ fn app_listeners(ns: &Netns) -> Vec<Responder> {
         Responder::tcp(ns, sa(any4, 20000), "inbound"),
         Responder::tcp(ns, sa(any6, 20000), "inbound6"),
         Responder::tcp(ns, sa(any4, 9090), "app:9090"),
-        Responder::tcp(ns, sa("127.0.0.1".parse().unwrap(), 8080), "app-local"),
-        Responder::udp(ns, sa("127.0.0.1".parse().unwrap(), 8600), "consul-dns-udp"),
-        Responder::tcp(ns, sa("127.0.0.1".parse().unwrap(), 8600), "consul-dns-tcp"),
+        Responder::tcp(ns, sa("127.0.0.1".parse::<IpAddr>().unwrap(), 8080), "app-local"),
+        Responder::udp(ns, sa("127.0.0.1".parse::<IpAddr>().unwrap(), 8600), "consul-dns-udp"),
+        Responder::tcp(ns, sa("127.0.0.1".parse::<IpAddr>().unwrap(), 8600), "consul-dns-tcp"),
     ]
-}
-
-fn who(answer: &Result<String, String>) -> &str {
-    match answer {
-        Ok(s) => s.split_whitespace().next().unwrap_or(""),
-        Err(_) => "refused",
-    }
 }
 
 fn typical_config() -> serde_json::Value {
@@ -100,9 +72,9 @@ fn consul_pod_outbound_inbound_and_dns_follow_consuls_rules() {
     assert_eq!(who(&dial(&app.ns, Some(CONNECT_INIT_UID), sa(s4, 8080))), "server:8080");
     // Excluded port and excluded CIDR go straight out.
     assert_eq!(who(&dial(&app.ns, None, sa(s4, 5432))), "server:5432");
-    assert_eq!(who(&dial(&app.ns, None, sa("198.18.0.200".parse().unwrap(), 8080))), "server:8080");
+    assert_eq!(who(&dial(&app.ns, None, sa("198.18.0.200".parse::<IpAddr>().unwrap(), 8080))), "server:8080");
     // 127.0.0.1 is never redirected.
-    assert_eq!(who(&dial(&app.ns, None, sa("127.0.0.1".parse().unwrap(), 8080))), "app-local");
+    assert_eq!(who(&dial(&app.ns, None, sa("127.0.0.1".parse::<IpAddr>().unwrap(), 8080))), "app-local");
 
     // Inbound: connections to the pod land on the inbound listener, except the excluded port.
     let r = dial(&srv.pod.ns, None, sa(app4, 7000));
@@ -110,8 +82,11 @@ fn consul_pod_outbound_inbound_and_dns_follow_consuls_rules() {
     assert_eq!(who(&dial(&srv.pod.ns, None, sa(app4, 9090))), "app:9090");
 
     // DNS to 127.0.0.1:53, UDP and TCP, reaches Consul DNS on 8600.
-    assert_eq!(udp_ask(&app.ns, None, sa("127.0.0.1".parse().unwrap(), 53)).as_deref(), Ok("consul-dns-udp"));
-    assert_eq!(dial(&app.ns, None, sa("127.0.0.1".parse().unwrap(), 53)), Ok("consul-dns-tcp 127.0.0.1:53".into()));
+    assert_eq!(udp_ask(&app.ns, None, sa("127.0.0.1".parse::<IpAddr>().unwrap(), 53)).as_deref(), Ok("consul-dns-udp"));
+    assert_eq!(
+        dial(&app.ns, None, sa("127.0.0.1".parse::<IpAddr>().unwrap(), 53)),
+        Ok("consul-dns-tcp 127.0.0.1:53".into())
+    );
 
     // The pod has IPv6, so it gets an IPv6 pass too (without DNS: Consul's DNS address is IPv4).
     let s6 = srv.v6;
@@ -119,7 +94,7 @@ fn consul_pod_outbound_inbound_and_dns_follow_consuls_rules() {
     assert_eq!(dial(&app.ns, None, sa(s6, 8080)), Ok(format!("outbound6 [{s6}]:8080")));
     assert_eq!(who(&dial(&app.ns, Some(PROXY_UID), sa(s6, 8080))), "server6:8080");
     assert_eq!(who(&dial(&app.ns, None, sa(s6, 5432))), "server6:5432");
-    assert_eq!(who(&dial(&app.ns, None, sa("fd18::200".parse().unwrap(), 8080))), "server6:8080");
+    assert_eq!(who(&dial(&app.ns, None, sa("fd18::200".parse::<IpAddr>().unwrap(), 8080))), "server6:8080");
     assert_eq!(dial(&srv.pod.ns, None, sa(app6, 7000)), Ok(format!("inbound6 [{app6}]:7000")));
 
     // The plain pod was passed through: nothing of ours in its namespace.
@@ -158,7 +133,7 @@ fn dns_ip_without_port_sends_all_dns_to_that_address() {
     let net = Network::new(json!({"iptables_mode": "legacy"}));
     let srv = server(&net);
     let s4 = srv.v4;
-    let _dns = Responder::udp(&srv.pod.ns, sa("0.0.0.0".parse().unwrap(), 53), "server-dns");
+    let _dns = Responder::udp(&srv.pod.ns, sa("0.0.0.0".parse::<IpAddr>().unwrap(), 53), "server-dns");
     let config = json!({"ProxyUserID": "5995", "ProxyInboundPort": 20000, "ConsulDNSIP": s4.to_string()});
     let app = net.pod("app", Some(&consul_pod(config, &[])));
     // A resolver address that does not exist on the network: only the DNAT can make it answer.

@@ -27,13 +27,6 @@ fn at(ip: IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-fn who(answer: &Result<String, String>) -> &str {
-    match answer {
-        Ok(s) => s.split_whitespace().next().unwrap_or(""),
-        Err(_) => "refused",
-    }
-}
-
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }

@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde_json::json;
 use support::*;
@@ -17,49 +17,24 @@ const PROXY_UID: u32 = 5678;
 const EXCLUDED_UID: u32 = 4042;
 const OTHER_UID: u32 = 4500;
 
-fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.into(), port)
-}
-
-fn who(answer: &Result<String, String>) -> &str {
-    match answer {
-        Ok(s) => s.split_whitespace().next().unwrap_or(""),
-        Err(_) => "refused",
-    }
-}
-
 const ANY4: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
 const ANY6: Ipv6Addr = Ipv6Addr::UNSPECIFIED;
 
 /// The remote host: TCP 8080, 5432, 6000 and DNS (UDP and TCP 53) in both families, and two
 /// extra addresses per family: `.200` (an excluded destination) and `.201` (an excluded source).
-struct Server<'n> {
-    pod: Pod<'n>,
-    v4: IpAddr,
-    v6: IpAddr,
-    _listeners: Vec<Responder>,
-}
-
-fn server(net: &Network) -> Server<'_> {
-    let pod = net.pod("server", None);
-    let (v4, v6) = (pod.addr(Fam::V4), pod.addr(Fam::V6));
-    for a in ["198.18.0.200/24", "198.18.0.201/24"] {
-        pod.ns.exec(&["ip", "addr", "add", a, "dev", "eth0"]);
-    }
-    for a in ["fd18::200/64", "fd18::201/64"] {
-        pod.ns.exec(&["ip", "addr", "add", a, "dev", "eth0", "nodad"]);
-    }
-    let mut l = Vec::new();
-    for port in [8080, 5432, 6000] {
-        l.push(Responder::tcp(&pod.ns, sa(ANY4, port), &format!("server:{port}")));
-        l.push(Responder::tcp(&pod.ns, sa(ANY6, port), &format!("server6:{port}")));
-    }
+fn server(net: &Network) -> Sibling<'_> {
+    let mut srv =
+        Sibling::new(net, &[8080, 5432, 6000], &["198.18.0.200/24", "198.18.0.201/24", "fd18::200/64", "fd18::201/64"]);
+    let (pod, v4, v6) = (&srv.pod, srv.v4, srv.v6);
     // Bound to the primary addresses, so answers leave from the address the query went to.
-    l.push(Responder::udp(&pod.ns, sa(v4, 53), "server-dns"));
-    l.push(Responder::udp(&pod.ns, sa(v6, 53), "server-dns6"));
-    l.push(Responder::tcp(&pod.ns, sa(ANY4, 53), "server-dns-tcp"));
-    l.push(Responder::tcp(&pod.ns, sa(ANY6, 53), "server-dns-tcp6"));
-    Server { pod, v4, v6, _listeners: l }
+    let dns = [
+        Responder::udp(&pod.ns, sa(v4, 53), "server-dns"),
+        Responder::udp(&pod.ns, sa(v6, 53), "server-dns6"),
+        Responder::tcp(&pod.ns, sa(ANY4, 53), "server-dns-tcp"),
+        Responder::tcp(&pod.ns, sa(ANY6, 53), "server-dns-tcp6"),
+    ];
+    srv.listeners.extend(dns);
+    srv
 }
 
 /// The Kuma pod's listeners: the proxy's outbound (15001), inbound (15006) and DNS ports (15053 on

@@ -1,4 +1,15 @@
 //! The command line, for operators and hosts: everything that is not a CNI call.
+//!
+//! `render` prints what a pod would get; `redirect`, `uninstall` and `validate` (one file each)
+//! serve hosts and VMs through the same engine as the plugin. This is the edge: the environment
+//! is read here, once, and errors become exit statuses here.
+
+mod namespace;
+mod redirect;
+mod ssh;
+mod uninstall;
+mod user;
+pub mod validate;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -34,14 +45,48 @@ enum Cmd {
         #[arg(long)]
         pod_ipv6: bool,
     },
+    /// Install a mesh's transparent-proxy redirect on this host (or in --netns).
+    ///
+    /// Takes the flags of `consul connect redirect-traffic` (with two dashes) or consul's redirect
+    /// JSON, or the flags of `kumactl install transparent-proxy` or Kuma's YAML; the flags given say
+    /// which mesh. The rules are the ones the CNI plugin installs for a pod with the same configuration,
+    /// applied in one transaction, replacing any of ours already there. Refuses to cut an SSH
+    /// session in the namespace unless its port is excluded or --force is given. Exit status: 0
+    /// installed (or printed, with --dry-run), 1 refused or failed (nothing changed), 2 bad usage.
+    Redirect(Box<redirect::RedirectArgs>),
+    /// Remove every rule and chain tproxy-cni installed (on this host, or in --netns).
+    ///
+    /// Foreign rules stay. Refuses, changing nothing, when tproxy-cni's chain names hold rules
+    /// without its ownership comment (installed by the mesh's own tool). Exit status: 0 removed
+    /// (or nothing to remove, or printed with --dry-run), 1 refused or failed, 2 bad usage.
+    Uninstall(uninstall::UninstallArgs),
+    /// Prove with real traffic that the redirect is in place; the exit status says what failed.
+    ///
+    /// Listens on the proxy's outbound port, dials --target with a random token and checks, through
+    /// SO_ORIGINAL_DST, that the connection was redirected there. Runs unprivileged; run it before
+    /// the proxy starts, as a user the redirect captures (not the proxy's, not an excluded one).
+    /// Exit status: 0 the redirect is in place, 1 validate could not run, 2 bad usage, 3 redirect
+    /// missing, 4 timed out (most likely missing), 5 cannot listen on the port, 6 no route to the
+    /// target (nothing tested).
+    Validate(validate::ValidateArgs),
 }
 
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
     crate::log::init(log::LevelFilter::Warn);
     let cli = Cli::parse();
+    // The rest of the environment, read once here (clap has read the flags' fallbacks).
+    let ssh_connection = std::env::var("SSH_CONNECTION").ok();
     let result = match cli.command {
         Cmd::Render { file, pod_ipv6 } => render(file, pod_ipv6),
+        Cmd::Redirect(args) => {
+            if let Some(usage) = redirect::mesh_missing(&args) {
+                usage.exit();
+            }
+            return host_command(redirect::run(&args, ssh_connection.as_deref()));
+        }
+        Cmd::Uninstall(args) => return host_command(uninstall::run(&args)),
+        Cmd::Validate(args) => return validate_command(&args),
     };
     match result {
         Ok(out) => {
@@ -51,6 +96,49 @@ pub fn main() -> ExitCode {
         Err(msg) => {
             eprintln!("tproxy-cni: {msg}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// What `redirect` and `uninstall` print: the result (with `--dry-run`, the transactions) on
+/// stdout, notes for the person on stderr.
+#[derive(Debug, Default)]
+struct Report {
+    stdout: String,
+    stderr: String,
+}
+
+impl Report {
+    fn out(stdout: String) -> Report {
+        Report { stdout, stderr: String::new() }
+    }
+}
+
+/// `redirect` and `uninstall`: print their report, or the error's whole chain on one line.
+fn host_command<E: std::error::Error>(result: Result<Report, E>) -> ExitCode {
+    match result {
+        Ok(report) => {
+            print!("{}", report.stdout);
+            eprint!("{}", report.stderr);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tproxy-cni: {}", crate::cni::error::chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn validate_command(args: &validate::ValidateArgs) -> ExitCode {
+    match validate::run(args) {
+        Ok(report) => {
+            print!("{report}");
+            println!("tproxy-cni validate: the redirect is in place");
+            ExitCode::from(validate::EXIT_OK)
+        }
+        Err(e) => {
+            eprintln!("tproxy-cni validate: {}", crate::cni::error::chain(&e));
+            ExitCode::from(e.exit_code())
         }
     }
 }

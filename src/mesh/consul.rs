@@ -5,14 +5,22 @@
 //! `redirect-traffic-config` (keys are Go field names); when that is missing (a webhook run without
 //! its CNI flag) the same configuration is rebuilt from the individual annotations and the webhook's
 //! defaults. Nomad hands the same JSON in `CNI_ARGS`, parsed by [`from_json`].
+//!
+//! Every source — the JSON, the individual annotations, Nomad's `CNI_ARGS`, and the host command's
+//! flags or `--consul-config` file — first becomes [`Settings`] (each value parsed into its type),
+//! and [`Settings::validate`] is the one place where the rules that tie values together are
+//! checked and the [`ConsulRedirect`] is built.
+
+use std::net::IpAddr;
 
 use serde::Deserialize;
+use thiserror::Error;
 
 use super::{AnnotationError, Annotations, PodNetwork};
 use crate::limits;
 use crate::redirect::{
-    Cidrs, ConsulDns, ConsulRedirect, Families, Port, ValueError, parse_cidr, parse_ip, parse_port_range, parse_uid,
-    parse_uid_range, port_from_number, split_list,
+    Cidrs, ConsulDns, ConsulRedirect, Families, Port, PortRange, UidRange, ValueError, parse_cidr, parse_ip,
+    parse_port_range, parse_uid, parse_uid_range, port_from_number, split_list,
 };
 
 const MESH: &str = "consul";
@@ -30,8 +38,6 @@ pub const CONSUL_DNS: &str = "consul.hashicorp.com/consul-dns";
 pub const ENABLE_METRICS: &str = "consul.hashicorp.com/enable-metrics";
 pub const PROMETHEUS_SCRAPE_PORT: &str = "consul.hashicorp.com/prometheus-scrape-port";
 pub const USE_PROXY_HEALTH_CHECK: &str = "consul.hashicorp.com/use-proxy-health-check";
-/// What an error about the individual annotations taken together names (the rule budget).
-const INDIVIDUAL_EXCLUSIONS: &str = "consul.hashicorp.com/transparent-proxy-exclude-*";
 /// Where Nomad's configuration comes from, for error messages.
 pub const NOMAD_CNI_ARG: &str = "CNI_ARGS CONSUL_IPTABLES_CONFIG";
 
@@ -61,6 +67,9 @@ const READ: [&str; 13] = [
     USE_PROXY_HEALTH_CHECK,
 ];
 
+/// What an error about the individual annotations taken together names (the rule budget).
+const INDIVIDUAL_EXCLUSIONS: &str = "consul.hashicorp.com/transparent-proxy-exclude-*";
+
 /// Is this pod in Consul's mesh with transparent proxy on?
 pub fn owns(annotations: &Annotations) -> bool {
     let set = |k: &str| annotations.get(k).is_some_and(|v| !v.is_empty());
@@ -74,7 +83,7 @@ pub fn redirect(annotations: &Annotations, net: PodNetwork) -> Result<Option<Con
     }
     for key in READ {
         if let Some(v) = annotations.get(key) {
-            crate::limits::annotation_size(v).map_err(|reason| err(key, reason))?;
+            limits::annotation_size(v).map_err(|reason| err(key, reason))?;
         }
     }
     let dual_stack = match annotations.get(DUAL_STACK).map(String::as_str) {
@@ -85,17 +94,125 @@ pub fn redirect(annotations: &Annotations, net: PodNetwork) -> Result<Option<Con
             return Err(err(DUAL_STACK, format!("{} is not true or false", crate::redirect::Quoted::new(v))));
         }
     };
-    let (config, source) = match annotations.get(REDIRECT_CONFIG) {
-        Some(json) => (parse_json(json, REDIRECT_CONFIG)?, REDIRECT_CONFIG),
-        None => (from_individual_annotations(annotations, dual_stack)?, INDIVIDUAL_EXCLUSIONS),
+    let (settings, source) = match annotations.get(REDIRECT_CONFIG) {
+        Some(json) => (parse_config(json), REDIRECT_CONFIG),
+        None => (typed(from_individual_annotations(annotations, dual_stack)?), INDIVIDUAL_EXCLUSIONS),
     };
-    build(config, dual_stack, net, source).map(Some)
+    let invalid = |e: ConfigError| err(source, e.to_string());
+    let settings = Settings { dual_stack, ..settings.map_err(invalid)? };
+    settings.validate(net, &Spelling::JSON).map(Some).map_err(invalid)
 }
 
 /// Nomad's path: the configuration JSON straight from `CNI_ARGS`. Nomad does not do dual-stack.
 pub fn from_json(json: &str, net: PodNetwork) -> Result<ConsulRedirect, AnnotationError> {
-    crate::limits::annotation_size(json).map_err(|reason| err(NOMAD_CNI_ARG, reason))?;
-    build(parse_json(json, NOMAD_CNI_ARG)?, false, net, NOMAD_CNI_ARG)
+    limits::annotation_size(json).map_err(|reason| err(NOMAD_CNI_ARG, reason))?;
+    parse_config(json).and_then(|s| s.validate(net, &Spelling::JSON)).map_err(|e| err(NOMAD_CNI_ARG, e.to_string()))
+}
+
+/// Parses consul's redirect JSON (what the webhook writes, what Nomad passes, what
+/// `consul connect redirect-traffic` is configured with) into typed settings, dual-stack off.
+pub fn parse_config(json: &str) -> Result<Settings, ConfigError> {
+    serde_json::from_str(json).map_err(ConfigError::Json).and_then(typed)
+}
+
+/// A Consul redirect whose values are each parsed into their type but not yet checked together.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// The proxy's UID, whose own traffic is never redirected. Required.
+    pub proxy_uid: Option<u32>,
+    /// The proxy's inbound listener. Required.
+    pub inbound_port: Option<Port>,
+    /// The proxy's outbound listener; `None` means consul's default, 15001.
+    pub outbound_port: Option<Port>,
+    pub exclude_inbound_ports: Vec<PortRange>,
+    pub exclude_outbound_ports: Vec<PortRange>,
+    pub exclude_outbound_cidrs: Cidrs,
+    pub exclude_uids: Vec<UidRange>,
+    /// Where Consul DNS listens; with only an IP, all DNS goes to that IP on port 53.
+    pub dns_ip: Option<IpAddr>,
+    pub dns_port: Option<Port>,
+    /// Consul's dual-stack mode: DNS on `::1`, an IPv6 pass always, no DNS rules in the IPv4 pass.
+    pub dual_stack: bool,
+}
+
+/// What each setting is called where it was written, so that a refusal names what the user wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spelling {
+    pub proxy_uid: &'static str,
+    pub inbound_port: &'static str,
+    pub dns_ip: &'static str,
+    /// How dual-stack mode is switched on.
+    pub dual_stack: &'static str,
+}
+
+impl Spelling {
+    /// consul's JSON, with dual-stack mode from the pod's annotation.
+    pub const JSON: Spelling = Spelling {
+        proxy_uid: "ProxyUserID",
+        inbound_port: "ProxyInboundPort",
+        dns_ip: "ConsulDNSIP",
+        dual_stack: DUAL_STACK,
+    };
+}
+
+/// Why a Consul configuration cannot become a redirect. Messages are one line.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The decoder's message may quote the value it choked on: it is shortened, and not repeated
+    /// as a cause.
+    #[error("is not the redirect JSON: {}", limits::bounded(&.0.to_string(), limits::MAX_QUOTED_MESSAGE_BYTES))]
+    Json(serde_json::Error),
+    #[error(transparent)]
+    Value(#[from] ValueError),
+    #[error("{0} is required")]
+    Required(&'static str),
+    /// More than one ADD may consume (`crate::limits`).
+    #[error("{0}")]
+    Limit(String),
+    #[error("{what} {ip} is IPv4 but dual-stack mode is on (expected an IPv6 address such as ::1)")]
+    Ipv4DnsInDualStack { what: &'static str, ip: IpAddr },
+    #[error("{what} {ip} is IPv6 but dual-stack mode is off ({switch} is not set)")]
+    Ipv6DnsWithoutDualStack { what: &'static str, ip: IpAddr, switch: &'static str },
+}
+
+impl Settings {
+    /// Checks the settings together and builds the redirect: the required values are there, the DNS
+    /// address has the family the dual-stack mode expects, and the families follow the mode and
+    /// the network (`net.has_ipv6` adds an IPv6 pass, without DNS rules, outside dual-stack mode).
+    pub fn validate(self, net: PodNetwork, names: &Spelling) -> Result<ConsulRedirect, ConfigError> {
+        let proxy_uid = self.proxy_uid.ok_or(ConfigError::Required(names.proxy_uid))?;
+        let inbound_port = self.inbound_port.ok_or(ConfigError::Required(names.inbound_port))?;
+        let dual_stack = self.dual_stack;
+        match self.dns_ip {
+            Some(ip) if dual_stack && ip.is_ipv4() => {
+                return Err(ConfigError::Ipv4DnsInDualStack { what: names.dns_ip, ip });
+            }
+            Some(ip) if !dual_stack && ip.is_ipv6() => {
+                return Err(ConfigError::Ipv6DnsWithoutDualStack { what: names.dns_ip, ip, switch: names.dual_stack });
+            }
+            _ => {}
+        }
+        let dns = match (self.dns_ip, self.dns_port) {
+            (ip, Some(port)) => Some(ConsulDns::Port { ip, port }),
+            (Some(ip), None) => Some(ConsulDns::All { ip }),
+            (None, None) => None,
+        };
+        let r = ConsulRedirect {
+            proxy_uid,
+            inbound_port,
+            outbound_port: self.outbound_port.unwrap_or(const { Port::new(DEFAULT_OUTBOUND_PORT).expect("non-zero") }),
+            exclude_inbound_ports: self.exclude_inbound_ports,
+            exclude_outbound_ports: self.exclude_outbound_ports,
+            exclude_outbound_cidrs: self.exclude_outbound_cidrs,
+            exclude_uids: self.exclude_uids,
+            dns,
+            dual_stack,
+            families: Families { ipv6: dual_stack || net.has_ipv6 },
+        };
+        let rules = crate::rules::most_rules_per_family(&crate::redirect::Redirect::Consul(r.clone()));
+        limits::rules_per_family(rules).map_err(ConfigError::Limit)?;
+        Ok(r)
+    }
 }
 
 /// consul sdk's `iptables.Config`, as the webhook marshals it (Go field names, no tags).
@@ -127,20 +244,13 @@ struct Config {
     _iptables_provider: Option<serde_json::Value>,
 }
 
-fn parse_json(json: &str, source: &'static str) -> Result<Config, AnnotationError> {
-    serde_json::from_str(json).map_err(|e| {
-        let e = e.to_string();
-        err(source, format!("is not the redirect JSON: {}", limits::bounded(&e, limits::MAX_QUOTED_MESSAGE_BYTES)))
-    })
-}
-
-/// Rebuilds what the webhook would have written, from the individual annotations.
+/// Rebuilds what the webhook would have written, from the individual annotations. Each list is
+/// checked here, under its own annotation's name, so an error names the annotation the pod really
+/// has (the rebuilt configuration is checked again by [`typed`], which then cannot fail on it).
 fn from_individual_annotations(a: &Annotations, dual_stack: bool) -> Result<Config, AnnotationError> {
-    // Each list is checked here, under its own annotation's name, so an error names the annotation
-    // the pod really has (the rebuilt JSON is checked again by `build`, which then cannot fail on it).
     let list = |k: &'static str, check: fn(&str, &'static str) -> Result<(), ValueError>| {
         let entries: Vec<String> = a.get(k).map(|v| split_list(v).map(str::to_owned).collect()).unwrap_or_default();
-        crate::limits::list_entries("the list", entries.len()).map_err(|e| err(k, e.to_string()))?;
+        limits::list_entries("the list", entries.len()).map_err(|e| err(k, e.to_string()))?;
         for e in &entries {
             check(e, "entry").map_err(|e| err(k, e.to_string()))?;
         }
@@ -182,86 +292,48 @@ fn from_individual_annotations(a: &Annotations, dual_stack: bool) -> Result<Conf
     })
 }
 
-/// Validates a configuration into a typed redirect.
-fn build(
-    c: Config,
-    dual_stack: bool,
-    net: PodNetwork,
-    source: &'static str,
-) -> Result<ConsulRedirect, AnnotationError> {
-    let v = |e: ValueError| err(source, e.to_string());
-    if c.proxy_user_id.is_empty() {
-        return Err(err(source, "ProxyUserID is required".into()));
-    }
-    let proxy_uid = parse_uid(&c.proxy_user_id, "ProxyUserID").map_err(v)?;
-    let inbound_port = match c.proxy_inbound_port {
-        0 => return Err(err(source, "ProxyInboundPort is required".into())),
-        n => number_port(n, "ProxyInboundPort").map_err(v)?,
-    };
-    let outbound_port = match c.proxy_outbound_port {
-        0 => Port::new(DEFAULT_OUTBOUND_PORT).expect("non-zero"),
-        n => number_port(n, "ProxyOutboundPort").map_err(v)?,
-    };
+/// Parses each value of consul's JSON into its type. Zero and empty mean "not set", as in consul.
+fn typed(c: Config) -> Result<Settings, ConfigError> {
     let entries = |l: Option<Vec<String>>, what| {
         let l = l.unwrap_or_default();
-        crate::limits::list_entries(what, l.len()).map(|()| l)
+        limits::list_entries(what, l.len()).map(|()| l)
     };
     let ports = |l: Option<Vec<String>>, what, entry| {
         entries(l, what)?.iter().map(|p| parse_port_range(p, entry)).collect::<Result<Vec<_>, _>>()
     };
-    let exclude_inbound_ports =
-        ports(c.exclude_inbound_ports, "ExcludeInboundPorts", "ExcludeInboundPorts entry").map_err(v)?;
-    let exclude_outbound_ports =
-        ports(c.exclude_outbound_ports, "ExcludeOutboundPorts", "ExcludeOutboundPorts entry").map_err(v)?;
     let mut exclude_outbound_cidrs = Cidrs::default();
-    for s in entries(c.exclude_outbound_cidrs, "ExcludeOutboundCIDRs").map_err(v)? {
-        exclude_outbound_cidrs.push(parse_cidr(&s, "ExcludeOutboundCIDRs entry").map_err(v)?);
+    for s in entries(c.exclude_outbound_cidrs, "ExcludeOutboundCIDRs")? {
+        exclude_outbound_cidrs.push(parse_cidr(&s, "ExcludeOutboundCIDRs entry")?);
     }
-    let exclude_uids = entries(c.exclude_uids, "ExcludeUIDs")
-        .map_err(v)?
-        .iter()
-        .map(|u| parse_uid_range(u, "ExcludeUIDs entry"))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(v)?;
-
-    let dns_ip = match c.consul_dns_ip.as_str() {
-        "" => None,
-        s => Some(parse_ip(s, "ConsulDNSIP").map_err(v)?),
-    };
-    if let Some(ip) = dns_ip {
-        if dual_stack && ip.is_ipv4() {
-            return Err(err(
-                source,
-                format!("ConsulDNSIP {ip} is IPv4 but the pod is dual-stack (expected an IPv6 address such as ::1)"),
-            ));
-        }
-        if !dual_stack && ip.is_ipv6() {
-            return Err(err(
-                source,
-                format!("ConsulDNSIP {ip} is IPv6 but the pod is not dual-stack ({DUAL_STACK} is not \"true\")"),
-            ));
-        }
-    }
-    let dns = match (dns_ip, c.consul_dns_port) {
-        (ip, port) if port != 0 => Some(ConsulDns::Port { ip, port: number_port(port, "ConsulDNSPort").map_err(v)? }),
-        (Some(ip), _) => Some(ConsulDns::All { ip }),
-        (None, _) => None,
-    };
-    let r = ConsulRedirect {
-        proxy_uid,
-        inbound_port,
-        outbound_port,
-        exclude_inbound_ports,
-        exclude_outbound_ports,
+    Ok(Settings {
+        proxy_uid: match c.proxy_user_id.as_str() {
+            "" => None,
+            s => Some(parse_uid(s, "ProxyUserID")?),
+        },
+        inbound_port: optional_port(c.proxy_inbound_port, "ProxyInboundPort")?,
+        outbound_port: optional_port(c.proxy_outbound_port, "ProxyOutboundPort")?,
+        exclude_inbound_ports: ports(c.exclude_inbound_ports, "ExcludeInboundPorts", "ExcludeInboundPorts entry")?,
+        exclude_outbound_ports: ports(c.exclude_outbound_ports, "ExcludeOutboundPorts", "ExcludeOutboundPorts entry")?,
         exclude_outbound_cidrs,
-        exclude_uids,
-        dns,
-        dual_stack,
-        families: Families { ipv6: dual_stack || net.has_ipv6 },
-    };
-    let rules = crate::rules::most_rules_per_family(&crate::redirect::Redirect::Consul(r.clone()));
-    crate::limits::rules_per_family(rules).map_err(|reason| err(source, reason))?;
-    Ok(r)
+        exclude_uids: entries(c.exclude_uids, "ExcludeUIDs")?
+            .iter()
+            .map(|u| parse_uid_range(u, "ExcludeUIDs entry"))
+            .collect::<Result<_, _>>()?,
+        dns_ip: match c.consul_dns_ip.as_str() {
+            "" => None,
+            s => Some(parse_ip(s, "ConsulDNSIP")?),
+        },
+        dns_port: optional_port(c.consul_dns_port, "ConsulDNSPort")?,
+        dual_stack: false,
+    })
+}
+
+/// A port from a JSON number where 0 means "not set".
+fn optional_port(n: i64, what: &'static str) -> Result<Option<Port>, ValueError> {
+    match n {
+        0 => Ok(None),
+        n => number_port(n, what).map(Some),
+    }
 }
 
 fn number_port(n: i64, what: &'static str) -> Result<Port, ValueError> {
@@ -374,9 +446,14 @@ mod tests {
         let r = ok(&pod(&[(REDIRECT_CONFIG, json), (DUAL_STACK, "true")]));
         assert!(r.dual_stack && r.families.ipv6);
         let e = refused(&pod(&[(REDIRECT_CONFIG, TYPICAL), (DUAL_STACK, "true")]));
-        assert!(e.contains("is IPv4 but the pod is dual-stack"), "{e}");
+        assert!(e.contains("ConsulDNSIP 127.0.0.1 is IPv4 but dual-stack mode is on"), "{e}");
         let e = refused(&pod(&[(REDIRECT_CONFIG, json)]));
-        assert!(e.contains("is IPv6 but the pod is not dual-stack"), "{e}");
+        assert!(
+            e.contains(
+                "ConsulDNSIP ::1 is IPv6 but dual-stack mode is off (consul.hashicorp.com/dual-stack is not set)"
+            ),
+            "{e}"
+        );
         assert!(refused(&pod(&[(REDIRECT_CONFIG, json), (DUAL_STACK, "yes")])).contains("not true or false"));
     }
 
@@ -424,6 +501,29 @@ mod tests {
         assert!(e.contains("out of range"), "{e}");
         let e = refused(&pod(&[(EXCLUDE_UIDS, "-1")]));
         assert!(e.contains("not a number"), "{e}");
+    }
+
+    #[test]
+    fn settings_from_any_source_are_checked_together_and_named_as_written() {
+        const FLAGS: Spelling = Spelling {
+            proxy_uid: "--proxy-uid",
+            inbound_port: "--proxy-inbound-port",
+            dns_ip: "--consul-dns-ip",
+            dual_stack: "--dual-stack",
+        };
+        let port = |n| Port::new(n);
+        let base = Settings { proxy_uid: Some(5995), inbound_port: port(20000), ..Settings::default() };
+        let r = base.clone().validate(PodNetwork::default(), &FLAGS).unwrap();
+        assert_eq!((r.outbound_port.get(), r.dns, r.families.ipv6), (15001, None, false));
+
+        let e = Settings { proxy_uid: None, ..base.clone() }.validate(PodNetwork::default(), &FLAGS).unwrap_err();
+        assert_eq!(e.to_string(), "--proxy-uid is required");
+        let v6 = Settings { dns_ip: Some("::1".parse().unwrap()), ..base.clone() };
+        let e = v6.clone().validate(PodNetwork::default(), &FLAGS).unwrap_err();
+        assert_eq!(e.to_string(), "--consul-dns-ip ::1 is IPv6 but dual-stack mode is off (--dual-stack is not set)");
+        let r = Settings { dual_stack: true, ..v6 }.validate(PodNetwork::default(), &FLAGS).unwrap();
+        assert_eq!(r.dns, Some(ConsulDns::All { ip: "::1".parse().unwrap() }));
+        assert!(r.families.ipv6, "dual-stack mode always has an IPv6 pass");
     }
 
     #[test]

@@ -17,6 +17,11 @@
 //!   and calls DEL (which removes everything of ours), or retries ADD, which finds our chains,
 //!   replaces whatever is there, and ends with exactly one complete copy. Either way the pod's
 //!   containers never start on a half-installed set: a runtime starts them only after ADD succeeds.
+//!
+//! The host command also wants to see a transaction before it runs: [`Netfilter::plan_apply`] and
+//! [`Netfilter::plan_removal`] read the namespace and return the [`Plan`] that applying or removing
+//! would send (built by the same renderers), refusing when our chain names hold rules that we did
+//! not install; [`Netfilter::execute`] runs a plan.
 
 pub mod backend;
 pub mod save;
@@ -62,6 +67,77 @@ pub enum CheckError {
     Netfilter(#[from] NetfilterError),
     #[error(transparent)]
     Mismatch(#[from] Mismatch),
+}
+
+/// Rules under our chain names that we did not install: the mesh's own tool put them there, and
+/// replacing or removing them behind its back would leave it and its operator confused.
+#[derive(Debug, Error)]
+#[error(
+    "{family} {table} has {count} rule(s) under tproxy-cni's chain names without its ownership comment \
+     (e.g. `-A {chain} {spec}`): the mesh's own tool installed them (consul connect redirect-traffic, kuma-init, \
+     kumactl install transparent-proxy); remove them with that tool (or by hand), then run this again",
+    family = .family.name()
+)]
+pub struct Lookalikes {
+    pub family: Family,
+    pub table: String,
+    pub chain: String,
+    pub spec: String,
+    pub count: usize,
+}
+
+/// Why a plan could not be made.
+#[derive(Debug, Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Netfilter(#[from] NetfilterError),
+    #[error(transparent)]
+    Lookalikes(#[from] Lookalikes),
+}
+
+/// The transactions an operation would send, in order, one per family; empty when there is
+/// nothing to do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+}
+
+/// One family's transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub family: Family,
+    /// The restore tool it is fed to (with `--noflush`).
+    pub tool: PathBuf,
+    /// The restore input.
+    pub input: String,
+    /// What of ours the family holds before the step.
+    pub ours_before: Owned,
+}
+
+/// What of ours a family holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Owned {
+    /// Our chains, by name.
+    pub chains: Vec<String>,
+    /// How many rules of ours (in our chains and elsewhere).
+    pub rules: usize,
+}
+
+impl Plan {
+    /// The plan as text for a person: each step under a `# family: tool --noflush` line.
+    pub fn render(&self) -> String {
+        self.steps
+            .iter()
+            .map(|s| format!("# {}: {} --noflush\n{}", s.family.name(), s.tool.display(), s.input))
+            .collect()
+    }
+
+    /// The chains a removal plan removes (what DEL's [`Netfilter::remove`] reports), so the
+    /// namespace's other traces of a layout (Kuma's `::6`) can follow.
+    pub fn removed(&self) -> Removed {
+        let chains = self.steps.iter().flat_map(|s| s.ours_before.chains.iter().map(move |c| (s.family, c.clone())));
+        Removed { chains: chains.collect() }
+    }
 }
 
 /// What [`Netfilter::remove`] found and removed.
@@ -175,6 +251,80 @@ impl Netfilter {
         Ok(saved.iter().flat_map(|t| t.owned_chains().map(str::to_owned)).collect())
     }
 
+    /// What [`Netfilter::apply`] would send to install `sets`, given what the namespace holds now:
+    /// the fresh transaction for a family without rules of ours, the replacing one otherwise (and,
+    /// when replacing, the removal of ours from a family no longer wanted). Refuses when our chain
+    /// names hold rules we did not install.
+    pub fn plan_apply(&self, ns: &Netns, sets: &[RuleSet]) -> Result<Plan, PlanError> {
+        let mut plan = Plan::default();
+        let mut repeated = false;
+        for set in sets {
+            let saved = self.save_checked(ns, set.family)?;
+            let ours_before = owned(&saved);
+            let input = if saved.iter().any(SavedTable::has_owned) {
+                repeated = true;
+                render_replace(&set.tables, &saved)
+            } else {
+                rules::render_fresh(set)
+            };
+            plan.steps.push(Step { family: set.family, tool: self.restore_tool(set.family)?, input, ours_before });
+        }
+        if repeated {
+            for family in Family::ALL.into_iter().filter(|f| sets.iter().all(|s| s.family != *f)) {
+                plan.steps.extend(self.removal_step(ns, family)?);
+            }
+        }
+        Ok(plan)
+    }
+
+    /// What removing every rule and chain of ours from the namespace would send. Refuses when our
+    /// chain names hold rules we did not install (removing ours would then break theirs).
+    pub fn plan_removal(&self, ns: &Netns) -> Result<Plan, PlanError> {
+        let mut plan = Plan::default();
+        for family in Family::ALL {
+            plan.steps.extend(self.removal_step(ns, family)?);
+        }
+        Ok(plan)
+    }
+
+    /// Sends a plan's transactions, in order. Each is atomic; if one fails, the ones before it
+    /// stay applied (run the operation again: plans are built to be repeated).
+    pub fn execute(&self, ns: &Netns, plan: &Plan) -> Result<(), NetfilterError> {
+        plan.steps.iter().try_for_each(|s| self.restore(ns, s.family, &s.input))
+    }
+
+    fn removal_step(&self, ns: &Netns, family: Family) -> Result<Option<Step>, PlanError> {
+        let saved = self.save_checked(ns, family)?;
+        if !saved.iter().any(SavedTable::has_owned) {
+            return Ok(None);
+        }
+        let input = render_replace(&[], &saved);
+        Ok(Some(Step { family, tool: self.restore_tool(family)?, input, ours_before: owned(&saved) }))
+    }
+
+    /// Reads a family's tables and refuses if our chain names hold rules we did not install.
+    fn save_checked(&self, ns: &Netns, family: Family) -> Result<Vec<SavedTable>, PlanError> {
+        let saved = self.save(ns, family)?;
+        for table in &saved {
+            let mut lookalikes = table.lookalikes();
+            if let Some(first) = lookalikes.next() {
+                return Err(Lookalikes {
+                    family,
+                    table: table.name.clone(),
+                    chain: first.chain.clone(),
+                    spec: first.spec.clone(),
+                    count: 1 + lookalikes.count(),
+                }
+                .into());
+            }
+        }
+        Ok(saved)
+    }
+
+    fn restore_tool(&self, family: Family) -> Result<PathBuf, NetfilterError> {
+        Ok(self.backend.tools(family)?.restore)
+    }
+
     /// Verifies the namespace holds exactly `sets` of ours: every expected chain and rule, in order,
     /// and nothing else of ours (foreign rules are ignored).
     pub fn check(&self, ns: &Netns, sets: &[RuleSet]) -> Result<(), CheckError> {
@@ -257,6 +407,14 @@ fn lock_file(ns: &Netns) -> PathBuf {
         log::debug!("cannot create {}: {e}", dir.display());
     }
     dir.join(format!("{}.lock", ns.id().unwrap_or_else(|_| "unknown".into())))
+}
+
+/// What of ours `saved` holds.
+fn owned(saved: &[SavedTable]) -> Owned {
+    Owned {
+        chains: saved.iter().flat_map(|t| t.owned_chains().map(str::to_owned)).collect(),
+        rules: saved.iter().map(|t| t.rules.iter().filter(|r| r.is_owned()).count()).sum(),
+    }
 }
 
 /// One transaction that removes everything of ours found in `saved` and installs `wanted`.

@@ -78,6 +78,14 @@ impl SavedRule {
     pub fn is_owned(&self) -> bool {
         is_owned_chain(&self.chain) || self.is_owned_outside_our_chains()
     }
+
+    /// A rule that sits in, or jumps to, a chain with one of our names but lacks our comment: the
+    /// mesh's own tool (`consul connect redirect-traffic`, kuma-init, `kumactl install
+    /// transparent-proxy`) installed it, not us. Every rule we install carries the comment.
+    pub fn is_lookalike(&self) -> bool {
+        (is_owned_chain(&self.chain) || self.jump_target().is_some_and(|t| is_owned_chain(&t)))
+            && !self.has_owner_comment()
+    }
 }
 
 /// The word following the first of `flags` in a rule spec, with iptables-save's quoting undone.
@@ -132,6 +140,11 @@ impl SavedTable {
         self.rules.iter().filter(|r| r.is_owned_outside_our_chains())
     }
 
+    /// Rules under our chain names that we did not install (see [`SavedRule::is_lookalike`]).
+    pub fn lookalikes(&self) -> impl Iterator<Item = &SavedRule> {
+        self.rules.iter().filter(|r| r.is_lookalike())
+    }
+
     pub fn has_owned(&self) -> bool {
         self.owned_chains().next().is_some() || self.owned_rules_outside().next().is_some()
     }
@@ -184,6 +197,19 @@ COMMIT
         assert!(!t.rules[1].is_owned());
         assert!(!t.rules[3].is_owned());
         assert!(t.rules[4].is_owned());
+    }
+
+    #[test]
+    fn finds_rules_under_our_names_that_we_did_not_install() {
+        let t = &parse(DUMP)[0];
+        // The unmarked jump into our chain; not the canary (foreign name), not our marked rules.
+        assert_eq!(t.lookalikes().map(|r| r.spec.as_str()).collect::<Vec<_>>(), ["-p tcp -j CONSUL_PROXY_OUTPUT"]);
+        let kuma = parse(
+            "*nat\n:KUMA_MESH_OUTBOUND - [0:0]\n-A KUMA_MESH_OUTBOUND -p tcp -m comment --comment \"kuma/mesh/transparent/proxy/outbound\" -j RETURN\n-A OUTPUT -p tcp -j KUMA_MESH_OUTBOUND\nCOMMIT\n",
+        );
+        // Kuma's comment is one of our marks (we install Kuma's layout with Kuma's comments), so
+        // only the uncommented jump, as an old kuma-init wrote it, is someone else's.
+        assert_eq!(kuma[0].lookalikes().map(|r| r.spec.as_str()).collect::<Vec<_>>(), ["-p tcp -j KUMA_MESH_OUTBOUND"]);
     }
 
     #[test]

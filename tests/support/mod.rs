@@ -533,6 +533,57 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(s.into())
 }
 
+/// A socket address, for brevity in tests.
+pub fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// Who answered a [`dial`]: the first word of the answer (a [`Responder`]'s name), or "refused".
+pub fn who(answer: &Result<String, String>) -> &str {
+    match answer {
+        Ok(s) => s.split_whitespace().next().unwrap_or(""),
+        Err(_) => "refused",
+    }
+}
+
+/// A plain pod that plays the remote host: on each of `ports`, TCP responders named
+/// `server:<port>` (IPv4) and `server6:<port>` (IPv6); `extra` addresses (CIDR notation) are added
+/// to its eth0 after the chain gave it `v4` and `v6`.
+pub struct Sibling<'n> {
+    pub pod: Pod<'n>,
+    pub v4: IpAddr,
+    pub v6: IpAddr,
+    pub listeners: Vec<Responder>,
+}
+
+impl<'n> Sibling<'n> {
+    pub fn new(net: &'n Network, ports: &[u16], extra: &[&str]) -> Sibling<'n> {
+        let pod = net.pod("server", None);
+        let (v4, v6) = (pod.addr(Fam::V4), pod.addr(Fam::V6));
+        for a in extra {
+            let mut args = vec!["ip", "addr", "add", a, "dev", "eth0"];
+            if a.contains(':') {
+                args.push("nodad");
+            }
+            pod.ns.exec(&args);
+        }
+        let mut listeners = Vec::new();
+        for &port in ports {
+            listeners.push(Responder::tcp(
+                &pod.ns,
+                sa(std::net::Ipv4Addr::UNSPECIFIED, port),
+                &format!("server:{port}"),
+            ));
+            listeners.push(Responder::tcp(
+                &pod.ns,
+                sa(std::net::Ipv6Addr::UNSPECIFIED, port),
+                &format!("server6:{port}"),
+            ));
+        }
+        Sibling { pod, v4, v6, listeners }
+    }
+}
+
 /// Dials `to` from inside `ns` as `uid` (None: root) and returns the first line the server sent,
 /// or the error (for example "connection refused" when nothing listens).
 pub fn dial(ns: &Netns, uid: Option<u32>, to: SocketAddr) -> Result<String, String> {
