@@ -13,7 +13,8 @@
 # timeout writes the input to fuzz/artifacts/TARGET/ and makes this script fail. One summary line per
 # target gives executions, seconds, coverage (edges), features and corpus size.
 #
-# No cargo-fuzz and no nightly toolchain are needed: this passes cargo the instrumentation flags
+# fuzz/Cargo.lock is not --locked: when the plugin gains a dependency, cargo adds it there (commit
+# the change). No cargo-fuzz and no nightly toolchain are needed: this passes cargo the instrumentation flags
 # cargo-fuzz would (they are stable flags). FUZZ_SANITIZER=address adds AddressSanitizer, which is
 # a nightly flag: RUSTC_BOOTSTRAP=1 is set for that build only. With cargo-fuzz installed,
 # `cd fuzz && cargo fuzz run -s none TARGET` works on the same layout.
@@ -45,7 +46,7 @@ if [[ "${FUZZ_SANITIZER:-none}" == address ]]; then
   export RUSTC_BOOTSTRAP=1
 fi
 echo "== building fuzz targets (${FUZZ_SANITIZER:-no} sanitizer)"
-RUSTFLAGS="$flags" cargo build -q --release --locked --target "$triple" --target-dir "$target_dir" \
+RUSTFLAGS="$flags" cargo build -q --release --target "$triple" --target-dir "$target_dir" \
   $(printf -- '--bin %s ' "${targets[@]}")
 
 failed=0

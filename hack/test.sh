@@ -14,7 +14,7 @@ cargo fmt --all -- --check
 (cd fuzz && cargo fmt -- --check)
 echo "== cargo clippy"
 cargo clippy -q --all-targets -- -D warnings
-(cd fuzz && cargo clippy -q --locked --all-targets -- -D warnings)
+(cd fuzz && cargo clippy -q --all-targets -- -D warnings)
 echo "== demo (hack/demo.sh)"
 if ! bash hack/demo.sh > target/demo.log 2>&1; then
   cat target/demo.log
