@@ -7,6 +7,8 @@
 #   -n RUNS      run each target this many executions instead
 #   --merge      afterwards, minimise each target's corpus in fuzz/corpus/TARGET (commit the result)
 #   TARGET...    default: every target in fuzz/fuzz_targets
+#   FUZZ_TIMEOUT=S  seconds one input may take before it counts as a hang (default 10; wall-clock
+#                   time, so raise it for a nice'd run on a busy machine)
 #
 # The committed corpus fuzz/corpus/TARGET seeds each run; what a run finds goes to
 # fuzz/target/corpus/TARGET, so a run leaves the repository clean. A crash, a failed invariant or a
@@ -55,7 +57,7 @@ for t in "${targets[@]}"; do
   bin="$target_dir/$triple/release/$t"
   scratch="target/corpus/$t"
   mkdir -p "corpus/$t" "$scratch" "artifacts/$t"
-  opts=(-artifact_prefix="artifacts/$t/" -max_len=16384 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1)
+  opts=(-artifact_prefix="artifacts/$t/" -max_len=16384 -timeout="${FUZZ_TIMEOUT:-10}" -rss_limit_mb=2048 -print_final_stats=1)
   [[ -f "dicts/$t.dict" ]] && opts+=(-dict="dicts/$t.dict")
   if [[ -n "$runs" ]]; then opts+=(-runs="$runs"); else opts+=(-max_total_time="$seconds"); fi
   log="target/$t.log"
