@@ -1,9 +1,11 @@
 //! The command line, for operators and hosts: everything that is not a CNI call.
 //!
 //! `render` prints what a pod would get; `redirect`, `uninstall` and `validate` (one file each)
-//! serve hosts and VMs through the same engine as the plugin. This is the edge: the environment
+//! serve hosts and VMs through the same engine as the plugin; `install` is the installer DaemonSet's
+//! long-running command. This is the edge: the environment
 //! is read here, once, and errors become exit statuses here.
 
+mod install;
 mod namespace;
 mod redirect;
 mod ssh;
@@ -69,6 +71,7 @@ enum Cmd {
     /// missing, 4 timed out (most likely missing), 5 cannot listen on the port, 6 no route to the
     /// target (nothing tested).
     Validate(validate::ValidateArgs),
+    Install(Box<install::InstallArgs>),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -87,6 +90,7 @@ pub fn main() -> ExitCode {
         }
         Cmd::Uninstall(args) => return host_command(uninstall::run(&args)),
         Cmd::Validate(args) => return validate_command(&args),
+        Cmd::Install(args) => return install::main(*args),
     };
     match result {
         Ok(out) => {
