@@ -716,3 +716,41 @@ fn a_server_url_with_a_multibyte_character_is_refused_not_a_panic() {
         assert!(e.to_string().contains("is not usable"), "{server}: {e}");
     }
 }
+
+#[test]
+fn conflist_chaining_keeps_every_number_the_primary_wrote() {
+    // Found by fuzzing the installer's merger: numbers went through f64, so an integer beyond 64
+    // bits became 4.4444444444444455e+91 and some decimals were written back differently.
+    use tproxy_cni::install::conflist::{self, Primary, Shape};
+    let numbers = [
+        "44444444444444444444444444444444444444444444444444444444444444444444444444444444444444444440",
+        "18446744073709551616",
+        "0.30000000000000004",
+        "1.0",
+        "-0",
+        "123456789.123456789123456789",
+    ];
+    let fields: Vec<String> = numbers.iter().enumerate().map(|(i, n)| format!(r#""n{i}": {n}"#)).collect();
+    let text = format!(r#"{{"cniVersion": "1.0.0", "name": "k8s", "type": "calico", {}}}"#, fields.join(", "));
+    let doc = conflist::parse(text.as_bytes(), Shape::Single).unwrap();
+    let primary = Primary {
+        path: "/etc/cni/net.d/10-calico.conf".into(),
+        shape: Shape::Single,
+        bytes: text.clone().into_bytes(),
+        doc,
+    };
+    let entry = json!({"type": "tproxy-cni", "name": "tproxy-cni"});
+    let written = String::from_utf8(conflist::render(&conflist::inject(&primary, &entry).unwrap().unwrap())).unwrap();
+    for (i, n) in numbers.iter().enumerate() {
+        assert!(written.contains(&format!(r#""n{i}": {n}"#)), "{n} not kept:\n{written}");
+    }
+}
+
+#[test]
+fn a_conflist_with_a_number_beyond_float64_is_skipped_as_libcni_skips_it() {
+    // Numbers now keep their text; libcni (Go) still refuses a file with a number no float64 holds,
+    // so the installer must not pick such a file either.
+    use tproxy_cni::install::conflist::{self, Shape};
+    let text = br#"{"cniVersion": "1.0.0", "name": "k8s", "plugins": [{"type": "bridge", "mtu": 1e400}]}"#;
+    assert!(conflist::parse(text, Shape::List).is_err());
+}

@@ -63,3 +63,7 @@ cni += ['"' + k + '":' for k in ["cniVersion", "prevResult", "runtimeConfig", "i
                                  "containerID", "ifname", "multus"] + consul_keys + kuma_keys]
 cni += ['"0.3.0"', '"0.3.1"', '"0.4.0"', '"1.0.0"', '"1.1.0"', '"nft"', '"legacy"', '"debug"']
 write("cni_invocation", cni)
+write("conflist_merge", ['"' + k + '":' for k in ["cniVersion", "name", "plugins", "type", "capabilities",
+                                                  "ipam", "delegate", "runtimeConfig"]]
+      + ['"tproxy-cni"', '"consul-cni"', '"kuma-cni"', '"istio-cni"', '"bridge"', '"portmap"', '"0.3.1"',
+         '"1.0.0"', '"1.1.0"', '"0.2.0"', "\0", "\1", "[", "]", "{", "}", "null", '""'])

@@ -99,3 +99,16 @@ put("kubeconfig", kubeconfig.replace("token: c2VjcmV0LXRva2VuLXZhbHVlLTEyMzQ1", 
 put("kubeconfig", json.dumps({"current-context": "c", "contexts": [{"name": "c", "context": {"cluster": "k"}}],
                               "clusters": [{"name": "k", "cluster": {"server": "https://[fd00::1]:6443/prefix/"}}]}))
 put("kubeconfig", kubeconfig.replace("    token:", "    exec: {command: x}\n    token:"))
+
+# The installer's conflist merger: every example configuration (shape from the file name), and a
+# few that exercise older entries of ours, a rival mesh CNI and an unsupported version.
+for path in sorted(glob.glob("../cni-conf/**/*", recursive=True)):
+    if os.path.isfile(path) and path.endswith((".conflist", ".conf", ".json")):
+        put("conflist_merge", bytes([0 if path.endswith(".conflist") else 1]) + open(path, "rb").read())
+for conf in [
+    b'\x00{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"bridge"},{"type":"tproxy-cni","old":true},{"type":"portmap"},{"type":"tproxy-cni"}]}',
+    b'\x01{"cniVersion":"0.3.1","name":"flannel","type":"flannel","delegate":{"isDefaultGateway":true},"z":[1,2]}',
+    b'\x00{"cniVersion":"0.2.0","name":"old","plugins":[{"type":"bridge"}]}',
+    b'\x00{"name":"x","plugins":[{"type":"consul-cni"},{"type":"tproxy-cni","name":"tproxy-cni","capabilities":{"io.kubernetes.cri.pod-annotations":true}}],"cniVersion":"1.1.0"}',
+]:
+    put("conflist_merge", conf)
