@@ -754,3 +754,16 @@ fn a_conflist_with_a_number_beyond_float64_is_skipped_as_libcni_skips_it() {
     let text = br#"{"cniVersion": "1.0.0", "name": "k8s", "plugins": [{"type": "bridge", "mtu": 1e400}]}"#;
     assert!(conflist::parse(text, Shape::List).is_err());
 }
+
+#[test]
+fn the_installer_quotes_an_unsupported_cni_version_bounded() {
+    // Found by fuzzing the conflist merger: the version was quoted whole, however long.
+    use tproxy_cni::install::conflist::{self, Primary, Shape};
+    let text =
+        format!(r#"{{"cniVersion": "0{}", "name": "k8s", "plugins": [{{"type": "bridge"}}]}}"#, "z\u{7f}".repeat(300));
+    let doc = conflist::parse(text.as_bytes(), Shape::List).unwrap();
+    let primary =
+        Primary { path: "/etc/cni/net.d/10-bridge.conflist".into(), shape: Shape::List, bytes: text.into_bytes(), doc };
+    let msg = conflist::inject(&primary, &json!({"type": "tproxy-cni"})).unwrap_err().to_string();
+    assert!(msg.len() <= 512 && msg.contains("is not one tproxy-cni supports"), "{} bytes: {msg}", msg.len());
+}

@@ -61,7 +61,8 @@ pub enum Scan {
 #[derive(Debug, Error)]
 pub enum ChainError {
     #[error(
-        "{path}: cniVersion {version:?} is not one tproxy-cni supports, so the runtime could not call it; the primary CNI must write cniVersion 0.3.0 or later"
+        "{path}: cniVersion {} is not one tproxy-cni supports, so the runtime could not call it; the primary CNI must write cniVersion 0.3.0 or later",
+        crate::redirect::Quoted::new(version)
     )]
     Version { path: PathBuf, version: String },
 }
