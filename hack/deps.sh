@@ -5,8 +5,9 @@
 #   containernetworking-plugins bridge + host-local, the primary CNI of every test chain
 #   golang-go, golang-github-appc-cni-dev   to build cnidrv, the libcni driver in ../shared/tools
 #   systemd                     systemd-analyze, to load the host units in installer/host/
+#   g++                         libFuzzer (built by the fuzz crate's libfuzzer-sys)
 set -euo pipefail
-pkgs=(iptables nftables iproute2 util-linux containernetworking-plugins golang-go golang-github-appc-cni-dev systemd)
+pkgs=(iptables nftables iproute2 util-linux containernetworking-plugins golang-go golang-github-appc-cni-dev systemd g++)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
