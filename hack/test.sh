@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs the Debian packages it needs, checks formatting and
-# lints, runs the demo, then every unit and integration test (real namespaces, real iptables, real
-# traffic, the real CNI chain through libcni).
+# lints (the fuzz crate's too), runs the demo, a short run of every fuzz target, then every unit and
+# integration test (real namespaces, real iptables, real traffic, the real CNI chain through libcni).
 #
 # Usage: sudo hack/test.sh [extra cargo test arguments]
 set -euo pipefail
@@ -11,8 +11,10 @@ cd "$(dirname "$0")/.."
 bash hack/deps.sh
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+(cd fuzz && cargo fmt -- --check)
 echo "== cargo clippy"
 cargo clippy -q --all-targets -- -D warnings
+(cd fuzz && cargo clippy -q --all-targets -- -D warnings)
 echo "== demo (hack/demo.sh)"
 if ! bash hack/demo.sh > target/demo.log 2>&1; then
   cat target/demo.log
@@ -20,5 +22,7 @@ if ! bash hack/demo.sh > target/demo.log 2>&1; then
   exit 1
 fi
 tail -n 3 target/demo.log
+echo "== fuzz: every target for ${FUZZ_SECONDS:=4} s (hack/fuzz.sh; docs/reliability.md for the long runs)"
+bash hack/fuzz.sh -t "$FUZZ_SECONDS"
 echo "== cargo test"
 cargo test "$@" 2>&1 | tee target/test.log

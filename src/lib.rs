@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cni;
 pub mod install;
 pub mod kube;
+pub mod limits;
 pub mod log;
 pub mod mesh;
 pub mod netfilter;

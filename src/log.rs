@@ -77,7 +77,13 @@ impl Log for Logger {
             return;
         }
         let sep = if st.context.is_empty() { "" } else { " " };
-        let line = format!("{} {:<5} tproxy-cni{sep}{}: {}\n", timestamp(), record.level(), st.context, record.args());
+        let line = format!(
+            "{} {:<5} tproxy-cni{sep}{}: {}\n",
+            timestamp(),
+            record.level(),
+            escape_controls(&st.context),
+            escape_controls(&record.args().to_string())
+        );
         let _ = std::io::stderr().write_all(line.as_bytes());
         if let Some(f) = st.file.as_mut() {
             let _ = f.write_all(line.as_bytes());
@@ -85,6 +91,15 @@ impl Log for Logger {
     }
 
     fn flush(&self) {}
+}
+
+/// Writes control characters (line breaks among them) as escapes, so text that came from a pod's
+/// annotations or the runtime can never start a log line of its own.
+fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 /// RFC 3339 UTC time with milliseconds, without a date-time dependency.
@@ -119,6 +134,15 @@ mod tests {
         assert!(ours(&md("tproxy_cni")) && ours(&md("tproxy_cni::kube::client")));
         assert!(!ours(&md("ureq::unversioned::transport")) && !ours(&md("rustls::client")));
         assert!(!ours(&md("tproxy_cni_other")));
+    }
+
+    #[test]
+    fn annotation_text_cannot_forge_a_log_line() {
+        assert_eq!(
+            escape_controls("a\nERROR tproxy-cni: forged\r\u{1b}[2J"),
+            "a\\nERROR tproxy-cni: forged\\r\\u{1b}[2J"
+        );
+        assert!(matches!(escape_controls("plain ünïcode"), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]

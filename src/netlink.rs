@@ -258,43 +258,34 @@ fn parse_address(payload: &[u8]) -> Option<(u32, Ipv6Addr)> {
 }
 
 /// A redirect made ready for a pod's namespace: its IPv6 pass decided from what the namespace has,
-/// and the loopback address that pass needs in place.
+/// and the loopback address that pass needs, to be added once the rules are in place.
 #[derive(Debug)]
 pub struct Prepared {
     pub redirect: Redirect,
-    /// The loopback address this call added (so a failed ADD removes it again).
-    added: Option<Ipv6Addr>,
 }
 
-/// Decides the IPv6 pass and adds the loopback address it needs, before any rule is installed.
-/// Costs nothing (no socket) for redirects that need neither.
+/// Decides the IPv6 pass, reading the namespace's addresses; changes nothing. Costs nothing (no
+/// socket) for redirects that do not depend on the namespace.
 pub fn prepare(ns: &Netns, redirect: Redirect) -> Result<Prepared, NetlinkError> {
-    if !redirect.ipv6_follows_netns() && redirect.ipv6_passthrough_address().is_none() {
-        return Ok(Prepared { redirect, added: None });
+    if !redirect.ipv6_follows_netns() {
+        return Ok(Prepared { redirect });
     }
     let mut sock = RouteSocket::open_in(ns)?;
-    let redirect = resolve_ipv6(&mut sock, redirect)?;
-    let added = match redirect.ipv6_passthrough_address() {
-        Some(addr) if sock.add_loopback_address(addr)? => Some(addr),
-        Some(addr) => {
-            log::debug!("{addr}/128 is already on lo");
-            None
-        }
-        None => None,
-    };
-    if let Some(addr) = added {
-        log::debug!("added {addr}/128 to lo");
-    }
-    Ok(Prepared { redirect, added })
+    Ok(Prepared { redirect: resolve_ipv6(&mut sock, redirect)? })
 }
 
 impl Prepared {
-    /// Removes what [`prepare`] added, after the rules failed. Best effort: a failure is logged.
-    pub fn undo(&self, ns: &Netns) {
-        let Some(addr) = self.added else { return };
-        if let Err(e) = RouteSocket::open_in(ns).and_then(|mut s| s.del_loopback_address(addr)) {
-            log::warn!("cannot remove {addr}/128 from lo after a failure: {e}");
+    /// Adds the loopback address the IPv6 pass needs (Kuma's `::6`), if any, after the rules are
+    /// installed: an ADD killed before this point leaves rules, which DEL removes together with
+    /// the address, never an address without the rules that account for it.
+    pub fn add_address(&self, ns: &Netns) -> Result<(), NetlinkError> {
+        let Some(addr) = self.redirect.ipv6_passthrough_address() else { return Ok(()) };
+        if RouteSocket::open_in(ns)?.add_loopback_address(addr)? {
+            log::debug!("added {addr}/128 to lo");
+        } else {
+            log::debug!("{addr}/128 is already on lo");
         }
+        Ok(())
     }
 }
 

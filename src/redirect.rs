@@ -336,6 +336,8 @@ pub enum ValueError {
     NotAnIp { what: &'static str, value: Quoted },
     #[error("{what} {value} is not a CIDR or IP address")]
     NotACidr { what: &'static str, value: Quoted },
+    #[error("{what} has {count} entries, more than the limit of {limit}")]
+    TooMany { what: &'static str, count: usize, limit: usize },
 }
 
 /// A value from the outside world, printed escaped and shortened for error messages.
@@ -343,13 +345,20 @@ pub enum ValueError {
 pub struct Quoted(String);
 
 impl Quoted {
+    /// The most bytes of escaped text shown; what is cut is marked with `…`.
+    pub const MAX_BYTES: usize = 64;
+
     pub fn new(s: &str) -> Quoted {
-        const MAX: usize = 64;
-        let mut q = format!("{:?}", s.chars().take(MAX).collect::<String>());
-        if s.chars().count() > MAX {
-            q.pop();
-            q.push_str("…\"");
+        let mut q = String::from("\"");
+        for c in s.chars() {
+            let escaped: String = c.escape_debug().collect();
+            if q.len() - 1 + escaped.len() > Quoted::MAX_BYTES {
+                q.push('…');
+                break;
+            }
+            q.push_str(&escaped);
         }
+        q.push('"');
         Quoted(q)
     }
 }
@@ -497,5 +506,8 @@ mod tests {
     fn quoted_values_show_escapes_and_are_bounded() {
         assert_eq!(Quoted::new("a\nb").to_string(), r#""a\nb""#);
         assert!(Quoted::new(&"x".repeat(1000)).to_string().len() < 80);
+        // Escapes count: 200 control characters are cut as short as 200 letters.
+        assert!(Quoted::new(&"\u{19}".repeat(200)).to_string().len() < 80);
+        assert!(Quoted::new(&"é".repeat(200)).to_string().ends_with("…\""));
     }
 }

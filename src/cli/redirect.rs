@@ -274,8 +274,12 @@ pub(super) fn run(args: &RedirectArgs, ssh_connection: Option<&str>) -> Result<R
         return Ok(Report::out(out));
     }
     let prepared = netlink::prepare(&ns, redirect)?;
-    if let Err(e) = nf.apply(&ns, &sets) {
-        prepared.undo(&ns);
+    nf.apply(&ns, &sets)?;
+    // Kuma's `::6` after the rules, as in ADD: an interrupted command never leaves the address alone.
+    if let Err(e) = prepared.add_address(&ns) {
+        if let Err(undo) = nf.remove(&ns) {
+            log::warn!("cannot remove the rules after failing to add the loopback address: {undo}");
+        }
         return Err(e.into());
     }
     let families: Vec<&str> = sets.iter().map(|s| s.family.name()).collect();

@@ -5,6 +5,8 @@
 
 use thiserror::Error;
 
+use crate::redirect::Quoted;
+
 /// The keys we understand in `CNI_ARGS`.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CniArgs {
@@ -18,11 +20,11 @@ pub struct CniArgs {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ArgsError {
-    #[error("CNI_ARGS entry {0:?} is not of the form KEY=VALUE")]
+    #[error("CNI_ARGS entry {} is not of the form KEY=VALUE", Quoted::new(.0))]
     NotAPair(String),
-    #[error("CNI_ARGS key {0:?} is not known (set IgnoreUnknown=1 to ignore it)")]
+    #[error("CNI_ARGS key {} is not known (set IgnoreUnknown=1 to ignore it)", Quoted::new(.0))]
     UnknownKey(String),
-    #[error("CNI_ARGS key {0:?} appears twice")]
+    #[error("CNI_ARGS key {} appears twice", Quoted::new(.0))]
     Duplicate(String),
 }
 

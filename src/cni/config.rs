@@ -85,26 +85,31 @@ pub struct Attachment {
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("network configuration on stdin is not valid JSON: {0}")]
-    Syntax(#[source] serde_json::Error),
-    #[error("network configuration is invalid: {0}")]
-    Invalid(#[source] serde_json::Error),
+    #[error("network configuration on stdin is not valid JSON: {}", bounded_message(.0))]
+    Syntax(serde_json::Error),
+    #[error("network configuration is invalid: {}", bounded_message(.0))]
+    Invalid(serde_json::Error),
     #[error("network configuration has no cniVersion")]
     MissingVersion,
     #[error(transparent)]
     Version(#[from] UnsupportedVersion),
-    #[error("log_level {0:?} is not one of error, warn, info, debug, trace")]
+    #[error("log_level {} is not one of error, warn, info, debug, trace", crate::redirect::Quoted::new(.0))]
     LogLevel(String),
-    #[error("iptables_mode {0:?} is not one of auto, nft, legacy")]
+    #[error("iptables_mode {} is not one of auto, nft, legacy", crate::redirect::Quoted::new(.0))]
     IptablesMode(String),
-    #[error("{key} {value:?} is not a valid Kubernetes namespace name")]
+    #[error("{key} {} is not a valid Kubernetes namespace name", crate::redirect::Quoted::new(value))]
     Namespace { key: &'static str, value: String },
     #[error("installer_pods: {0}")]
     InstallerPods(&'static str),
     #[error("api_timeout {value}: {reason}")]
     ApiTimeout { value: String, reason: &'static str },
-    #[error("kubeconfig {0:?} is a relative path: make it absolute, or set cni_net_dir for it to be joined onto")]
+    #[error("kubeconfig {} is a relative path: make it absolute, or set cni_net_dir for it to be joined onto", crate::redirect::Quoted::new(&.0.to_string_lossy()))]
     RelativeKubeconfig(PathBuf),
+}
+
+/// A decoder's message, which may quote the value it choked on, shortened.
+fn bounded_message(e: &serde_json::Error) -> String {
+    crate::limits::bounded(&e.to_string(), crate::limits::MAX_QUOTED_MESSAGE_BYTES).into_owned()
 }
 
 #[derive(Deserialize)]

@@ -64,7 +64,9 @@ pub struct CniError {
 
 impl CniError {
     pub fn new(code: Code, msg: impl Into<String>) -> Self {
-        CniError { code, msg: one_line(&msg.into()), details: String::new() }
+        let msg = one_line(&msg.into());
+        let msg = crate::limits::bounded(&msg, crate::limits::MAX_ERROR_MESSAGE_BYTES).into_owned();
+        CniError { code, msg, details: String::new() }
     }
 
     pub fn with_details(mut self, details: impl Into<String>) -> Self {

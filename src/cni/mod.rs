@@ -74,11 +74,11 @@ pub struct Outcome {
 pub enum Error {
     #[error("CNI_COMMAND is not set")]
     NoCommand,
-    #[error("CNI_COMMAND {0:?} is not one of ADD, DEL, CHECK, VERSION, STATUS, GC")]
+    #[error("CNI_COMMAND {} is not one of ADD, DEL, CHECK, VERSION, STATUS, GC", crate::redirect::Quoted::new(.0))]
     UnknownCommand(String),
     #[error("{0} is required for {1:?}")]
     MissingEnv(&'static str, Command),
-    #[error("{0} {1:?} is invalid: {2}")]
+    #[error("{} {} is invalid: {}", .0, crate::redirect::Quoted::new(.1), .2)]
     InvalidEnv(&'static str, String, &'static str),
     #[error(transparent)]
     Args(#[from] ArgsError),
@@ -205,8 +205,12 @@ fn add(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
     let status = ConsulStatus::new(conf, &inv.args, &found, redirect, &api);
     status.iter().for_each(|s| s.report(pod::CONSUL_STATUS_WAITING));
     let nf = Netfilter::new(Backend::resolve(conf.iptables_mode));
-    if let Err(e) = nf.apply(&ns, &sets) {
-        prepared.undo(&ns);
+    nf.apply(&ns, &sets)?;
+    if let Err(e) = prepared.add_address(&ns) {
+        // Leave nothing of ours behind a failed ADD.
+        if let Err(undo) = nf.remove(&ns) {
+            log::warn!("cannot remove the rules after failing to add the loopback address: {undo}");
+        }
         return Err(e.into());
     }
     let families: Vec<_> = sets.iter().map(|s| s.family.name()).collect();
@@ -334,8 +338,8 @@ fn valid_ifname(name: &str) -> bool {
 }
 
 fn context(inv: &Invocation) -> String {
-    let id = inv.container_id.as_deref().unwrap_or("-");
-    let short = &id[..id.len().min(12)];
+    // Characters, not bytes: STATUS and GC do not validate the ID, which may be any text.
+    let short: String = inv.container_id.as_deref().unwrap_or("-").chars().take(12).collect();
     format!("container={short} pod={}", PodRef::from_args(&inv.args))
 }
 

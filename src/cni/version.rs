@@ -57,7 +57,7 @@ impl fmt::Display for Version {
 
 /// A version string we do not implement; carries the text for the error message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("CNI version {0:?} is not supported (supported: 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0)")]
+#[error("CNI version {} is not supported (supported: 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0)", crate::redirect::Quoted::new(.0))]
 pub struct UnsupportedVersion(pub String);
 
 impl FromStr for Version {

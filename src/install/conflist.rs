@@ -61,7 +61,8 @@ pub enum Scan {
 #[derive(Debug, Error)]
 pub enum ChainError {
     #[error(
-        "{path}: cniVersion {version:?} is not one tproxy-cni supports, so the runtime could not call it; the primary CNI must write cniVersion 0.3.0 or later"
+        "{path}: cniVersion {} is not one tproxy-cni supports, so the runtime could not call it; the primary CNI must write cniVersion 0.3.0 or later",
+        crate::redirect::Quoted::new(version)
     )]
     Version { path: PathBuf, version: String },
 }
@@ -118,6 +119,12 @@ pub fn scan(dir: &Path, now: SystemTime) -> io::Result<Scan> {
 /// Checks a document the way libcni does before the runtime uses it.
 pub fn parse(bytes: &[u8], shape: Shape) -> Result<Value, &'static str> {
     let doc: Value = serde_json::from_slice(bytes).map_err(|_| "not JSON")?;
+    // Numbers keep their text (serde_json's arbitrary_precision), so a value is written back as the
+    // primary wrote it; libcni reads every number as a float64 and refuses the file when one does
+    // not fit, and so do we, to pick the file the runtime uses.
+    if !numbers_fit_f64(&doc) {
+        return Err("a number beyond the range of a float64");
+    }
     let obj = doc.as_object().ok_or("not a JSON object")?;
     match shape {
         Shape::List => {
@@ -137,6 +144,15 @@ pub fn parse(bytes: &[u8], shape: Shape) -> Result<Value, &'static str> {
         }
     }
     Ok(doc)
+}
+
+fn numbers_fit_f64(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => n.as_f64().is_some(),
+        Value::Array(items) => items.iter().all(numbers_fit_f64),
+        Value::Object(map) => map.values().all(numbers_fit_f64),
+        _ => true,
+    }
 }
 
 /// The path our chained list is written to: the primary's own for a list, `.conflist` for a `.conf`.

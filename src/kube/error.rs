@@ -32,8 +32,9 @@ pub enum Problem {
     Read(#[source] std::io::Error),
     #[error("is not valid YAML")]
     Yaml(#[source] Box<serde_saphyr::Error>),
-    #[error("is not a valid kubeconfig")]
-    Shape(#[source] serde_json::Error),
+    /// The decoder's message, with the values it quoted left out (they may be secrets).
+    #[error("is not a valid kubeconfig: {0}")]
+    Shape(String),
     #[error("is not a YAML mapping (is it really a kubeconfig?)")]
     NotAMapping,
     #[error("has no current-context")]

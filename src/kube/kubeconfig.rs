@@ -91,7 +91,9 @@ impl TokenSource {
         match self {
             TokenSource::None => Ok(None),
             TokenSource::Inline(s) => Ok(Some(s.clone())),
-            TokenSource::File { path, inline } => match fs::read_to_string(path) {
+            TokenSource::File { path, inline } => match read_bounded(path).and_then(|b| {
+                String::from_utf8(b).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"))
+            }) {
                 Ok(text) => {
                     Secret::new(&text).map(Some).map_err(|reason| Problem::TokenFile { file: path.clone(), reason })
                 }
@@ -266,7 +268,8 @@ fn secret_text(v: Option<serde_json::Value>, what: &'static str) -> Result<Optio
 impl Kubeconfig {
     /// Reads the kubeconfig at `path` (which [`resolve_path`] has found) and resolves its current context.
     pub fn load(path: &Path) -> Result<Kubeconfig, KubeconfigError> {
-        let text = fs::read(path).map_err(|e| KubeconfigError { path: path.to_owned(), problem: Problem::Read(e) })?;
+        let text =
+            read_bounded(path).map_err(|e| KubeconfigError { path: path.to_owned(), problem: Problem::Read(e) })?;
         Kubeconfig::parse(path, &text).map_err(|problem| KubeconfigError { path: path.to_owned(), problem })
     }
 
@@ -274,11 +277,15 @@ impl Kubeconfig {
     pub fn parse(path: &Path, text: &[u8]) -> Result<Kubeconfig, Problem> {
         // Check the shape first: a decoder's "invalid type" message quotes the value it got, and a
         // file that is one bare string (a token file named by mistake) must not be echoed.
-        let doc: serde_json::Value = serde_saphyr::from_slice(text).map_err(|e| Problem::Yaml(Box::new(e)))?;
+        // No source snippet in errors: it would quote the lines around the error, token included.
+        let options = serde_saphyr::options! { with_snippet: false };
+        let doc: serde_json::Value =
+            serde_saphyr::from_slice_with_options(text, options).map_err(|e| Problem::Yaml(Box::new(e)))?;
         if !doc.is_object() {
             return Err(Problem::NotAMapping);
         }
-        let raw: RawConfig = serde_json::from_value(doc).map_err(Problem::Shape)?;
+        let raw: RawConfig =
+            serde_json::from_value(doc).map_err(|e| Problem::Shape(without_quoted_values(&e.to_string())))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let context_name = set(raw.current_context).ok_or(Problem::NoCurrentContext)?;
         let context = raw
@@ -379,7 +386,8 @@ impl Kubeconfig {
 pub fn parse_server(url: &str) -> Result<String, &'static str> {
     let url = url.trim();
     let scheme_len = "https://".len();
-    if url.len() < scheme_len || !url[..scheme_len].eq_ignore_ascii_case("https://") {
+    // `get`, not indexing: the eighth byte may fall inside a multi-byte character.
+    if !url.get(..scheme_len).is_some_and(|s| s.eq_ignore_ascii_case("https://")) {
         return Err("only https:// servers are supported");
     }
     let rest = &url[scheme_len..];
@@ -482,7 +490,46 @@ fn client_cert(user: &RawUser, base: &Path) -> Result<Option<ClientCert>, Proble
 
 fn read_file(base: &Path, file: &str, what: &'static str) -> Result<Vec<u8>, Problem> {
     let path = base.join(file);
-    fs::read(&path).map_err(|source| Problem::File { what, file: path, source })
+    read_bounded(&path).map_err(|source| Problem::File { what, file: path, source })
+}
+
+/// A decoder's message with every double-quoted value left out: `invalid type: string "…",
+/// expected …` quotes what it found, and a value in the wrong place may be a token.
+fn without_quoted_values(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let (mut quoted, mut escaped) = (false, false);
+    for c in msg.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            _ if !quoted => out.push(c),
+            _ => {}
+        }
+    }
+    out.replace(" ,", ",").replace("  ", " ")
+}
+
+/// Reads a file a kubeconfig names (or the kubeconfig itself): a regular file of at most
+/// [`crate::limits::MAX_CONFIG_FILE_BYTES`]. It is opened without blocking, so a FIFO or a device
+/// named by mistake is an error at once rather than a plugin that never returns.
+pub(crate) fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let limit = crate::limits::MAX_CONFIG_FILE_BYTES;
+    let file = fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "is not a regular file"));
+    }
+    let mut data = Vec::new();
+    file.take(limit + 1).read_to_end(&mut data)?;
+    if data.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("is larger than the limit of {limit} bytes"),
+        ));
+    }
+    Ok(data)
 }
 
 fn decode(data: &str, what: &'static str) -> Result<Vec<u8>, Problem> {

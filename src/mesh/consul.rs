@@ -17,6 +17,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use super::{AnnotationError, Annotations, PodNetwork};
+use crate::limits;
 use crate::redirect::{
     Cidrs, ConsulDns, ConsulRedirect, Families, Port, PortRange, UidRange, ValueError, parse_cidr, parse_ip,
     parse_port_range, parse_uid, parse_uid_range, port_from_number, split_list,
@@ -49,6 +50,26 @@ pub const DEFAULT_DNS_PORT: u16 = 8600;
 pub const DEFAULT_PROMETHEUS_PORT: u16 = 20200;
 pub const PROXY_HEALTH_PORT: u16 = 21000;
 
+/// Every annotation this dialect reads (each is held to [`crate::limits::MAX_ANNOTATION_BYTES`]).
+const READ: [&str; 13] = [
+    INJECT_STATUS,
+    MESH_INJECT_STATUS,
+    TPROXY_STATUS,
+    REDIRECT_CONFIG,
+    DUAL_STACK,
+    EXCLUDE_INBOUND_PORTS,
+    EXCLUDE_OUTBOUND_PORTS,
+    EXCLUDE_OUTBOUND_CIDRS,
+    EXCLUDE_UIDS,
+    CONSUL_DNS,
+    ENABLE_METRICS,
+    PROMETHEUS_SCRAPE_PORT,
+    USE_PROXY_HEALTH_CHECK,
+];
+
+/// What an error about the individual annotations taken together names (the rule budget).
+const INDIVIDUAL_EXCLUSIONS: &str = "consul.hashicorp.com/transparent-proxy-exclude-*";
+
 /// Is this pod in Consul's mesh with transparent proxy on?
 pub fn owns(annotations: &Annotations) -> bool {
     let set = |k: &str| annotations.get(k).is_some_and(|v| !v.is_empty());
@@ -60,6 +81,11 @@ pub fn redirect(annotations: &Annotations, net: PodNetwork) -> Result<Option<Con
     if !owns(annotations) {
         return Ok(None);
     }
+    for key in READ {
+        if let Some(v) = annotations.get(key) {
+            limits::annotation_size(v).map_err(|reason| err(key, reason))?;
+        }
+    }
     let dual_stack = match annotations.get(DUAL_STACK).map(String::as_str) {
         None | Some("") => false,
         Some(v) if v.eq_ignore_ascii_case("true") => true,
@@ -68,17 +94,18 @@ pub fn redirect(annotations: &Annotations, net: PodNetwork) -> Result<Option<Con
             return Err(err(DUAL_STACK, format!("{} is not true or false", crate::redirect::Quoted::new(v))));
         }
     };
-    let settings = match annotations.get(REDIRECT_CONFIG) {
-        Some(json) => parse_config(json),
-        None => typed(from_individual_annotations(annotations, dual_stack)),
+    let (settings, source) = match annotations.get(REDIRECT_CONFIG) {
+        Some(json) => (parse_config(json), REDIRECT_CONFIG),
+        None => (typed(from_individual_annotations(annotations, dual_stack)?), INDIVIDUAL_EXCLUSIONS),
     };
-    let invalid = |e: ConfigError| err(REDIRECT_CONFIG, e.to_string());
+    let invalid = |e: ConfigError| err(source, e.to_string());
     let settings = Settings { dual_stack, ..settings.map_err(invalid)? };
     settings.validate(net, &Spelling::JSON).map(Some).map_err(invalid)
 }
 
 /// Nomad's path: the configuration JSON straight from `CNI_ARGS`. Nomad does not do dual-stack.
 pub fn from_json(json: &str, net: PodNetwork) -> Result<ConsulRedirect, AnnotationError> {
+    limits::annotation_size(json).map_err(|reason| err(NOMAD_CNI_ARG, reason))?;
     parse_config(json).and_then(|s| s.validate(net, &Spelling::JSON)).map_err(|e| err(NOMAD_CNI_ARG, e.to_string()))
 }
 
@@ -131,12 +158,17 @@ impl Spelling {
 /// Why a Consul configuration cannot become a redirect. Messages are one line.
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("is not the redirect JSON: {0}")]
-    Json(#[source] serde_json::Error),
+    /// The decoder's message may quote the value it choked on: it is shortened, and not repeated
+    /// as a cause.
+    #[error("is not the redirect JSON: {}", limits::bounded(&.0.to_string(), limits::MAX_QUOTED_MESSAGE_BYTES))]
+    Json(serde_json::Error),
     #[error(transparent)]
     Value(#[from] ValueError),
     #[error("{0} is required")]
     Required(&'static str),
+    /// More than one ADD may consume (`crate::limits`).
+    #[error("{0}")]
+    Limit(String),
     #[error("{what} {ip} is IPv4 but dual-stack mode is on (expected an IPv6 address such as ::1)")]
     Ipv4DnsInDualStack { what: &'static str, ip: IpAddr },
     #[error("{what} {ip} is IPv6 but dual-stack mode is off ({switch} is not set)")]
@@ -165,7 +197,7 @@ impl Settings {
             (Some(ip), None) => Some(ConsulDns::All { ip }),
             (None, None) => None,
         };
-        Ok(ConsulRedirect {
+        let r = ConsulRedirect {
             proxy_uid,
             inbound_port,
             outbound_port: self.outbound_port.unwrap_or(const { Port::new(DEFAULT_OUTBOUND_PORT).expect("non-zero") }),
@@ -176,7 +208,10 @@ impl Settings {
             dns,
             dual_stack,
             families: Families { ipv6: dual_stack || net.has_ipv6 },
-        })
+        };
+        let rules = crate::rules::most_rules_per_family(&crate::redirect::Redirect::Consul(r.clone()));
+        limits::rules_per_family(rules).map_err(ConfigError::Limit)?;
+        Ok(r)
     }
 }
 
@@ -209,47 +244,65 @@ struct Config {
     _iptables_provider: Option<serde_json::Value>,
 }
 
-/// Rebuilds what the webhook would have written, from the individual annotations.
-fn from_individual_annotations(a: &Annotations, dual_stack: bool) -> Config {
-    let list = |k: &str| a.get(k).map(|v| split_list(v).map(str::to_owned).collect::<Vec<_>>()).unwrap_or_default();
+/// Rebuilds what the webhook would have written, from the individual annotations. Each list is
+/// checked here, under its own annotation's name, so an error names the annotation the pod really
+/// has (the rebuilt configuration is checked again by [`typed`], which then cannot fail on it).
+fn from_individual_annotations(a: &Annotations, dual_stack: bool) -> Result<Config, AnnotationError> {
+    let list = |k: &'static str, check: fn(&str, &'static str) -> Result<(), ValueError>| {
+        let entries: Vec<String> = a.get(k).map(|v| split_list(v).map(str::to_owned).collect()).unwrap_or_default();
+        limits::list_entries("the list", entries.len()).map_err(|e| err(k, e.to_string()))?;
+        for e in &entries {
+            check(e, "entry").map_err(|e| err(k, e.to_string()))?;
+        }
+        Ok::<_, AnnotationError>(entries)
+    };
+    let port_range = |s: &str, what| parse_port_range(s, what).map(drop);
+    let cidr = |s: &str, what| parse_cidr(s, what).map(drop);
+    let uid_range = |s: &str, what| parse_uid_range(s, what).map(drop);
     let is_true = |k: &str| a.get(k).is_some_and(|v| v.eq_ignore_ascii_case("true"));
 
     let mut inbound = Vec::new();
     if is_true(ENABLE_METRICS) {
-        inbound.push(a.get(PROMETHEUS_SCRAPE_PORT).cloned().unwrap_or_else(|| DEFAULT_PROMETHEUS_PORT.to_string()));
+        let port = a.get(PROMETHEUS_SCRAPE_PORT).cloned().unwrap_or_else(|| DEFAULT_PROMETHEUS_PORT.to_string());
+        parse_port_range(&port, "port").map_err(|e| err(PROMETHEUS_SCRAPE_PORT, e.to_string()))?;
+        inbound.push(port);
     }
     if is_true(USE_PROXY_HEALTH_CHECK) {
         inbound.push(PROXY_HEALTH_PORT.to_string());
     }
-    inbound.extend(list(EXCLUDE_INBOUND_PORTS));
+    inbound.extend(list(EXCLUDE_INBOUND_PORTS, port_range)?);
     let mut uids = vec![DEFAULT_CONNECT_INIT_UID.to_string()];
-    uids.extend(list(EXCLUDE_UIDS));
+    uids.extend(list(EXCLUDE_UIDS, uid_range)?);
     let (dns_ip, dns_port) = if is_true(CONSUL_DNS) {
         (if dual_stack { "::1" } else { "127.0.0.1" }.to_owned(), i64::from(DEFAULT_DNS_PORT))
     } else {
         (String::new(), 0)
     };
-    Config {
+    Ok(Config {
         consul_dns_ip: dns_ip,
         consul_dns_port: dns_port,
         proxy_user_id: DEFAULT_PROXY_UID.to_string(),
         proxy_inbound_port: i64::from(DEFAULT_INBOUND_PORT),
         proxy_outbound_port: i64::from(DEFAULT_OUTBOUND_PORT),
         exclude_inbound_ports: Some(inbound),
-        exclude_outbound_ports: Some(list(EXCLUDE_OUTBOUND_PORTS)),
-        exclude_outbound_cidrs: Some(list(EXCLUDE_OUTBOUND_CIDRS)),
+        exclude_outbound_ports: Some(list(EXCLUDE_OUTBOUND_PORTS, port_range)?),
+        exclude_outbound_cidrs: Some(list(EXCLUDE_OUTBOUND_CIDRS, cidr)?),
         exclude_uids: Some(uids),
         ..Config::default()
-    }
+    })
 }
 
 /// Parses each value of consul's JSON into its type. Zero and empty mean "not set", as in consul.
 fn typed(c: Config) -> Result<Settings, ConfigError> {
-    let ports = |l: Option<Vec<String>>, what| {
-        l.unwrap_or_default().iter().map(|p| parse_port_range(p, what)).collect::<Result<Vec<_>, _>>()
+    let entries = |l: Option<Vec<String>>, what| {
+        let l = l.unwrap_or_default();
+        limits::list_entries(what, l.len()).map(|()| l)
+    };
+    let ports = |l: Option<Vec<String>>, what, entry| {
+        entries(l, what)?.iter().map(|p| parse_port_range(p, entry)).collect::<Result<Vec<_>, _>>()
     };
     let mut exclude_outbound_cidrs = Cidrs::default();
-    for s in c.exclude_outbound_cidrs.unwrap_or_default() {
+    for s in entries(c.exclude_outbound_cidrs, "ExcludeOutboundCIDRs")? {
         exclude_outbound_cidrs.push(parse_cidr(&s, "ExcludeOutboundCIDRs entry")?);
     }
     Ok(Settings {
@@ -259,12 +312,10 @@ fn typed(c: Config) -> Result<Settings, ConfigError> {
         },
         inbound_port: optional_port(c.proxy_inbound_port, "ProxyInboundPort")?,
         outbound_port: optional_port(c.proxy_outbound_port, "ProxyOutboundPort")?,
-        exclude_inbound_ports: ports(c.exclude_inbound_ports, "ExcludeInboundPorts entry")?,
-        exclude_outbound_ports: ports(c.exclude_outbound_ports, "ExcludeOutboundPorts entry")?,
+        exclude_inbound_ports: ports(c.exclude_inbound_ports, "ExcludeInboundPorts", "ExcludeInboundPorts entry")?,
+        exclude_outbound_ports: ports(c.exclude_outbound_ports, "ExcludeOutboundPorts", "ExcludeOutboundPorts entry")?,
         exclude_outbound_cidrs,
-        exclude_uids: c
-            .exclude_uids
-            .unwrap_or_default()
+        exclude_uids: entries(c.exclude_uids, "ExcludeUIDs")?
             .iter()
             .map(|u| parse_uid_range(u, "ExcludeUIDs entry"))
             .collect::<Result<_, _>>()?,

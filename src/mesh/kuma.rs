@@ -50,6 +50,31 @@ pub const GATEWAY: &str = "kuma.io/gateway";
 pub const DROP_INVALID_PACKETS: &str = "traffic.kuma.io/drop-invalid-packets";
 pub const IPTABLES_LOGS: &str = "traffic.kuma.io/iptables-logs";
 
+/// What an error about the per-knob annotations taken together names (the rule budget).
+const LEGACY_EXCLUSIONS: &str = "traffic.kuma.io/exclude-*";
+
+/// Every annotation this dialect reads (each is held to [`crate::limits::MAX_ANNOTATION_BYTES`]).
+const READ: [&str; 18] = [
+    SIDECAR_INJECTED,
+    TPROXY_CONFIG,
+    CNCF_NETWORKS,
+    INBOUND_PORT,
+    OUTBOUND_PORT,
+    SIDECAR_UID,
+    BUILTIN_DNS,
+    BUILTIN_DNS_PORT,
+    EXCLUDE_INBOUND_PORTS,
+    EXCLUDE_OUTBOUND_PORTS,
+    EXCLUDE_INBOUND_IPS,
+    EXCLUDE_OUTBOUND_IPS,
+    EXCLUDE_OUTBOUND_PORTS_FOR_UIDS,
+    APPLICATION_PROBE_PROXY_PORT,
+    IP_FAMILY_MODE,
+    GATEWAY,
+    DROP_INVALID_PACKETS,
+    IPTABLES_LOGS,
+];
+
 /// Kuma's defaults (`DefaultConfig()` and kuma-cni's annotation defaults).
 pub const DEFAULT_PROXY_UID: u32 = 5678;
 pub const DEFAULT_INBOUND_PORT: u16 = 15006;
@@ -121,6 +146,11 @@ pub fn redirect(
 ) -> Result<Option<KumaRedirect>, AnnotationError> {
     if a.get(SIDECAR_INJECTED).map(String::as_str) != Some("true") {
         return Ok(None);
+    }
+    for key in READ {
+        if let Some(v) = a.get(key) {
+            crate::limits::annotation_size(v).map_err(|reason| err(key, reason))?;
+        }
     }
     match a.get(TPROXY_CONFIG).filter(|v| !v.trim().is_empty()) {
         Some(yaml) => {
@@ -213,29 +243,102 @@ struct EbpfConfig {
     enabled: Option<bool>,
 }
 
-/// A YAML scalar that Kuma reads as text: `5678` and `"5678"` are the same UID.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Scalar {
-    Number(u64),
-    Text(String),
-}
+/// A YAML scalar that Kuma reads as text: `5678` and `"5678"` are the same UID. Any scalar is
+/// taken as its text (`-1`, `1.5`, `true` included) so that the value checks that follow refuse it
+/// with a message naming the key and quoting the value; a list or a mapping is refused here.
+#[derive(Debug)]
+struct Scalar(String);
 
 impl Scalar {
     fn text(&self) -> String {
-        match self {
-            Scalar::Number(n) => n.to_string(),
-            Scalar::Text(s) => s.clone(),
-        }
+        self.0.clone()
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ScalarVisitor)
+    }
+}
+
+struct ScalarVisitor;
+
+impl serde::de::Visitor<'_> for ScalarVisitor {
+    type Value = Scalar;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a number or a string")
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<Scalar, E> {
+        Ok(Scalar(n.to_string()))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<Scalar, E> {
+        Ok(Scalar(n.to_string()))
+    }
+
+    fn visit_f64<E>(self, n: f64) -> Result<Scalar, E> {
+        // `{:?}` keeps the decimal point, so `1e3` stays a non-integer and is refused as one.
+        Ok(Scalar(format!("{n:?}")))
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Scalar, E> {
+        Ok(Scalar(b.to_string()))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Scalar, E> {
+        Ok(Scalar(s.to_owned()))
     }
 }
 
 /// Kuma's port lists: a YAML list of numbers or strings, or one string of comma-separated ports.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 enum PortList {
     List(Vec<Scalar>),
     One(Scalar),
+}
+
+impl<'de> Deserialize<'de> for PortList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PortList;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of ports, or a string of comma-separated ports")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<PortList, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<Scalar>()? {
+                    items.push(item);
+                }
+                Ok(PortList::List(items))
+            }
+
+            fn visit_u64<E>(self, n: u64) -> Result<PortList, E> {
+                Ok(PortList::One(Scalar(n.to_string())))
+            }
+
+            fn visit_i64<E>(self, n: i64) -> Result<PortList, E> {
+                Ok(PortList::One(Scalar(n.to_string())))
+            }
+
+            fn visit_f64<E>(self, n: f64) -> Result<PortList, E> {
+                Ok(PortList::One(Scalar(format!("{n:?}"))))
+            }
+
+            fn visit_bool<E>(self, b: bool) -> Result<PortList, E> {
+                Ok(PortList::One(Scalar(b.to_string())))
+            }
+
+            fn visit_str<E>(self, s: &str) -> Result<PortList, E> {
+                Ok(PortList::One(Scalar(s.to_owned())))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl PortList {
@@ -250,6 +353,7 @@ impl PortList {
                 ports.push(parse_port(p, what)?);
             }
         }
+        crate::limits::list_entries(list_name(what), ports.len())?;
         Ok(ports)
     }
 }
@@ -258,6 +362,7 @@ fn parse_yaml(yaml: &str) -> Result<Config, AnnotationError> {
     // An annotation is at most 256 KiB; our configuration is a few dozen nodes. The budget refuses
     // alias bombs and deep nesting long before they cost anything.
     let options = serde_saphyr::options! {
+        with_snippet: false,
         budget: serde_saphyr::budget! {
             max_events: 20_000,
             max_aliases: 64,
@@ -265,9 +370,12 @@ fn parse_yaml(yaml: &str) -> Result<Config, AnnotationError> {
             max_depth: 32,
         },
     };
-    serde_saphyr::from_str_with_options::<Option<Config>>(yaml, options)
-        .map(Option::unwrap_or_default)
-        .map_err(|e| yaml_err(format!("is not Kuma's transparent proxy configuration: {}", e.without_snippet())))
+    serde_saphyr::from_str_with_options::<Option<Config>>(yaml, options).map(Option::unwrap_or_default).map_err(|e| {
+        // The parser's advice on duplicate keys is for programmers: the fix is to remove one.
+        let e = e.to_string().replace(", set DuplicateKeyPolicy in Options if acceptable", " (remove one)");
+        let e = crate::limits::bounded(&e, crate::limits::MAX_QUOTED_MESSAGE_BYTES);
+        yaml_err(format!("is not Kuma's transparent proxy configuration: {e}"))
+    })
 }
 
 /// What `kumactl install transparent-proxy`'s flags set, typed. A flag given overrides the
@@ -306,7 +414,7 @@ impl HostFlags {
     /// Sets the configuration's fields the flags give. The values are typed already; the
     /// configuration's own validation runs on them afterwards, as on a file's.
     fn apply(&self, c: &mut Config) {
-        let number = |n: u64| Scalar::Number(n);
+        let number = |n: u64| Scalar(n.to_string());
         let port_list = |ports: &[Port]| PortList::List(ports.iter().map(|p| number(u64::from(p.get()))).collect());
         let ip_list = |nets: &[ipnet::IpNet]| nets.iter().map(ToString::to_string).collect::<Vec<_>>();
         if let Some(uid) = self.kuma_dp_uid {
@@ -403,6 +511,8 @@ fn from_config(c: Config, net: PodNetwork) -> Result<KumaRedirect, AnnotationErr
     };
     let exclude_outbound_cidrs =
         cidrs(flow.exclude_ports_for_ips.iter().flatten(), "redirect.outbound.excludePortsForIPs entry").map_err(v)?;
+    let uid_entries = flow.exclude_ports_for_uids.as_ref().map_or(0, Vec::len);
+    crate::limits::list_entries("redirect.outbound.excludePortsForUIDs", uid_entries).map_err(v)?;
     let mut exclude_outbound_ports_for_uids = Vec::new();
     for entry in flow.exclude_ports_for_uids.iter().flatten() {
         exclude_outbound_ports_for_uids.extend(
@@ -431,23 +541,26 @@ fn from_config(c: Config, net: PodNetwork) -> Result<KumaRedirect, AnnotationErr
         (true, Some(l)) => Some(log_level(&l.to_string(), "log.level").map_err(v)?),
     };
 
-    Ok(finish(
-        KumaRedirect {
-            proxy_uid,
-            inbound_port,
-            outbound_port,
-            inbound,
-            outbound,
-            exclude_outbound_cidrs,
-            exclude_outbound_ports_for_uids,
-            dns,
-            drop_invalid_packets: c.drop_invalid_packets.unwrap_or(false),
-            log_level,
-            dual_stack,
-            families: Families { ipv6: false },
-        },
-        net,
-    ))
+    within_rule_budget(
+        finish(
+            KumaRedirect {
+                proxy_uid,
+                inbound_port,
+                outbound_port,
+                inbound,
+                outbound,
+                exclude_outbound_cidrs,
+                exclude_outbound_ports_for_uids,
+                dns,
+                drop_invalid_packets: c.drop_invalid_packets.unwrap_or(false),
+                log_level,
+                dual_stack,
+                families: Families { ipv6: false },
+            },
+            net,
+        ),
+        TPROXY_CONFIG,
+    )
 }
 
 /// The same configuration from the per-knob annotations of webhooks up to v2.14, with kuma-cni's
@@ -467,7 +580,13 @@ pub fn from_legacy_annotations(a: &Annotations, net: PodNetwork) -> Result<KumaR
     let port_list = |k: &'static str, default: Option<u16>| -> Result<Vec<Port>, AnnotationError> {
         match get(k) {
             None => Ok(default.map(port_const).into_iter().collect()),
-            Some(v) => split_list(v).map(|p| parse_port(p, "port").map_err(|e| err(k, e.to_string()))).collect(),
+            Some(v) => {
+                let ports = split_list(v)
+                    .map(|p| parse_port(p, "port").map_err(|e| err(k, e.to_string())))
+                    .collect::<Result<Vec<_>, _>>()?;
+                crate::limits::list_entries("the list", ports.len()).map_err(|e| err(k, e.to_string()))?;
+                Ok(ports)
+            }
         }
     };
     let cidr_list = |k: &'static str| -> Result<Cidrs, AnnotationError> {
@@ -504,6 +623,10 @@ pub fn from_legacy_annotations(a: &Annotations, net: PodNetwork) -> Result<KumaR
         exclude_ports: port_list(EXCLUDE_OUTBOUND_PORTS, Some(DEFAULT_EXCLUDED_PORT))?,
         include_ports: Vec::new(),
     });
+    let uid_entries =
+        get(EXCLUDE_OUTBOUND_PORTS_FOR_UIDS).map_or(0, |v| v.split(';').filter(|e| !e.trim().is_empty()).count());
+    crate::limits::list_entries("the list", uid_entries)
+        .map_err(|e| err(EXCLUDE_OUTBOUND_PORTS_FOR_UIDS, e.to_string()))?;
     let mut exclude_outbound_ports_for_uids = Vec::new();
     for entry in get(EXCLUDE_OUTBOUND_PORTS_FOR_UIDS).into_iter().flat_map(|v| v.split(';')) {
         if entry.trim().is_empty() {
@@ -519,23 +642,26 @@ pub fn from_legacy_annotations(a: &Annotations, net: PodNetwork) -> Result<KumaR
     } else {
         None
     };
-    Ok(finish(
-        KumaRedirect {
-            proxy_uid,
-            inbound_port,
-            outbound_port: single_port(OUTBOUND_PORT, DEFAULT_OUTBOUND_PORT)?,
-            inbound,
-            outbound,
-            exclude_outbound_cidrs: cidr_list(EXCLUDE_OUTBOUND_IPS)?,
-            exclude_outbound_ports_for_uids,
-            dns,
-            drop_invalid_packets: flag(DROP_INVALID_PACKETS)?,
-            log_level: flag(IPTABLES_LOGS)?.then_some(DEFAULT_LOG_LEVEL),
-            dual_stack,
-            families: Families { ipv6: false },
-        },
-        net,
-    ))
+    within_rule_budget(
+        finish(
+            KumaRedirect {
+                proxy_uid,
+                inbound_port,
+                outbound_port: single_port(OUTBOUND_PORT, DEFAULT_OUTBOUND_PORT)?,
+                inbound,
+                outbound,
+                exclude_outbound_cidrs: cidr_list(EXCLUDE_OUTBOUND_IPS)?,
+                exclude_outbound_ports_for_uids,
+                dns,
+                drop_invalid_packets: flag(DROP_INVALID_PACKETS)?,
+                log_level: flag(IPTABLES_LOGS)?.then_some(DEFAULT_LOG_LEVEL),
+                dual_stack,
+                families: Families { ipv6: false },
+            },
+            net,
+        ),
+        LEGACY_EXCLUSIONS,
+    )
 }
 
 /// Decides the families: IPv6 in dual-stack mode when the pod has it (the caller may also find it
@@ -587,12 +713,31 @@ fn cidrs<'a>(
     what: &'static str,
 ) -> Result<Cidrs, ValueError> {
     let mut out = Cidrs::default();
+    let mut entries = 0;
     for item in items {
         for s in split_list(item.as_ref()) {
             out.push(parse_cidr(s, what)?);
+            entries += 1;
         }
     }
+    crate::limits::list_entries(list_name(what), entries)?;
     Ok(out)
+}
+
+/// The list an entry's description (`"… entry"`) belongs to, for a limit's message.
+fn list_name(entry: &'static str) -> &'static str {
+    match entry.strip_suffix(" entry") {
+        Some(list) => list,
+        None => "the list",
+    }
+}
+
+/// Refuses a redirect with more rules per family than [`crate::limits::MAX_RULES_PER_FAMILY`];
+/// `annotation` is what the error names.
+fn within_rule_budget(k: KumaRedirect, annotation: &'static str) -> Result<KumaRedirect, AnnotationError> {
+    let rules = crate::rules::most_rules_per_family(&crate::redirect::Redirect::Kuma(k.clone()));
+    crate::limits::rules_per_family(rules).map_err(|reason| err(annotation, reason))?;
+    Ok(k)
 }
 
 fn log_level(s: &str, what: &'static str) -> Result<u8, ValueError> {
@@ -622,6 +767,9 @@ pub fn parse_uid_port_exclusion(entry: &str) -> Result<Vec<UidPortExclusion>, St
             })
             .collect::<Result<Vec<_>, _>>()?,
     };
+    // `tcp,TCP` names one protocol: one rule, not two identical ones.
+    let transports: Vec<Transport> =
+        [Transport::Tcp, Transport::Udp].into_iter().filter(|t| transports.contains(t)).collect();
     let ports = match ports.trim_matches(' ') {
         "" | "*" => vec![PortRange::ALL],
         list => list

@@ -15,6 +15,7 @@
 
 pub mod consul;
 pub mod kuma;
+pub mod shape;
 
 use std::fmt::{self, Write};
 use std::net::IpAddr;
@@ -375,6 +376,12 @@ pub fn build(redirect: &Redirect) -> Vec<RuleSet> {
         Redirect::Consul(c) => redirect.families().iter().map(|f| consul::build(c, f)).collect(),
         Redirect::Kuma(k) => redirect.families().iter().map(|f| kuma::build(k, f)).collect(),
     }
+}
+
+/// The most rules any address family of `redirect` gets, over all its tables, counting the IPv6
+/// pass even when it is not on yet (Kuma turns it on later if the namespace has IPv6).
+pub fn most_rules_per_family(redirect: &Redirect) -> usize {
+    build(&redirect.clone().with_ipv6()).iter().map(|s| s.tables.iter().map(|t| t.rules.len()).sum()).max().unwrap_or(0)
 }
 
 /// The transaction for a namespace that has none of our rules: create our chains with `-N` (so it

@@ -8,6 +8,7 @@
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
 pub mod apiserver;
+pub mod harden;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -217,7 +218,7 @@ impl NsPath for Path {
 }
 
 /// An address family, for choosing tools.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Fam {
     V4,
     V6,
