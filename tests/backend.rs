@@ -60,12 +60,61 @@ fn auto_mode_follows_kubelets_hint_on_the_node() {
         assert!(pod.our_rule_count(Fam::V4, backend) > 0, "rules must be in the {backend} tables");
         assert_eq!(pod.our_rule_count(Fam::V4, other), 0, "and none in the {other} tables");
     }
-    // No hint at all: nft, and nothing cached (a hint may appear once kubelet starts).
+    // No hint at all: nft, and no backend remembered until reboot (a hint may appear once kubelet
+    // starts; see the next test).
     let host = Netns::new("tph");
     let pod = Netns::new("tpp");
     assert_eq!(add_from_simulated_host(&host, &pod), None);
     assert!(pod.our_rule_count(Fam::V4, "nft") > 0);
     assert_eq!(pod.our_rule_count(Fam::V4, "legacy"), 0);
+}
+
+#[test]
+fn a_missing_hint_is_trusted_for_a_minute_then_the_host_is_probed_again() {
+    if !privileged() {
+        return;
+    }
+    // One private /run/tproxy-cni for three ADDs from a simulated node without kubelet's hint:
+    // the first probes and notes the absence; kubelet then starts (a legacy hint appears) — the
+    // second ADD, within the minute, trusts the note and spawns no probe; once the note is older
+    // than a minute, the third probes again and follows the hint.
+    let host = Netns::new("tph");
+    let pods = [Netns::new("tpp"), Netns::new("tpp"), Netns::new("tpp")];
+    let dir = TempDir::new("backend");
+    let input = dir.path().join("stdin.json");
+    fs::write(&input, stdin("auto")).unwrap();
+    let hint = dir.path().join("hint");
+    fs::write(&hint, "*mangle\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n").unwrap();
+    let add = |pod: &Netns| {
+        format!(
+            "CNI_COMMAND=ADD CNI_CONTAINERID=c1 CNI_IFNAME=eth0 CNI_NETNS={pod} ip netns exec {host} {plugin} < {input} > /dev/null",
+            pod = pod.path().display(),
+            host = host.name,
+            plugin = plugin().display(),
+            input = input.display(),
+        )
+    };
+    let script = format!(
+        "set -e; mkdir -p /run/tproxy-cni; mount -t tmpfs none /run/tproxy-cni; \
+         {first}; test -f /run/tproxy-cni/iptables-backend.no-hint; test ! -e /run/tproxy-cni/iptables-backend; \
+         ip netns exec {host} iptables-legacy-restore --noflush < {hint}; \
+         {second}; touch -d '2 minutes ago' /run/tproxy-cni/iptables-backend.no-hint; \
+         {third}; cat /run/tproxy-cni/iptables-backend",
+        first = add(&pods[0]),
+        second = add(&pods[1]),
+        third = add(&pods[2]),
+        host = host.name,
+        hint = hint.display(),
+    );
+    let out =
+        Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "legacy", "the hint found by the third ADD is kept");
+    for (pod, backend) in pods.iter().zip(["nft", "nft", "legacy"]) {
+        let other = if backend == "nft" { "legacy" } else { "nft" };
+        assert!(pod.our_rule_count(Fam::V4, backend) > 0, "rules must be in the {backend} tables");
+        assert_eq!(pod.our_rule_count(Fam::V4, other), 0, "and none in the {other} tables");
+    }
 }
 
 #[test]

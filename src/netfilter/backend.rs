@@ -5,12 +5,16 @@
 //! the nft tools, then with the legacy ones (only when the legacy mangle table exists at all, so we
 //! never load legacy modules on an nft node). A hint found is cached under `/run/tproxy-cni` (tmpfs:
 //! a reboot clears it) so later ADDs spawn no probe. Without a hint we choose nft, the default of
-//! every current distribution. `iptables_mode` in the conflist skips all of this.
+//! every current distribution, and trust that answer for [`NO_HINT_TTL`] only: a node without
+//! kubelet (Nomad, podman) must not pay the probe — a process or two on the host, as costly as the
+//! pod's whole transaction — on every ADD and DEL, yet a kubelet that starts later must still be
+//! followed. `iptables_mode` in the conflist skips all of this.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
 
@@ -40,6 +44,14 @@ const KUBE_HINT_CHAIN: &str = ":KUBE-IPTABLES-HINT ";
 
 /// Where the detected backend is remembered until reboot.
 pub const RUNTIME_DIR: &str = "/run/tproxy-cni";
+
+/// How long "no hint on the host, so nft" is trusted before the host is probed again.
+pub const NO_HINT_TTL: Duration = Duration::from_secs(60);
+
+/// The file holding a found hint's backend, in [`RUNTIME_DIR`].
+const HINT_CACHE: &str = "iptables-backend";
+/// The file whose age says when the host last had no hint, in [`RUNTIME_DIR`].
+const NO_HINT_CACHE: &str = "iptables-backend.no-hint";
 
 #[derive(Debug, Error)]
 pub enum BackendError {
@@ -109,11 +121,15 @@ fn is_executable(p: &Path) -> bool {
 }
 
 fn detect(runtime_dir: &Path) -> Backend {
-    let cache = runtime_dir.join("iptables-backend");
+    let cache = runtime_dir.join(HINT_CACHE);
     match fs::read_to_string(&cache).as_deref().map(str::trim) {
         Ok("nft") => return Backend::Nft,
         Ok("legacy") => return Backend::Legacy,
         _ => {}
+    }
+    let no_hint = runtime_dir.join(NO_HINT_CACHE);
+    if younger_than(&no_hint, NO_HINT_TTL) {
+        return Backend::Nft;
     }
     let legacy_mangle_exists =
         fs::read_to_string("/proc/net/ip_tables_names").is_ok_and(|t| t.lines().any(|l| l == "mangle"));
@@ -135,10 +151,26 @@ fn detect(runtime_dir: &Path) -> Backend {
             b
         }
         None => {
-            log::debug!("no kubelet hint chain on the host: using iptables-nft");
+            log::debug!(
+                "no kubelet hint chain on the host: using iptables-nft (not probing again for {}s)",
+                NO_HINT_TTL.as_secs()
+            );
+            if let Err(e) = remember(&no_hint, Backend::Nft) {
+                log::debug!("cannot note the missing hint in {}: {e}", no_hint.display());
+            }
             Backend::Nft
         }
     }
+}
+
+/// Was `path` written less than `ttl` ago? (A time in the future — the clock was set back — is
+/// not trusted.)
+fn younger_than(path: &Path, ttl: Duration) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|written| SystemTime::now().duration_since(written).ok())
+        .is_some_and(|age| age < ttl)
 }
 
 fn host_has_hint(b: Backend) -> bool {
@@ -151,10 +183,12 @@ fn host_has_hint(b: Backend) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with(KUBE_HINT_CHAIN)))
 }
 
+/// Writes `b` to `cache` atomically (concurrent ADDs may race to write it).
 fn remember(cache: &Path, b: Backend) -> io::Result<()> {
     let dir = cache.parent().expect("cache file has a directory");
     fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".iptables-backend.{}", std::process::id()));
+    let name = cache.file_name().and_then(|n| n.to_str()).unwrap_or(HINT_CACHE);
+    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
     fs::write(&tmp, b.name())?;
     fs::rename(&tmp, cache)
 }
@@ -171,6 +205,22 @@ mod tests {
         assert_eq!(detect(&dir), Backend::Legacy);
         remember(&dir.join("iptables-backend"), Backend::Nft).unwrap();
         assert_eq!(detect(&dir), Backend::Nft);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_hint_is_trusted_for_a_while_only() {
+        let dir = std::env::temp_dir().join(format!("tproxy-cni-nohint-{}", std::process::id()));
+        let marker = dir.join(NO_HINT_CACHE);
+        assert!(!younger_than(&marker, NO_HINT_TTL), "no marker yet");
+        remember(&marker, Backend::Nft).unwrap();
+        assert!(younger_than(&marker, NO_HINT_TTL));
+        assert_eq!(detect(&dir), Backend::Nft);
+        let file = fs::File::options().write(true).open(&marker).unwrap();
+        file.set_modified(SystemTime::now() - NO_HINT_TTL - Duration::from_secs(1)).unwrap();
+        assert!(!younger_than(&marker, NO_HINT_TTL), "an old marker is stale");
+        file.set_modified(SystemTime::now() + Duration::from_secs(3600)).unwrap();
+        assert!(!younger_than(&marker, NO_HINT_TTL), "a marker from the future is not trusted");
         fs::remove_dir_all(&dir).unwrap();
     }
 

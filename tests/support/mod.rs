@@ -35,20 +35,28 @@ pub fn in_ci() -> bool {
 /// them is skipped with a message; in CI the same situation panics, so nothing passes silently.
 #[must_use]
 pub fn privileged() -> bool {
+    privileged_with(&[])
+}
+
+/// [`privileged`], for a test that also needs the programs at `extra_tools` (absolute paths), such
+/// as a container runtime.
+#[must_use]
+pub fn privileged_with(extra_tools: &[&str]) -> bool {
     let mut missing = Vec::new();
     // Safety: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         missing.push("root".to_owned());
     }
-    for tool in [
+    let base = [
         "/usr/sbin/ip",
         "/usr/sbin/iptables-nft-restore",
         "/usr/sbin/iptables-legacy-restore",
         "/usr/lib/cni/bridge",
         "/usr/lib/cni/host-local",
-    ] {
+    ];
+    for tool in base.iter().chain(extra_tools) {
         if !Path::new(tool).exists() {
-            missing.push(tool.to_owned());
+            missing.push((*tool).to_owned());
         }
     }
     if missing.is_empty() {
@@ -188,6 +196,24 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// A network namespace that can be entered through a path: a test's own [`Netns`], or one a
+/// container runtime made (its bind mount, or `/proc/PID/ns/net`).
+pub trait NsPath {
+    fn ns_path(&self) -> PathBuf;
+}
+
+impl NsPath for Netns {
+    fn ns_path(&self) -> PathBuf {
+        self.path()
+    }
+}
+
+impl NsPath for Path {
+    fn ns_path(&self) -> PathBuf {
+        self.to_owned()
     }
 }
 
@@ -409,8 +435,8 @@ pub fn call_plugin(env: &[(&str, &str)], stdin: &str) -> Output {
 
 /// Runs `f` on a thread that has entered `ns` (and, if given, switched to `uid`/`gid` — for that
 /// thread only). Sockets made there stay in that namespace and carry that owner.
-pub fn in_netns<T: Send>(ns: &Netns, uid: Option<u32>, f: impl FnOnce() -> T + Send) -> T {
-    let file = fs::File::open(ns.path()).unwrap();
+pub fn in_netns<T: Send>(ns: &(impl NsPath + ?Sized), uid: Option<u32>, f: impl FnOnce() -> T + Send) -> T {
+    let file = fs::File::open(ns.ns_path()).unwrap();
     std::thread::scope(|s| {
         s.spawn(|| {
             // Safety: setns on a valid namespace descriptor affects only this thread, which ends
@@ -450,7 +476,7 @@ pub struct Responder {
 }
 
 impl Responder {
-    pub fn tcp(ns: &Netns, bind: SocketAddr, name: &str) -> Responder {
+    pub fn tcp(ns: &(impl NsPath + ?Sized), bind: SocketAddr, name: &str) -> Responder {
         let listener = in_netns(ns, None, || bind_tcp(bind)).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -586,7 +612,7 @@ impl<'n> Sibling<'n> {
 
 /// Dials `to` from inside `ns` as `uid` (None: root) and returns the first line the server sent,
 /// or the error (for example "connection refused" when nothing listens).
-pub fn dial(ns: &Netns, uid: Option<u32>, to: SocketAddr) -> Result<String, String> {
+pub fn dial(ns: &(impl NsPath + ?Sized), uid: Option<u32>, to: SocketAddr) -> Result<String, String> {
     in_netns(ns, uid, || {
         let mut s = TcpStream::connect_timeout(&to, TIMEOUT).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(TIMEOUT)).unwrap();
