@@ -150,6 +150,8 @@ struct Podman {
     api: ApiServer,
     /// Every namespace podman gave a container, and its identity: all must be gone at the end.
     sandboxes: RefCell<Vec<(PathBuf, String)>>,
+    /// The plugin uses the legacy backend, which keeps a lock file per namespace.
+    legacy: bool,
     finished: bool,
 }
 
@@ -163,6 +165,7 @@ impl Podman {
         let pm = Podman {
             cgroup_parent: format!("/{network}"),
             sandboxes: RefCell::new(Vec::new()),
+            legacy: plugin_conf["iptables_mode"] == "legacy",
             finished: false,
             dir,
             network,
@@ -481,8 +484,10 @@ network_config_dir = "{net}"
             if sandbox.exists() {
                 left.push(format!("network namespace {}", sandbox.display()));
             }
+            // Lock files are named after the namespace's inode, which the kernel reuses: only a
+            // legacy-mode plugin makes them, so only then is one under our name ours.
             let lock = lock_dir.join(format!("{id}.lock"));
-            if lock.exists() {
+            if self.legacy && lock.exists() {
                 left.push(format!("xtables lock {}", lock.display()));
             }
         }
