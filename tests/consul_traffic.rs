@@ -22,23 +22,6 @@ fn server(net: &Network) -> Sibling<'_> {
     Sibling::new(net, &[8080, 5432], &["198.18.0.200/24", "fd18::200/64"])
 }
 
-/// Listeners in the app pod: the proxy's outbound and inbound ports, an app port that is excluded
-/// from inbound redirection, a loopback-only service, and Consul DNS on 127.0.0.1:8600.
-fn app_listeners(ns: &Netns) -> Vec<Responder> {
-    let any4: IpAddr = "0.0.0.0".parse().unwrap();
-    let any6: IpAddr = "::".parse().unwrap();
-    vec![
-        Responder::tcp(ns, sa(any4, 15001), "outbound"),
-        Responder::tcp(ns, sa(any6, 15001), "outbound6"),
-        Responder::tcp(ns, sa(any4, 20000), "inbound"),
-        Responder::tcp(ns, sa(any6, 20000), "inbound6"),
-        Responder::tcp(ns, sa(any4, 9090), "app:9090"),
-        Responder::tcp(ns, sa("127.0.0.1".parse::<IpAddr>().unwrap(), 8080), "app-local"),
-        Responder::udp(ns, sa("127.0.0.1".parse::<IpAddr>().unwrap(), 8600), "consul-dns-udp"),
-        Responder::tcp(ns, sa("127.0.0.1".parse::<IpAddr>().unwrap(), 8600), "consul-dns-tcp"),
-    ]
-}
-
 fn typical_config() -> serde_json::Value {
     json!({
         "ConsulDNSIP": "127.0.0.1", "ConsulDNSPort": 8600,
@@ -58,7 +41,7 @@ fn consul_pod_outbound_inbound_and_dns_follow_consuls_rules() {
     let net = Network::new(json!({"iptables_mode": "nft"}));
     let srv = server(&net);
     let app = net.pod("app", Some(&consul_pod(typical_config(), &[])));
-    let _l = app_listeners(&app.ns);
+    let _l = consul_app_listeners(&app.ns);
     let s4 = srv.v4;
     let app4 = app.addr(Fam::V4);
 
@@ -113,7 +96,7 @@ fn dual_stack_consul_pod_resolves_through_ipv6_loopback_only() {
     let app = net.pod("app", Some(&consul_pod(config, &[("consul.hashicorp.com/dual-stack", "true")])));
     let _dns6 = Responder::udp(&app.ns, "[::1]:8600".parse().unwrap(), "consul-dns6-udp");
     let _dns6t = Responder::tcp(&app.ns, "[::1]:8600".parse().unwrap(), "consul-dns6-tcp");
-    let _l = app_listeners(&app.ns);
+    let _l = consul_app_listeners(&app.ns);
 
     assert_eq!(udp_ask(&app.ns, None, "[::1]:53".parse().unwrap()).as_deref(), Ok("consul-dns6-udp"));
     assert_eq!(dial(&app.ns, None, "[::1]:53".parse().unwrap()), Ok("consul-dns6-tcp [::1]:53".into()));

@@ -158,23 +158,6 @@ fn redirect_with_consul_flags_installs_what_a_consul_pod_gets() {
     assert_eq!(host.ns.snapshot(), pod.ns.snapshot(), "dual-stack: flags must give exactly the pod's rules");
 }
 
-/// Listeners in the app namespace: the proxy's ports (both families), an app port excluded from
-/// inbound redirection, a loopback service, Consul DNS.
-fn app_listeners(ns: &Netns) -> Vec<Responder> {
-    let any4: IpAddr = "0.0.0.0".parse().unwrap();
-    let any6: IpAddr = "::".parse().unwrap();
-    let lo: IpAddr = "127.0.0.1".parse().unwrap();
-    vec![
-        Responder::tcp(ns, sa(any4, 15001), "outbound"),
-        Responder::tcp(ns, sa(any6, 15001), "outbound6"),
-        Responder::tcp(ns, sa(any4, 20000), "inbound"),
-        Responder::tcp(ns, sa(any6, 20000), "inbound6"),
-        Responder::tcp(ns, sa(any4, 9090), "app:9090"),
-        Responder::tcp(ns, sa(lo, 8080), "app-local"),
-        Responder::udp(ns, sa(lo, 8600), "consul-dns-udp"),
-    ]
-}
-
 #[test]
 fn traffic_follows_the_redirect_and_flows_directly_again_after_uninstall() {
     if !privileged() {
@@ -186,7 +169,7 @@ fn traffic_follows_the_redirect_and_flows_directly_again_after_uninstall() {
     // The "VM": attached without annotations, so the plugin leaves it alone; the host command
     // installs the redirect.
     let vm = net.pod("vm", None);
-    let _l = app_listeners(&vm.ns);
+    let _l = consul_app_listeners(&vm.ns);
     let (vm4, vm6) = (vm.addr(Fam::V4), vm.addr(Fam::V6));
     ok(&redirect(&vm.ns, "nft", CONSUL_FLAGS, &[]));
 

@@ -610,6 +610,24 @@ impl<'n> Sibling<'n> {
     }
 }
 
+/// A Consul app pod's listeners: the proxy's outbound (15001) and inbound (20000) ports in both
+/// families, an app port (9090, excluded from inbound redirection in the tests' configs), a
+/// loopback-only service (127.0.0.1:8080) and Consul DNS on 127.0.0.1:8600 (UDP and TCP).
+pub fn consul_app_listeners(ns: &Netns) -> Vec<Responder> {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    let (any4, any6, lo) = (Ipv4Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED, Ipv4Addr::LOCALHOST);
+    vec![
+        Responder::tcp(ns, sa(any4, 15001), "outbound"),
+        Responder::tcp(ns, sa(any6, 15001), "outbound6"),
+        Responder::tcp(ns, sa(any4, 20000), "inbound"),
+        Responder::tcp(ns, sa(any6, 20000), "inbound6"),
+        Responder::tcp(ns, sa(any4, 9090), "app:9090"),
+        Responder::tcp(ns, sa(lo, 8080), "app-local"),
+        Responder::udp(ns, sa(lo, 8600), "consul-dns-udp"),
+        Responder::tcp(ns, sa(lo, 8600), "consul-dns-tcp"),
+    ]
+}
+
 /// Dials `to` from inside `ns` as `uid` (None: root) and returns the first line the server sent,
 /// or the error (for example "connection refused" when nothing listens).
 pub fn dial(ns: &(impl NsPath + ?Sized), uid: Option<u32>, to: SocketAddr) -> Result<String, String> {
