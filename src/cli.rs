@@ -13,7 +13,10 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::core::mesh::{self, PodNetwork};
+use crate::core::nft;
+use crate::core::redirect::Family;
 use crate::core::rules;
+use crate::host::namespace::BackendArg;
 use crate::host::{Report, redirect, uninstall, validate};
 use crate::installer::cli as install;
 use crate::text::chain;
@@ -31,7 +34,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Print the iptables-restore input a pod with these annotations would get, per family.
+    /// Print the rules a pod with these annotations would get: the iptables-restore input per
+    /// family, or with `--backend nftables` the `nft -f` script of the nftables engine's batch.
     ///
     /// The annotations are a JSON object of strings (as in a Pod's metadata.annotations), read
     /// from FILE or stdin. Nothing is applied. Prints nothing when the pod is in no mesh.
@@ -41,6 +45,9 @@ enum Cmd {
         /// Assume the pod has an IPv6 address (its previous plugin's result had one).
         #[arg(long)]
         pod_ipv6: bool,
+        /// The engine whose rules to print.
+        #[arg(long, value_enum, value_name = "ENGINE", default_value = "iptables")]
+        backend: BackendArg,
     },
     /// Install a mesh's transparent-proxy redirect on this host (or in --netns).
     ///
@@ -76,7 +83,7 @@ pub fn main() -> ExitCode {
     // The rest of the environment, read once here (clap has read the flags' fallbacks).
     let ssh_connection = std::env::var("SSH_CONNECTION").ok();
     let result = match cli.command {
-        Cmd::Render { file, pod_ipv6 } => render(file, pod_ipv6),
+        Cmd::Render { file, pod_ipv6, backend } => render(file, pod_ipv6, backend),
         Cmd::Redirect(args) => {
             if !args.names_a_mesh() {
                 mesh_missing().exit();
@@ -140,7 +147,7 @@ fn validate_command(args: &validate::ValidateArgs) -> ExitCode {
     }
 }
 
-fn render(file: Option<PathBuf>, pod_ipv6: bool) -> Result<String, String> {
+fn render(file: Option<PathBuf>, pod_ipv6: bool, backend: BackendArg) -> Result<String, String> {
     let text = match file.as_deref() {
         None => read_stdin()?,
         Some(p) if p.as_os_str() == "-" => read_stdin()?,
@@ -149,7 +156,10 @@ fn render(file: Option<PathBuf>, pod_ipv6: bool) -> Result<String, String> {
     let annotations: BTreeMap<String, String> =
         serde_json::from_str(&text).map_err(|e| format!("annotations must be a JSON object of strings: {e}"))?;
     match mesh::classify(&annotations, PodNetwork { has_ipv6: pod_ipv6 }).map_err(|e| e.to_string())? {
-        Some(r) => Ok(rules::render_all(&rules::build(&r))),
+        Some(r) => Ok(match backend {
+            BackendArg::Iptables => rules::render_all(&rules::build(&r)),
+            BackendArg::Nftables => nft::render::script(&nft::from_rules(&rules::build(&r)), &Family::ALL),
+        }),
         None => {
             eprintln!("tproxy-cni: these annotations put the pod in no mesh: nothing would be applied");
             Ok(String::new())

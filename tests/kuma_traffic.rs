@@ -9,7 +9,6 @@ mod support;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use serde_json::json;
 use support::*;
 
 const PROXY_UID: u32 = 5678;
@@ -69,12 +68,12 @@ redirect:
 dropInvalidPackets: true
 "#;
 
-#[test]
-fn kuma_pod_traffic_follows_kumas_rules_in_both_families() {
+both_engines!(kuma_pod_traffic_follows_kumas_rules_in_both_families);
+fn kuma_pod_traffic_follows_kumas_rules_in_both_families(engine: Engine) {
     if !privileged() {
         return;
     }
-    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let net = Network::new(engine.conf());
     let srv = server(&net);
     let app = net.pod("app", Some(&kuma_pod(Some(FULL_CONFIG), &[])));
     let _l = app_listeners(&app.ns);
@@ -137,12 +136,12 @@ fn kuma_pod_traffic_follows_kumas_rules_in_both_families() {
     assert!(!srv.pod.ns.exec(&["ip", "-6", "addr", "show", "dev", "lo"]).contains("::6/128"));
 }
 
-#[test]
-fn include_ports_gateway_mode_and_ipv4_mode() {
+both_engines!(include_ports_gateway_mode_and_ipv4_mode, "legacy");
+fn include_ports_gateway_mode_and_ipv4_mode(engine: Engine) {
     if !privileged() {
         return;
     }
-    let net = Network::new(json!({"iptables_mode": "legacy"}));
+    let net = Network::new(engine.conf());
     let srv = server(&net);
     let (s4, s6) = (srv.v4, srv.v6);
 
@@ -172,20 +171,29 @@ fn include_ports_gateway_mode_and_ipv4_mode() {
     assert!(gw.ns.exec(&["ip", "-6", "addr", "show", "dev", "lo"]).contains("::6/128"), "dual-stack gets ::6");
 }
 
-#[test]
-fn drop_invalid_packets_drops_what_conntrack_finds_invalid() {
+both_engines!(drop_invalid_packets_drops_what_conntrack_finds_invalid);
+fn drop_invalid_packets_drops_what_conntrack_finds_invalid(engine: Engine) {
     if !privileged() {
         return;
     }
-    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let net = Network::new(engine.conf());
     let srv = server(&net);
     let app = net.pod("app", Some(&kuma_pod(Some(FULL_CONFIG), &[])));
     let _l = app_listeners(&app.ns);
     let a4 = app.addr(Fam::V4);
-    let dropped = || {
-        let saved = app.ns.exec(&["iptables-nft-save", "-c", "-t", "mangle"]);
-        let line = saved.lines().find(|l| l.contains("--ctstate INVALID")).expect("the drop rule is installed");
-        line.trim_start_matches('[').split(':').next().unwrap().parse::<u64>().unwrap()
+    // The drop rule's packet counter.
+    let dropped = || match engine {
+        Engine::Iptables(_) => {
+            let saved = app.ns.exec(&["iptables-nft-save", "-c", "-t", "mangle"]);
+            let line = saved.lines().find(|l| l.contains("--ctstate INVALID")).expect("the drop rule is installed");
+            line.trim_start_matches('[').split(':').next().unwrap().parse::<u64>().unwrap()
+        }
+        Engine::Nftables => {
+            let table = app.ns.nft_table(Fam::V4);
+            let line = table.lines().find(|l| l.contains("ct state invalid")).expect("the drop rule is installed");
+            let count = line.split_whitespace().skip_while(|w| *w != "packets").nth(1).expect("the rule counts");
+            count.parse::<u64>().unwrap()
+        }
     };
     assert_eq!(dropped(), 0);
     // Valid connections are untouched by the rule.

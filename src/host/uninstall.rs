@@ -14,7 +14,7 @@ use super::Report;
 use super::namespace::NamespaceArgs;
 use crate::core::redirect::{Family, KUMA_INBOUND_PASSTHROUGH_V6};
 use crate::core::rules::kuma;
-use crate::kernel::netfilter::{NetfilterError, PlanError};
+use crate::kernel::engine::{EngineError, PlanError};
 use crate::kernel::netlink::{self, NetlinkError};
 use crate::kernel::netns::NetnsError;
 
@@ -37,7 +37,7 @@ pub enum UninstallError {
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
-    Netfilter(#[from] NetfilterError),
+    Engine(#[from] EngineError),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
 }
@@ -45,12 +45,11 @@ pub enum UninstallError {
 /// Removes (or, with `--dry-run`, prints the removal of) everything of ours.
 pub fn run(args: &UninstallArgs) -> Result<Report, UninstallError> {
     let ns = args.namespace.open()?;
-    let nf = args.namespace.netfilter();
-    let plan = nf.plan_removal(&ns)?;
+    let engine = args.namespace.engine();
+    let plan = engine.plan_removal(&ns)?;
     let where_ = args.namespace.describe();
-    if plan.steps.is_empty() {
-        let note =
-            format!("tproxy-cni: nothing of ours in {where_} (iptables-{}): nothing to remove\n", nf.backend().name());
+    if plan.is_empty() {
+        let note = format!("tproxy-cni: nothing of ours in {where_} ({}): nothing to remove\n", engine.name());
         // A dry run prints only transactions on stdout: there is none.
         return Ok(if args.dry_run { Report { stdout: String::new(), stderr: note } } else { Report::out(note) });
     }
@@ -66,18 +65,7 @@ pub fn run(args: &UninstallArgs) -> Result<Report, UninstallError> {
         }
         return Ok(Report::out(out));
     }
-    nf.execute(&ns, &plan)?;
+    engine.execute(&ns, &plan)?;
     netlink::release(&ns, &removed)?;
-    let what: Vec<String> = plan
-        .steps
-        .iter()
-        .map(|s| {
-            format!("{}: {} rule(s), {} chain(s)", s.family.name(), s.ours_before.rules, s.ours_before.chains.len())
-        })
-        .collect();
-    Ok(Report::out(format!(
-        "tproxy-cni: removed from {where_} (iptables-{}): {}\n",
-        nf.backend().name(),
-        what.join("; ")
-    )))
+    Ok(Report::out(format!("tproxy-cni: removed from {where_} ({}): {}\n", engine.name(), plan.before().join("; "))))
 }

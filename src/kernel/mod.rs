@@ -5,7 +5,9 @@
 //!
 //! The core decides what to install; this layer only carries it out and reports what it found.
 
+pub mod engine;
 pub mod netfilter;
 pub mod netlink;
 pub mod netns;
+pub mod nftables;
 pub mod origdst;

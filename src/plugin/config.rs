@@ -1,6 +1,6 @@
 //! The network configuration on stdin: decoded, defaulted and validated here, once.
 //!
-//! Keys of our own: `log_level`, `log_file`, `iptables_mode`, and for the API-server path
+//! Keys of our own: `log_level`, `log_file`, `iptables_mode`, `backend`, and for the API-server path
 //! `exclude_namespaces`, `installer_pods`, `api_timeout`, `default_namespace`,
 //! `consul_status_annotation`. Keys of consul-cni are accepted so that a conflist written for it
 //! keeps working when only `type` changes: `cni_bin_dir`, `cni_net_dir`, `kubeconfig`, `log_level`,
@@ -16,6 +16,7 @@ use serde_json::value::RawValue;
 use thiserror::Error;
 
 use super::version::{UnsupportedVersion, Version};
+use crate::kernel::engine::EngineKind;
 use crate::kernel::netfilter::Mode;
 
 /// The runtime capability through which containerd and CRI-O hand us the pod's annotations.
@@ -34,6 +35,8 @@ pub struct NetConf {
     pub log_level: log::LevelFilter,
     pub log_file: Option<PathBuf>,
     pub iptables_mode: Mode,
+    /// Which engine installs the rules: `iptables` (the default) or `nftables`.
+    pub backend: EngineKind,
     /// Kubeconfig path, resolved against `cni_net_dir` the way consul-cni does (used by the API path).
     pub kubeconfig: Option<PathBuf>,
     /// Pods in these namespaces are passed through before any lookup (default: `kube-system`).
@@ -97,6 +100,8 @@ pub enum ConfigError {
     LogLevel(String),
     #[error("iptables_mode {} is not one of auto, nft, legacy", crate::text::Quoted::new(.0))]
     IptablesMode(String),
+    #[error("backend {} is not one of iptables, nftables", crate::text::Quoted::new(.0))]
+    Backend(String),
     #[error("{key} {} is not a valid Kubernetes namespace name", crate::text::Quoted::new(value))]
     Namespace { key: &'static str, value: String },
     #[error("installer_pods: {0}")]
@@ -127,6 +132,7 @@ struct Raw {
     log_level: Option<String>,
     log_file: Option<PathBuf>,
     iptables_mode: Option<String>,
+    backend: Option<String>,
     // consul-cni's keys.
     #[allow(dead_code)]
     cni_bin_dir: Option<PathBuf>,
@@ -174,6 +180,10 @@ impl NetConf {
             Some("legacy") => Mode::Legacy,
             Some(other) => return Err(ConfigError::IptablesMode(other.to_owned())),
         };
+        let backend = match raw.backend.as_deref() {
+            None | Some("") => EngineKind::default(),
+            Some(name) => EngineKind::from_name(name).ok_or_else(|| ConfigError::Backend(name.to_owned()))?,
+        };
         // consul-cni joins `kubeconfig` (a file name) onto `cni_net_dir`; an absolute path stands alone.
         let kubeconfig = match (raw.kubeconfig.filter(|k| !k.as_os_str().is_empty()), raw.cni_net_dir) {
             (Some(k), _) if k.is_absolute() => Some(k),
@@ -216,6 +226,7 @@ impl NetConf {
             log_level,
             log_file: raw.log_file.filter(|p| !p.as_os_str().is_empty()),
             iptables_mode,
+            backend,
             kubeconfig,
             exclude_namespaces,
             installer_pods: raw.installer_pods,

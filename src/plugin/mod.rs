@@ -24,9 +24,11 @@ use self::result::ResultError;
 use self::version::Version;
 use crate::core::mesh::{AnnotationError, PodNetwork};
 use crate::core::rules;
-use crate::kernel::netfilter::{Backend, CheckError, Mismatch, Netfilter, NetfilterError};
+use crate::kernel::engine::{CheckError, Engine, EngineError, EngineKind, NotReady};
+use crate::kernel::netfilter::{Mismatch, Mode, NetfilterError};
 use crate::kernel::netlink::{self, NetlinkError};
 use crate::kernel::netns::{Netns, NetnsError};
+use crate::kernel::nftables::NftablesError;
 use crate::kube::Class;
 
 /// The CNI operations.
@@ -100,9 +102,20 @@ pub enum Error {
     #[error(transparent)]
     Netfilter(#[from] NetfilterError),
     #[error(transparent)]
+    Nftables(#[from] NftablesError),
+    #[error(transparent)]
     Check(#[from] CheckError),
     #[error("cannot serve ADD: {0}")]
-    NotReady(#[source] crate::kernel::netfilter::backend::BackendError),
+    NotReady(#[source] NotReady),
+}
+
+impl From<EngineError> for Error {
+    fn from(e: EngineError) -> Error {
+        match e {
+            EngineError::Iptables(e) => Error::Netfilter(e),
+            EngineError::Nftables(e) => Error::Nftables(e),
+        }
+    }
 }
 
 /// The one place where failures become CNI error codes.
@@ -123,7 +136,7 @@ pub fn to_cni_error(e: &Error) -> CniError {
             Class::Access | Class::Rejected | Class::NotFound => Code::ApiAccess,
         },
         Error::Netns(_) | Error::Netlink(_) => Code::Netns,
-        Error::Netfilter(_) | Error::Check(CheckError::Netfilter(_)) => Code::Netfilter,
+        Error::Netfilter(_) | Error::Nftables(_) | Error::Check(CheckError::Engine(_)) => Code::Netfilter,
         Error::Check(CheckError::Mismatch(_)) => Code::CheckMismatch,
         Error::NotReady(_) => Code::PluginNotAvailable,
     };
@@ -205,34 +218,36 @@ fn add(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
     let (redirect, sets) = (&prepared.redirect, rules::build(&prepared.redirect));
     let status = ConsulStatus::new(conf, &inv.args, &found, redirect, &api);
     status.iter().for_each(|s| s.report(pod::CONSUL_STATUS_WAITING));
-    let nf = Netfilter::new(Backend::resolve(conf.iptables_mode));
-    nf.apply(&ns, &sets)?;
+    let engine = Engine::new(conf.backend, conf.iptables_mode);
+    engine.apply(&ns, &sets)?;
     if let Err(e) = prepared.add_address(&ns) {
         // Leave nothing of ours behind a failed ADD.
-        if let Err(undo) = nf.remove(&ns) {
+        if let Err(undo) = engine.remove(&ns) {
             log::warn!("cannot remove the rules after failing to add the loopback address: {undo}");
         }
         return Err(e.into());
     }
     let families: Vec<_> = sets.iter().map(|s| s.family.name()).collect();
-    log::info!("{} redirect installed ({}, iptables-{})", redirect.mesh(), families.join("+"), nf.backend().name());
+    log::info!("{} redirect installed ({}, {})", redirect.mesh(), families.join("+"), engine.name());
     status.iter().for_each(|s| s.report(pod::CONSUL_STATUS_COMPLETE));
     Ok(output)
 }
 
 /// DEL: remove whatever of ours is in the namespace; a namespace that is gone needs nothing.
 fn del(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
-    remove_from(inv.netns.as_deref(), Backend::resolve(conf.iptables_mode))?;
+    remove_from(inv.netns.as_deref(), &[Engine::new(conf.backend, conf.iptables_mode)])?;
     Ok(String::new())
 }
 
 fn del_with_defaults(env: &HashMap<String, String>) -> Result<String, Error> {
     let inv = invocation(env, Command::Del)?;
-    remove_from(inv.netns.as_deref(), Backend::resolve(crate::kernel::netfilter::Mode::Auto))?;
+    // The configuration does not say which engine installed our rules: both remove theirs.
+    let engines = [EngineKind::Nftables, EngineKind::Iptables].map(|k| Engine::new(k, Mode::Auto));
+    remove_from(inv.netns.as_deref(), &engines)?;
     Ok(String::new())
 }
 
-fn remove_from(netns: Option<&std::path::Path>, backend: Backend) -> Result<(), Error> {
+fn remove_from(netns: Option<&std::path::Path>, engines: &[Engine]) -> Result<(), Error> {
     let Some(path) = netns else {
         log::debug!("DEL without CNI_NETNS: nothing to remove");
         return Ok(());
@@ -245,10 +260,11 @@ fn remove_from(netns: Option<&std::path::Path>, backend: Backend) -> Result<(), 
         }
         Err(e) => return Err(e.into()),
     };
-    let nf = Netfilter::new(backend);
-    let removed = nf.remove(&ns)?;
-    netlink::release(&ns, &removed)?;
-    nf.forget_lock(&ns);
+    for engine in engines {
+        let removed = engine.remove(&ns)?;
+        netlink::release(&ns, &removed)?;
+        engine.forget(&ns);
+    }
     Ok(())
 }
 
@@ -267,7 +283,7 @@ fn check(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
         }
         None => (Vec::new(), Vec::new()),
     };
-    match Netfilter::new(Backend::resolve(conf.iptables_mode)).check(&ns, &sets) {
+    match Engine::new(conf.backend, conf.iptables_mode).check(&ns, &sets) {
         Ok(()) if address_diffs.is_empty() => Ok(String::new()),
         Ok(()) => Err(CheckError::Mismatch(Mismatch(address_diffs)).into()),
         Err(CheckError::Mismatch(Mismatch(mut diffs))) => {
@@ -283,7 +299,7 @@ fn status(conf: &NetConf) -> Result<String, Error> {
     if !conf.cni_version.has_status_and_gc() {
         return Err(Error::NotInVersion(Command::Status, Version::V1_1_0, conf.cni_version));
     }
-    Netfilter::new(Backend::resolve(conf.iptables_mode)).ready().map_err(Error::NotReady)?;
+    Engine::new(conf.backend, conf.iptables_mode).ready().map_err(Error::NotReady)?;
     Ok(String::new())
 }
 
