@@ -232,10 +232,10 @@ fn the_configmap_holds_a_plugin_configuration_the_plugin_accepts() {
     let cm = one(&objects(), "ConfigMap");
     let text = str_at(&cm, "/data/plugin-config.json");
     let settings: serde_json::Map<String, Value> = serde_json::from_str(text).unwrap();
-    tproxy_cni::install::plugin_entry(&settings, Path::new("/etc/cni/net.d/ZZZ-tproxy-cni-kubeconfig")).unwrap();
+    tproxy_cni::installer::plugin_entry(&settings, Path::new("/etc/cni/net.d/ZZZ-tproxy-cni-kubeconfig")).unwrap();
     let values = &documents(&installer_dir().join("helm/tproxy-cni/values.yaml"))[0];
     let settings = values["pluginConfig"].as_object().unwrap().clone();
-    tproxy_cni::install::plugin_entry(&settings, Path::new("/k")).unwrap();
+    tproxy_cni::installer::plugin_entry(&settings, Path::new("/k")).unwrap();
 }
 
 #[test]
