@@ -29,8 +29,8 @@ use serde_json::{Value, json};
 use support::apiserver::{
     Admission, AdmissionAttributes, ApiServer, Auth, KubeconfigSpec, PodFixture, Refusal, admission_view, apply_patch,
 };
+use tproxy_cni::core::mesh::consul::TPROXY_STATUS;
 use tproxy_cni::kube::{Client, Patch};
-use tproxy_cni::mesh::consul::TPROXY_STATUS;
 
 /// The installer's service account, as the API server names its user.
 const SA_USER: &str = "system:serviceaccount:kube-system:tproxy-cni";
