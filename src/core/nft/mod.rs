@@ -504,3 +504,117 @@ pub fn nft_family(f: Family) -> &'static str {
         Family::V6 => "ip6",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::redirect::{parse_port_range, parse_uid_range};
+    use crate::core::rules::Rule;
+
+    fn set(table: &NftTable, name: &str) -> Vec<String> {
+        let s = table.sets.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no set {name}: {table:?}"));
+        s.intervals.iter().map(|i| render::interval(s.key, *i)).collect()
+    }
+
+    #[test]
+    fn intervals_are_sorted_merged_and_deduplicated() {
+        let i = |first, last| Interval { first, last };
+        assert_eq!(
+            normalize(vec![i(10, 20), i(5, 7), i(8, 9), i(15, 30), i(40, 40), i(40, 40)]),
+            vec![i(5, 30), i(40, 40)]
+        );
+        assert_eq!(normalize(vec![i(0, u128::MAX), i(3, 4)]), vec![i(0, u128::MAX)]);
+    }
+
+    #[test]
+    fn runs_of_rules_differing_in_one_value_become_one_set_lookup() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let chain = Chain("CONSUL_PROXY_OUTPUT");
+        let rules = vec![
+            Rule::new(chain, Target::Return).uid_owner(parse_uid_range("5996", "u").unwrap()),
+            Rule::new(chain, Target::Return).uid_owner(parse_uid_range("1000-1999", "u").unwrap()),
+            Rule::new(chain, Target::Return).destination(net("10.0.0.0/8")),
+            Rule::new(chain, Target::Return).destination(net("192.0.2.130/25")),
+            Rule::new(chain, Target::Return).destination(net("10.1.0.0/16")),
+            // Not part of a run: a different verdict, then a different match.
+            Rule::new(chain, Target::Jump(Chain("X"))).destination(net("198.51.100.0/24")),
+            Rule::new(chain, Target::Return).dport(Proto::Tcp, parse_port_range("80", "p").unwrap()),
+        ];
+        let sets = [RuleSet {
+            family: Family::V4,
+            tables: vec![crate::core::rules::TableRules { table: Table::Nat, chains: vec![chain], rules }],
+        }];
+        let rs = from_rules(&sets);
+        let t = &rs.tables[0];
+        assert_eq!(set(t, "consul_proxy_output_skuid"), ["1000-1999", "5996"]);
+        assert_eq!(set(t, "consul_proxy_output_daddr"), ["10.0.0.0/8", "192.0.2.128/25"], "10.1/16 is inside 10/8");
+        let rules: Vec<String> =
+            t.chain("CONSUL_PROXY_OUTPUT").unwrap().rules.iter().map(|r| render::rule(r, Family::V4)).collect();
+        assert_eq!(
+            rules,
+            [
+                "meta skuid @consul_proxy_output_skuid counter return comment \"tproxy-cni\"",
+                "ip daddr @consul_proxy_output_daddr counter return comment \"tproxy-cni\"",
+                "ip daddr 198.51.100.0/24 counter jump X comment \"tproxy-cni\"",
+                "tcp dport 80 counter return comment \"tproxy-cni\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn built_in_chains_become_base_chains_ten_before_iptables() {
+        let rules = [
+            Rule::new(Chain::OUTPUT, Target::CtZone(1)),
+            Rule::new(Chain::PREROUTING, Target::Drop).ctstate(CtState::Invalid),
+        ];
+        let sets = [RuleSet {
+            family: Family::V6,
+            tables: vec![
+                crate::core::rules::TableRules { table: Table::Nat, chains: vec![Chain("M")], rules: Vec::new() },
+                crate::core::rules::TableRules { table: Table::Raw, chains: Vec::new(), rules: rules[..1].to_vec() },
+                crate::core::rules::TableRules { table: Table::Mangle, chains: Vec::new(), rules: rules[1..].to_vec() },
+            ],
+        }];
+        let t = &from_rules(&sets).tables[0];
+        let names: Vec<&str> = t.chains.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["raw_output", "mangle_prerouting", "M"], "base chains first, then the mesh's");
+        assert_eq!(t.chains[0].hook, Some(BaseHook { kind: ChainKind::Filter, hook: Hook::Output, priority: -310 }));
+        assert_eq!(
+            t.chains[1].hook,
+            Some(BaseHook { kind: ChainKind::Filter, hook: Hook::Prerouting, priority: -160 })
+        );
+        assert_eq!(t.chains[2].hook, None);
+    }
+
+    #[test]
+    fn multiport_lists_become_sets() {
+        let ports = ["6000-6010", "7000", "8000"].map(|p| parse_port_range(p, "p").unwrap()).to_vec();
+        let rule = Rule::new(Chain::OUTPUT, Target::Return)
+            .dports(Proto::Tcp, ports)
+            .uid_owner(parse_uid_range("4000-4100", "u").unwrap());
+        let sets = [RuleSet {
+            family: Family::V4,
+            tables: vec![crate::core::rules::TableRules { table: Table::Nat, chains: Vec::new(), rules: vec![rule] }],
+        }];
+        let t = &from_rules(&sets).tables[0];
+        assert_eq!(set(t, "nat_output_dport"), ["6000-6010", "7000", "8000"]);
+        assert_eq!(
+            render::rule(&t.chains[0].rules[0], Family::V4),
+            "tcp dport @nat_output_dport meta skuid 4000-4100 counter return comment \"tproxy-cni\""
+        );
+    }
+
+    #[test]
+    fn set_elements_print_as_networks_when_they_are_one() {
+        let v4 = |a: &str, b: &str| Interval {
+            first: u32::from(a.parse::<std::net::Ipv4Addr>().unwrap()).into(),
+            last: u32::from(b.parse::<std::net::Ipv4Addr>().unwrap()).into(),
+        };
+        assert_eq!(render::interval(SetKey::Ipv4Addr, v4("10.0.0.0", "10.255.255.255")), "10.0.0.0/8");
+        assert_eq!(render::interval(SetKey::Ipv4Addr, v4("0.0.0.0", "255.255.255.255")), "0.0.0.0/0");
+        assert_eq!(render::interval(SetKey::Ipv4Addr, v4("10.0.0.1", "10.0.0.1")), "10.0.0.1");
+        assert_eq!(render::interval(SetKey::Ipv4Addr, v4("10.0.0.1", "10.0.0.2")), "10.0.0.1-10.0.0.2");
+        assert_eq!(render::interval(SetKey::Ipv6Addr, Interval { first: 0, last: u128::MAX }), "::/0");
+        assert_eq!(render::interval(SetKey::InetService, Interval { first: 80, last: 90 }), "80-90");
+    }
+}

@@ -605,7 +605,7 @@ pub fn key_bytes(key: SetKey, v: u128) -> Vec<u8> {
 
 /// The elements of an interval set: each interval's first key, and the key after its last
 /// marked as an interval end (none when the interval runs to the largest key).
-fn interval_elements(key: SetKey, intervals: &[Interval]) -> Vec<ListAttribute<SetElementAttribute>> {
+pub(super) fn interval_elements(key: SetKey, intervals: &[Interval]) -> Vec<ListAttribute<SetElementAttribute>> {
     let mut out = Vec::with_capacity(2 * intervals.len());
     for i in intervals {
         out.push(ListAttribute::Element(vec![SetElementAttribute::Key(DataAttribute::Value(key_bytes(key, i.first)))]));
