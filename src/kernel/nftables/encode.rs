@@ -90,9 +90,16 @@ const BYTEORDER_BIG_ENDIAN: u32 = 2;
 const ELEMENTS_PER_MESSAGE: usize = 1024;
 
 /// A batch ready to send, and what each of its messages does (for error messages).
+///
+/// Only the last message asks for an acknowledgement: the kernel reports every refused message
+/// anyway (it checks the whole batch before it gives up), so the answers are the refusals, if
+/// any, then the acknowledgement of the last message — one answer in the common case instead of
+/// one per message.
 #[derive(Debug)]
 pub struct Batch {
-    pub bytes: Vec<u8>,
+    bytes: Vec<u8>,
+    /// Where the last message added starts in `bytes`.
+    last_at: usize,
     /// The name of the tables the batch works on.
     table: &'static str,
     /// The sequence number of the batch-begin message; the messages follow it.
@@ -109,7 +116,7 @@ impl Batch {
 
     /// A batch on tables named `table` (the kernel feature probe uses a name of its own).
     pub fn on_table(table: &'static str, seq: u32) -> Batch {
-        let mut b = Batch { bytes: Vec::with_capacity(4096), table, first_seq: seq + 1, what: Vec::new() };
+        let mut b = Batch { bytes: Vec::with_capacity(4096), last_at: 0, table, first_seq: seq + 1, what: Vec::new() };
         b.control(ControlMessage::BatchBegin, seq + 1);
         b
     }
@@ -134,16 +141,33 @@ impl Batch {
 
     /// The batch's bytes with its end message: the kernel commits it.
     pub fn end_bytes(&self) -> Vec<u8> {
-        let mut ended =
-            Batch { bytes: self.bytes.clone(), table: self.table, first_seq: self.first_seq, what: Vec::new() };
+        let mut ended = Batch {
+            bytes: self.acked_bytes(),
+            last_at: self.last_at,
+            table: self.table,
+            first_seq: self.first_seq,
+            what: Vec::new(),
+        };
         ended.control(ControlMessage::BatchEnd, self.last_seq() + 1);
         ended.bytes
     }
 
     /// The batch's bytes without an end message: the kernel checks every message, then aborts
     /// (a dry run; `nft --check` works the same way).
-    pub fn dry_run_bytes(&self) -> &[u8] {
-        &self.bytes
+    pub fn dry_run_bytes(&self) -> Vec<u8> {
+        self.acked_bytes()
+    }
+
+    /// The messages, the last one asking for an acknowledgement.
+    fn acked_bytes(&self) -> Vec<u8> {
+        let mut bytes = self.bytes.clone();
+        if !self.what.is_empty() {
+            // nlmsghdr: length (4 bytes), type (2), flags (2), …
+            let at = self.last_at + 6;
+            let flags = u16::from_ne_bytes([bytes[at], bytes[at + 1]]) | NLM_F_ACK;
+            bytes[at..at + 2].copy_from_slice(&flags.to_ne_bytes());
+        }
+        bytes
     }
 
     fn control(&mut self, msg: ControlMessage, seq: u32) {
@@ -165,8 +189,9 @@ impl Batch {
     pub fn push(&mut self, family: Family, msg: NfTablesMessage, flags: u16, what: String) {
         let seq = self.last_seq() + 1;
         self.what.push(what);
+        self.last_at = self.bytes.len();
         let header = NetfilterHeader::new(proto_family(family), 0, 0);
-        self.emit(NetfilterMessage::new(header, msg), NLM_F_REQUEST | NLM_F_ACK | flags, seq);
+        self.emit(NetfilterMessage::new(header, msg), NLM_F_REQUEST | flags, seq);
     }
 
     /// Deletes our table in `family` if there is one: creates it if missing, then deletes it
@@ -622,10 +647,21 @@ pub(super) fn interval_elements(key: SetKey, intervals: &[Interval]) -> Vec<List
 /// The batch that replaces our tables: for every family, ours is deleted if there, then the
 /// family's table of `rules` (if any) is created with everything in it.
 pub fn replace(rules: &Ruleset, seq: u32) -> Batch {
+    install(rules, &Family::ALL, seq)
+}
+
+/// The batch that installs `rules` where our tables exist in the families `present` only: those
+/// are deleted first (with everything in them), the others are only created. Creating is done
+/// with `NLM_F_EXCL`, so the batch fails, changing nothing, if a table of ours appeared in a
+/// family not in `present` meanwhile. On a namespace without our tables nothing is deleted,
+/// which keeps the kernel from having anything to free (see `Nftables::apply`).
+pub fn install(rules: &Ruleset, present: &[Family], seq: u32) -> Batch {
     let mut b = Batch::new(seq);
     let mut set_ids = 0;
     for family in Family::ALL {
-        b.delete_table(family);
+        if present.contains(&family) {
+            b.delete_table(family);
+        }
         if let Some(t) = rules.tables.iter().find(|t| t.family == family) {
             b.add_table(t, &mut set_ids);
         }

@@ -180,7 +180,7 @@ pub fn probe() -> Result<Vec<Feature>, FeatureError> {
         let mut batch = Batch::on_table(PROBE_TABLE, sock.next_seq());
         let mut ids = 0;
         batch.add_table(&f.probe(), &mut ids);
-        match sock.send(&batch, batch.dry_run_bytes()) {
+        match sock.send(&batch, &batch.dry_run_bytes()) {
             Ok(()) => {}
             Err(SocketError::Refused { what, source }) => {
                 log::debug!("nf_tables probe of {}: {what}: {source}", f.describe());

@@ -3,11 +3,11 @@
 //!
 //! Each operation is one exchange of netlink messages with the kernel in the pod's namespace:
 //!
-//! - ADD sends **one nf_tables batch** that, for each family, creates our table if missing,
-//!   deletes it with everything in it, and creates it anew with its sets, chains and rules. The
-//!   kernel commits a batch atomically: the namespace goes from whatever it held (nothing, or an
-//!   older copy of ours) to exactly one complete copy, or — if the kernel refuses any message —
-//!   stays exactly as it was. A repeated ADD is the same batch; no read is needed first.
+//! - ADD reads which of our tables exist (one small dump: none, in a fresh namespace) and sends
+//!   **one nf_tables batch** that deletes those with everything in them and creates each wanted
+//!   table anew with its sets, chains and rules. The kernel commits a batch atomically: the
+//!   namespace goes from whatever it held (nothing, or an older copy of ours) to exactly one
+//!   complete copy, or — if the kernel refuses any message — stays exactly as it was.
 //! - CHECK dumps our tables (sets and their elements, chains, rules) and compares them, element by
 //!   element, with what ADD would install ([`check`]).
 //! - DEL reads which of our tables exist and deletes them in one batch.
@@ -127,12 +127,7 @@ impl Nftables {
         let rules = nft::from_rules(sets);
         features::require(&rules)?;
         let mut sock = open(ns)?;
-        let batch = encode::replace(&rules, sock.next_seq());
-        let what = batch.what.len();
-        let bytes = batch.end_bytes();
-        sock.send(&batch, &bytes).map_err(|e| socket_error(ns, e))?;
-        log::debug!("installed our nftables tables with one batch ({what} messages, {} bytes)", bytes.len());
-        Ok(())
+        install(&mut sock, &rules).map_err(|e| socket_error(ns, e))
     }
 
     /// Removes our tables from the namespace (both families), in one batch.
@@ -181,12 +176,38 @@ impl Nftables {
             Some(r) => {
                 features::require(r)?;
                 let mut sock = open(ns)?;
-                let batch = encode::replace(r, sock.next_seq());
-                let bytes = batch.end_bytes();
-                sock.send(&batch, &bytes).map_err(|e| socket_error(ns, e))
+                install(&mut sock, r).map_err(|e| socket_error(ns, e))
             }
             None => self.remove(ns).map(drop),
         }
+    }
+}
+
+/// Installs `rules` with one batch that deletes only the tables of ours that exist. Deleting
+/// costs the kernel a grace period before it frees what was deleted, which the socket's close
+/// then waits for (milliseconds on a busy node); a first ADD into a fresh namespace deletes
+/// nothing and does not wait. Should a table of ours appear between the read and the batch (a
+/// concurrent ADD), the kernel refuses the batch, changing nothing, and the batch that replaces
+/// every family is sent instead.
+fn install(sock: &mut NfSocket, rules: &Ruleset) -> Result<(), SocketError> {
+    let present: Vec<Family> = read(sock, false)?.tables.iter().map(|t| t.family).collect();
+    let batch = encode::install(rules, &present, sock.next_seq());
+    let bytes = batch.end_bytes();
+    match sock.send(&batch, &bytes) {
+        Err(SocketError::Refused { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
+            log::debug!("a table of ours appeared meanwhile: replacing every family");
+            let batch = encode::replace(rules, sock.next_seq());
+            sock.send(&batch, &batch.end_bytes())
+        }
+        Ok(()) => {
+            log::debug!(
+                "installed our nftables tables with one batch ({} messages, {} bytes, replacing {present:?})",
+                batch.what.len(),
+                bytes.len()
+            );
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 

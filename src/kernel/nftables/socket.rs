@@ -70,8 +70,9 @@ impl NfSocket {
         self.seq
     }
 
-    /// Sends `batch` (ended or not, see [`Batch::end`]) and waits for the acknowledgement of each
-    /// of its messages. The first refusal is returned, naming the refused element.
+    /// Sends `bytes`, the bytes of `batch` (ended or not, see [`Batch::end_bytes`]), and waits
+    /// for the kernel's answers: a refusal for each message it refused, then the acknowledgement
+    /// of the last message. The first refusal is returned, naming the refused element.
     pub fn send(&mut self, batch: &Batch, bytes: &[u8]) -> Result<(), SocketError> {
         const WHAT: &str = "send an nf_tables batch";
         self.seq = batch.last_seq() + 2;
