@@ -214,11 +214,11 @@ fn foreign_tables_and_iptables_rules_survive_add_check_del_byte_for_byte() {
     let net = Network::new(Engine::Nftables.conf());
     let pod = net.pod_unstarted("web");
     plant_foreigners(&pod.ns);
-    let before = pod.ns.snapshot();
+    let before = pod.ns.snapshot_with_nft();
     let theirs = foreigners(&pod.ns);
     let annotations = consul_pod(config(20000), &[]);
     let result: Value = serde_json::from_str(&ok(&pod.add(Some(&annotations)))).unwrap();
-    let once = pod.ns.snapshot();
+    let once = pod.ns.snapshot_with_nft();
     assert_ne!(once, before);
     assert_eq!(foreigners(&pod.ns), theirs, "ADD leaves every foreign object as it was");
 
@@ -227,7 +227,7 @@ fn foreign_tables_and_iptables_rules_survive_add_check_del_byte_for_byte() {
         let again: Value =
             serde_json::from_str(&ok(&call("ADD", &pod.ns, &plugin_stdin(&annotations, Some(&result))))).unwrap();
         assert_eq!(again, result);
-        assert_eq!(pod.ns.snapshot(), once, "a repeated ADD leaves the namespace as one ADD did");
+        assert_eq!(pod.ns.snapshot_with_nft(), once, "a repeated ADD leaves the namespace as one ADD did");
     }
     ok(&pod.check(Some(&annotations)));
     assert_eq!(foreigners(&pod.ns), theirs, "CHECK leaves every foreign object as it was");
@@ -235,7 +235,7 @@ fn foreign_tables_and_iptables_rules_survive_add_check_del_byte_for_byte() {
     for _ in 0..2 {
         let out = call("DEL", &pod.ns, &plugin_stdin(&annotations, None));
         assert!(out.status.success() && out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
-        assert_eq!(pod.ns.snapshot(), before, "DEL removes our tables and nothing else");
+        assert_eq!(pod.ns.snapshot_with_nft(), before, "DEL removes our tables and nothing else");
         assert_eq!(foreigners(&pod.ns), theirs, "DEL leaves every foreign object as it was");
     }
 }
@@ -329,7 +329,7 @@ fn a_refused_batch_changes_nothing_in_either_family() {
         assert!(std::time::Instant::now() < deadline, "the owner's table never appeared");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let before = ns.snapshot();
+    let before = ns.snapshot_with_nft();
 
     // A new configuration with both families: the batch replaces the IPv4 table first, then
     // meets the IPv6 table it may not touch. The kernel refuses the whole batch.
@@ -340,7 +340,7 @@ fn a_refused_batch_changes_nothing_in_either_family() {
     assert_eq!(doc["code"], 101, "{doc}");
     let msg = doc["msg"].as_str().unwrap();
     assert!(msg.contains("ip6 tproxy-cni") && msg.contains("Operation not permitted"), "{msg}");
-    assert_eq!(ns.snapshot(), before, "nothing changed: the IPv4 table still holds the first configuration");
+    assert_eq!(ns.snapshot_with_nft(), before, "nothing changed: the IPv4 table still holds the first configuration");
     assert!(ns.nft_table(Fam::V4).contains("redirect to :20000"));
 
     drop(owner_in);
@@ -387,4 +387,25 @@ fn nft_makes_of_the_rendered_script_what_the_engine_installs() {
         // And CHECK accepts what nft made of the script.
         ok(&call("CHECK", &by_nft, &plugin_stdin(annotations, Some(&prev_result(true)))));
     }
+}
+
+#[test]
+fn status_probes_the_kernel_once_per_boot_and_reports_ready() {
+    if !privileged() {
+        return;
+    }
+    let cache = std::path::Path::new("/run/tproxy-cni/nftables-features");
+    let _ = std::fs::remove_file(cache);
+    let stdin = r#"{"cniVersion":"1.1.0","name":"nftables","type":"tproxy-cni","backend":"nftables"}"#;
+    let out = call_plugin(&[("CNI_COMMAND", "STATUS")], stdin);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // Every feature is there on this kernel: remembered with this boot's id.
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(std::fs::read_to_string(cache).unwrap().trim(), boot.trim());
+    // A bad backend name is a configuration error (code 7), for every command.
+    let bad = r#"{"cniVersion":"1.1.0","name":"nftables","type":"tproxy-cni","backend":"ebpf"}"#;
+    let out = call_plugin(&[("CNI_COMMAND", "STATUS")], bad);
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["code"], 7, "{doc}");
+    assert!(doc["msg"].as_str().unwrap().contains("backend \"ebpf\" is not one of iptables, nftables"), "{doc}");
 }
