@@ -1,7 +1,8 @@
 //! `tproxy-cni uninstall`: remove every rule and chain of ours from a namespace, and nothing else.
 //!
-//! What is ours is decided by the marks `netfilter::save` knows (our chain names, our comments:
-//! `tproxy-cni`, and Kuma's prefix on Kuma's layout). With Kuma's IPv6 pass goes the `::6/128` it
+//! What is ours is decided, for the iptables engine, by the marks `netfilter::save` knows (our
+//! chain names, our comments: `tproxy-cni`, and Kuma's prefix on Kuma's layout); for the nftables
+//! engine it is our tables, `ip tproxy-cni` and `ip6 tproxy-cni`. With Kuma's IPv6 pass goes the `::6/128` it
 //! needs on `lo`, as on DEL.
 //! When our chain names hold rules without our comment — installed by `consul connect
 //! redirect-traffic`, kuma-init or `kumactl install transparent-proxy` — nothing is removed and the

@@ -294,7 +294,8 @@ fn check(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
     }
 }
 
-/// STATUS: ready when every tool ADD may run is installed.
+/// STATUS: ready when every tool ADD may run is installed (iptables engine), or when the kernel has
+/// every nf_tables feature the engine uses (nftables engine).
 fn status(conf: &NetConf) -> Result<String, Error> {
     if !conf.cni_version.has_status_and_gc() {
         return Err(Error::NotInVersion(Command::Status, Version::V1_1_0, conf.cni_version));
