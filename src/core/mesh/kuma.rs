@@ -82,9 +82,11 @@ pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 pub const DEFAULT_DNS_PORT: u16 = 15053;
 /// Envoy's admin port, excluded both ways by kuma-cni when the annotations say nothing.
 pub const DEFAULT_EXCLUDED_PORT: u16 = 9901;
-/// kuma-cni's application probe proxy port when the annotation is absent (older webhooks, which
-/// served virtual probes on 9000).
-pub const DEFAULT_PROBE_PROXY_PORT: u16 = 9000;
+/// kuma-cni's application probe proxy port when `kuma.io/application-probe-proxy-port` is absent:
+/// `defaultAppProbeProxyPort` in kuma's `app/cni/pkg/cni/annotations_linux.go`, 9001 in every
+/// release from 2.9 to 2.14.3 (it was 9000 only on master before 2.9, for three weeks, while
+/// virtual probes still held 9000).
+pub const DEFAULT_PROBE_PROXY_PORT: u16 = 9001;
 pub const DEFAULT_LOG_LEVEL: u8 = 7;
 
 fn port_const(n: u16) -> Port {
@@ -962,7 +964,7 @@ mod tests {
         let r = ok(&pod(&[]));
         assert_eq!((r.proxy_uid, r.inbound_port.get(), r.outbound_port.get()), (5678, 15006, 15001));
         let inbound = r.inbound.unwrap();
-        assert_eq!(inbound.exclude_ports.iter().map(|p| p.get()).collect::<Vec<_>>(), [9901, 9000]);
+        assert_eq!(inbound.exclude_ports.iter().map(|p| p.get()).collect::<Vec<_>>(), [9901, 9001]);
         assert_eq!(r.outbound.unwrap().exclude_ports.iter().map(|p| p.get()).collect::<Vec<_>>(), [9901]);
         assert_eq!(r.dns, None);
         assert!(r.dual_stack);
