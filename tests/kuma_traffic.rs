@@ -186,7 +186,9 @@ fn legacy_annotations_exclude_the_application_probe_proxy_port_as_kuma_cni_does(
     let s4 = srv.v4;
     let probe_listeners =
         |ns: &Netns| [9000, 9001, 9555].map(|port| Responder::tcp(ns, sa(ANY4, port), &format!("probe-proxy:{port}")));
-    let cases: [(&str, &[(&str, &str)], &[u16], &[u16]); 3] = [
+    /// A pod's name, its probe annotation, the ports that reach the probe proxy, those redirected.
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [u16], &'a [u16]);
+    let cases: [Case; 3] = [
         ("absent", &[], &[9001], &[9000, 9555]),
         ("custom", &[("kuma.io/application-probe-proxy-port", "9555")], &[9555], &[9000, 9001]),
         ("zero", &[("kuma.io/application-probe-proxy-port", "0")], &[], &[9000, 9001, 9555]),
