@@ -1,7 +1,7 @@
 //! The network configuration on stdin: decoded, defaulted and validated here, once.
 //!
-//! Keys of our own: `log_level`, `log_file`, `iptables_mode`, and for the API-server path
-//! `exclude_namespaces`, `installer_pods`, `api_timeout`, `default_namespace`,
+//! Keys of our own: `log_level`, `log_file`, `iptables_mode`, `unclassified_pods`, and for the
+//! API-server path `exclude_namespaces`, `installer_pods`, `api_timeout`, `default_namespace`,
 //! `consul_status_annotation`. Keys of consul-cni are accepted so that a conflist written for it
 //! keeps working when only `type` changes: `cni_bin_dir`, `cni_net_dir`, `kubeconfig`, `log_level`,
 //! `multus`. Any other key is ignored, as the spec asks of plugins. `prevResult` stays raw JSON: we
@@ -29,8 +29,12 @@ pub struct NetConf {
     pub plugin_type: String,
     /// The previous plugin's result, byte for byte; `None` when we are not chained (e.g. Multus).
     pub prev_result: Option<Box<RawValue>>,
-    /// The pod's annotations, when the runtime passed them as a capability argument.
+    /// The pod's annotations, when the runtime passed them as a capability argument. The key's
+    /// presence is what counts: containerd sends `null` for a pod without annotations, which is
+    /// `Some` of an empty map here, not `None`.
     pub pod_annotations: Option<BTreeMap<String, String>>,
+    /// What ADD does with a pod it cannot classify.
+    pub unclassified_pods: Unclassified,
     pub log_level: log::LevelFilter,
     pub log_file: Option<PathBuf>,
     pub iptables_mode: Mode,
@@ -48,6 +52,16 @@ pub struct NetConf {
     pub consul_status_annotation: bool,
     /// GC: the attachments the runtime still considers valid.
     pub valid_attachments: Option<Vec<Attachment>>,
+}
+
+/// The conflist's `unclassified_pods`: what to do with a pod whose annotations cannot be had (the
+/// runtime passed none and the API server cannot be asked, or did not answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unclassified {
+    /// ADD fails: the pod may be a mesh pod, and must not start without its redirect (the default).
+    Fail,
+    /// ADD passes the pod through with a warning: availability over the mesh's guarantee.
+    Pass,
 }
 
 /// The installer's pods: those in `namespace` whose name starts with `name_prefix` (a DaemonSet
@@ -97,6 +111,8 @@ pub enum ConfigError {
     LogLevel(String),
     #[error("iptables_mode {} is not one of auto, nft, legacy", crate::text::Quoted::new(.0))]
     IptablesMode(String),
+    #[error("unclassified_pods {} is not one of fail, pass", crate::text::Quoted::new(.0))]
+    UnclassifiedPods(String),
     #[error("{key} {} is not a valid Kubernetes namespace name", crate::text::Quoted::new(value))]
     Namespace { key: &'static str, value: String },
     #[error("installer_pods: {0}")]
@@ -127,6 +143,7 @@ struct Raw {
     log_level: Option<String>,
     log_file: Option<PathBuf>,
     iptables_mode: Option<String>,
+    unclassified_pods: Option<String>,
     // consul-cni's keys.
     #[allow(dead_code)]
     cni_bin_dir: Option<PathBuf>,
@@ -148,8 +165,14 @@ struct Raw {
 
 #[derive(Deserialize)]
 struct RawRuntimeConfig {
-    #[serde(rename = "io.kubernetes.cri.pod-annotations")]
+    #[serde(rename = "io.kubernetes.cri.pod-annotations", default, deserialize_with = "present")]
     pod_annotations: Option<BTreeMap<String, String>>,
+}
+
+/// A key that is present: `null` (containerd's way of sending a pod without annotations) is an
+/// empty map; only an absent key (`default`) is `None`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    Ok(Some(Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default()))
 }
 
 impl NetConf {
@@ -173,6 +196,11 @@ impl NetConf {
             Some("nft") => Mode::Nft,
             Some("legacy") => Mode::Legacy,
             Some(other) => return Err(ConfigError::IptablesMode(other.to_owned())),
+        };
+        let unclassified_pods = match raw.unclassified_pods.as_deref() {
+            None | Some("fail") => Unclassified::Fail,
+            Some("pass") => Unclassified::Pass,
+            Some(other) => return Err(ConfigError::UnclassifiedPods(other.to_owned())),
         };
         // consul-cni joins `kubeconfig` (a file name) onto `cni_net_dir`; an absolute path stands alone.
         let kubeconfig = match (raw.kubeconfig.filter(|k| !k.as_os_str().is_empty()), raw.cni_net_dir) {
@@ -213,6 +241,7 @@ impl NetConf {
             plugin_type: raw.plugin_type,
             prev_result: raw.prev_result,
             pod_annotations: raw.runtime_config.and_then(|r| r.pod_annotations),
+            unclassified_pods,
             log_level,
             log_file: raw.log_file.filter(|p| !p.as_os_str().is_empty()),
             iptables_mode,
@@ -334,6 +363,28 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.pod_annotations.unwrap()["a"], "b");
+    }
+
+    #[test]
+    fn a_null_annotation_map_means_the_runtime_passed_none_not_that_it_passed_nothing() {
+        let parse = |rc: &str| NetConf::parse(conf("1.0.0", rc).as_bytes()).unwrap().pod_annotations;
+        // containerd 1.6 for a pod without annotations: the key, with null.
+        assert_eq!(parse(r#","runtimeConfig":{"io.kubernetes.cri.pod-annotations":null}"#), Some(BTreeMap::new()));
+        assert_eq!(parse(r#","runtimeConfig":{"io.kubernetes.cri.pod-annotations":{}}"#), Some(BTreeMap::new()));
+        // A runtime that does not honour the capability: no key at all.
+        assert_eq!(parse(r#","runtimeConfig":{"portMappings":[]}"#), None);
+        assert_eq!(parse(r#","runtimeConfig":null"#), None);
+        assert_eq!(parse(""), None);
+    }
+
+    #[test]
+    fn unclassified_pods_fail_unless_the_conflist_says_pass() {
+        let parse = |extra: &str| NetConf::parse(conf("1.0.0", extra).as_bytes());
+        assert_eq!(parse("").unwrap().unclassified_pods, Unclassified::Fail);
+        assert_eq!(parse(r#","unclassified_pods":"fail""#).unwrap().unclassified_pods, Unclassified::Fail);
+        assert_eq!(parse(r#","unclassified_pods":"pass""#).unwrap().unclassified_pods, Unclassified::Pass);
+        let e = parse(r#","unclassified_pods":"allow""#).unwrap_err();
+        assert!(matches!(e, ConfigError::UnclassifiedPods(_)) && e.to_string().contains("not one of fail, pass"));
     }
 
     #[test]
