@@ -1,6 +1,6 @@
 //! The network configuration on stdin: decoded, defaulted and validated here, once.
 //!
-//! Keys of our own: `log_level`, `log_file`, `iptables_mode`, `unclassified_pods`, and for the
+//! Keys of our own: `log_level`, `log_file`, `iptables_mode`, `unclassified_pods`, `netns_timeout`, and for the
 //! API-server path `exclude_namespaces`, `installer_pods`, `api_timeout`, `default_namespace`,
 //! `consul_status_annotation`. Keys of consul-cni are accepted so that a conflist written for it
 //! keeps working when only `type` changes: `cni_bin_dir`, `cni_net_dir`, `kubeconfig`, `log_level`,
@@ -35,6 +35,9 @@ pub struct NetConf {
     pub pod_annotations: Option<BTreeMap<String, String>>,
     /// What ADD does with a pod it cannot classify.
     pub unclassified_pods: Unclassified,
+    /// The deadline of a call's work in the pod's namespace: the wait for another call's lock,
+    /// every tool, every netlink exchange.
+    pub netns_timeout: Duration,
     pub log_level: log::LevelFilter,
     pub log_file: Option<PathBuf>,
     pub iptables_mode: Mode,
@@ -88,6 +91,11 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// Bounds of `api_timeout`: shorter cannot complete a TLS handshake on a busy node; longer holds the
 /// runtime's pod creation for no benefit (it retries a failed ADD anyway).
 pub const API_TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(300));
+/// Default of `netns_timeout`: far above what the work takes (milliseconds; about a second for 64
+/// pods at once on two loaded cores), far below kubelet's two minutes for the whole sandbox.
+pub const DEFAULT_NETNS_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bounds of `netns_timeout`.
+pub const NETNS_TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(300));
 
 /// One attachment named by GC.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -117,8 +125,8 @@ pub enum ConfigError {
     Namespace { key: &'static str, value: String },
     #[error("installer_pods: {0}")]
     InstallerPods(&'static str),
-    #[error("api_timeout {value}: {reason}")]
-    ApiTimeout { value: String, reason: &'static str },
+    #[error("{key} {value}: {reason}")]
+    Timeout { key: &'static str, value: String, reason: &'static str },
     #[error("kubeconfig {} is a relative path: make it absolute, or set cni_net_dir for it to be joined onto", crate::text::Quoted::new(&.0.to_string_lossy()))]
     RelativeKubeconfig(PathBuf),
 }
@@ -155,6 +163,7 @@ struct Raw {
     exclude_namespaces: Option<Vec<String>>,
     installer_pods: Option<InstallerPods>,
     api_timeout: Option<serde_json::Value>,
+    netns_timeout: Option<serde_json::Value>,
     default_namespace: Option<String>,
     consul_status_annotation: Option<bool>,
     #[serde(rename = "cni.dev/valid-attachments")]
@@ -231,7 +240,11 @@ impl NetConf {
         }
         let api_timeout = match raw.api_timeout {
             None => crate::kube::DEFAULT_TIMEOUT,
-            Some(v) => api_timeout(&v)?,
+            Some(v) => timeout("api_timeout", &v, API_TIMEOUT_RANGE, "must be between 100ms and 5m")?,
+        };
+        let netns_timeout = match raw.netns_timeout {
+            None => DEFAULT_NETNS_TIMEOUT,
+            Some(v) => timeout("netns_timeout", &v, NETNS_TIMEOUT_RANGE, "must be between 1s and 5m")?,
         };
         let default_namespace = raw.default_namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
         check_namespace("default_namespace", &default_namespace)?;
@@ -242,6 +255,7 @@ impl NetConf {
             prev_result: raw.prev_result,
             pod_annotations: raw.runtime_config.and_then(|r| r.pod_annotations),
             unclassified_pods,
+            netns_timeout,
             log_level,
             log_file: raw.log_file.filter(|p| !p.as_os_str().is_empty()),
             iptables_mode,
@@ -262,10 +276,15 @@ fn check_namespace(key: &'static str, value: &str) -> Result<(), ConfigError> {
     if ok { Ok(()) } else { Err(ConfigError::Namespace { key, value: value.to_owned() }) }
 }
 
-/// `api_timeout`: a duration as Kubernetes writes them (`"3s"`, `"500ms"`, `"1m30s"`, `"1.5s"`) or
-/// a number of seconds.
-fn api_timeout(v: &serde_json::Value) -> Result<Duration, ConfigError> {
-    let fail = |reason| ConfigError::ApiTimeout { value: v.to_string(), reason };
+/// `api_timeout`, `netns_timeout`: a duration as Kubernetes writes them (`"3s"`, `"500ms"`,
+/// `"1m30s"`, `"1.5s"`) or a number of seconds, within `range`.
+fn timeout(
+    key: &'static str,
+    v: &serde_json::Value,
+    range: (Duration, Duration),
+    out_of_range: &'static str,
+) -> Result<Duration, ConfigError> {
+    let fail = |reason| ConfigError::Timeout { key, value: v.to_string(), reason };
     let d = match v {
         serde_json::Value::String(s) => parse_duration(s).map_err(fail)?,
         serde_json::Value::Number(n) => {
@@ -277,9 +296,9 @@ fn api_timeout(v: &serde_json::Value) -> Result<Duration, ConfigError> {
         }
         _ => return Err(fail("must be a duration such as \"5s\" or a number of seconds")),
     };
-    let (min, max) = API_TIMEOUT_RANGE;
+    let (min, max) = range;
     if d < min || d > max {
-        return Err(fail("must be between 100ms and 5m"));
+        return Err(fail(out_of_range));
     }
     Ok(d)
 }
@@ -408,6 +427,9 @@ mod tests {
         assert_eq!(c.api_timeout, crate::kube::DEFAULT_TIMEOUT);
         assert_eq!(c.default_namespace, "default");
         assert!(c.consul_status_annotation && c.installer_pods.is_none() && c.kubeconfig.is_none());
+        assert_eq!(c.netns_timeout, DEFAULT_NETNS_TIMEOUT);
+        let c = NetConf::parse(conf("1.0.0", r#","netns_timeout":"2s""#).as_bytes()).unwrap();
+        assert_eq!(c.netns_timeout, Duration::from_secs(2));
     }
 
     #[test]
@@ -454,6 +476,8 @@ mod tests {
             (r#","api_timeout":"10ms""#, "between 100ms and 5m"),
             (r#","api_timeout":"1h""#, "between 100ms and 5m"),
             (r#","api_timeout":true"#, "must be a duration"),
+            (r#","netns_timeout":"500ms""#, "netns_timeout \"500ms\": must be between 1s and 5m"),
+            (r#","netns_timeout":"6m""#, "netns_timeout \"6m\": must be between 1s and 5m"),
             (r#","exclude_namespaces":["Kube_System"]"#, "exclude_namespaces entry \"Kube_System\""),
             (r#","default_namespace":"a.b""#, "default_namespace"),
             (r#","installer_pods":{"namespace":"x","name_prefix":""}"#, "name_prefix"),
