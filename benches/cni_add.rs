@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use apiserver::{ApiServer, PodFixture};
 use serde_json::{Value, json};
-use tproxy_cni::mesh::{self, PodNetwork};
-use tproxy_cni::rules;
+use tproxy_cni::core::mesh::{self, PodNetwork};
+use tproxy_cni::core::rules;
 
 fn plugin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tproxy-cni"))

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tproxy_cni::origdst::original_dst;
+use tproxy_cni::kernel::origdst::original_dst;
 
 #[derive(Parser)]
 struct Cli {

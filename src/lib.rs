@@ -1,22 +1,23 @@
-//! tproxy-cni: a chained CNI plugin that installs a service mesh's transparent-proxy redirect in a
-//! pod's network namespace, so application pods need no privileged init container.
+//! tproxy-cni: a service mesh's transparent-proxy redirect, installed in a pod's network namespace
+//! by a chained CNI plugin, so application pods need no privileged init container.
 //!
-//! The pipeline (see `docs/architecture.md`):
-//! [`cni`] (protocol) → [`pod`] (annotations) → [`mesh`] (dialect) → [`redirect`] (typed model) →
-//! [`rules`] (rules as data) → [`netfilter`] (one transaction in the pod's [`netns`]), with
-//! [`netlink`] for what the namespace needs besides rules (Kuma's `::6` on the loopback).
+//! Three products over one core (see `docs/architecture.md`):
+//!
+//! - [`plugin`]: the CNI plugin a container runtime calls (ADD, DEL, CHECK, …) for every pod;
+//! - [`installer`]: the node DaemonSet that drops the plugin in place and chains it;
+//! - [`host`]: the same redirect as a command for hosts and VMs.
+//!
+//! They share [`core`] (pure: the mesh dialects, the typed redirect, the rules as data), [`kernel`]
+//! (everything that talks to the kernel: namespaces, netlink, the netfilter engine) and [`kube`]
+//! (the API-server client). [`text`] and [`log`] are the small pieces every layer writes with;
+//! [`cli`] is the command line that leads to the host commands and the installer.
 
 pub mod cli;
-pub mod cni;
-pub mod install;
+pub mod core;
+pub mod host;
+pub mod installer;
+pub mod kernel;
 pub mod kube;
-pub mod limits;
 pub mod log;
-pub mod mesh;
-pub mod netfilter;
-pub mod netlink;
-pub mod netns;
-pub mod origdst;
-pub mod pod;
-pub mod redirect;
-pub mod rules;
+pub mod plugin;
+pub mod text;

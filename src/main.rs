@@ -13,7 +13,7 @@ fn main() -> ExitCode {
         if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
             log::warn!("cannot read stdin: {e}");
         }
-        let outcome = tproxy_cni::cni::run(&env, &stdin);
+        let outcome = tproxy_cni::plugin::run(&env, &stdin);
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(outcome.stdout.as_bytes());
         let _ = out.flush();

@@ -13,10 +13,10 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 use support::*;
-use tproxy_cni::limits::{MAX_ANNOTATION_BYTES, MAX_LIST_ENTRIES, MAX_RULES_PER_FAMILY};
-use tproxy_cni::mesh::{self, AnnotationError, Annotations, PodNetwork};
-use tproxy_cni::redirect::{Family, Redirect};
-use tproxy_cni::rules::{self, shape};
+use tproxy_cni::core::limits::{MAX_ANNOTATION_BYTES, MAX_LIST_ENTRIES, MAX_RULES_PER_FAMILY};
+use tproxy_cni::core::mesh::{self, AnnotationError, Annotations, PodNetwork};
+use tproxy_cni::core::redirect::{Family, Redirect};
+use tproxy_cni::core::rules::{self, shape};
 
 /// What a case must give.
 enum Want {
@@ -562,7 +562,7 @@ fn kubeconfig_errors_never_carry_the_token() {
     );
     for text in [syntax, shape] {
         let e = tproxy_cni::kube::Kubeconfig::parse(path, text.as_bytes()).unwrap_err();
-        let msg = tproxy_cni::cni::error::chain(&e);
+        let msg = tproxy_cni::text::chain(&e);
         assert!(!msg.contains(token), "{msg}");
     }
 }
@@ -571,8 +571,8 @@ fn kubeconfig_errors_never_carry_the_token() {
 fn error_messages_quote_runtime_and_annotation_text_bounded() {
     let long = "\u{19}".repeat(500);
     let messages = [
-        tproxy_cni::cni::args::CniArgs::parse(&format!("{long}=1")).unwrap_err().to_string(),
-        tproxy_cni::cni::args::CniArgs::parse(&long).unwrap_err().to_string(),
+        tproxy_cni::plugin::args::CniArgs::parse(&format!("{long}=1")).unwrap_err().to_string(),
+        tproxy_cni::plugin::args::CniArgs::parse(&long).unwrap_err().to_string(),
         mesh::classify(&annotations_of(&consul_json(json!({"ProxyInboundPort": long}))), PodNetwork::default())
             .unwrap_err()
             .to_string(),
@@ -671,7 +671,7 @@ fn kubeconfig_naming_a_fifo_or_a_device_fails_at_once() {
         let start = std::time::Instant::now();
         let e = tproxy_cni::kube::Kubeconfig::parse(&dir.path().join("kubeconfig"), text.as_bytes()).unwrap_err();
         assert!(start.elapsed() < std::time::Duration::from_secs(2), "{ca}: took {:?}", start.elapsed());
-        assert!(tproxy_cni::cni::error::chain(&e).contains("is not a regular file"), "{ca}: {e}");
+        assert!(tproxy_cni::text::chain(&e).contains("is not a regular file"), "{ca}: {e}");
     }
 }
 
@@ -721,7 +721,7 @@ fn a_server_url_with_a_multibyte_character_is_refused_not_a_panic() {
 fn conflist_chaining_keeps_every_number_the_primary_wrote() {
     // Found by fuzzing the installer's merger: numbers went through f64, so an integer beyond 64
     // bits became 4.4444444444444455e+91 and some decimals were written back differently.
-    use tproxy_cni::install::conflist::{self, Primary, Shape};
+    use tproxy_cni::installer::conflist::{self, Primary, Shape};
     let numbers = [
         "44444444444444444444444444444444444444444444444444444444444444444444444444444444444444444440",
         "18446744073709551616",
@@ -750,7 +750,7 @@ fn conflist_chaining_keeps_every_number_the_primary_wrote() {
 fn a_conflist_with_a_number_beyond_float64_is_skipped_as_libcni_skips_it() {
     // Numbers now keep their text; libcni (Go) still refuses a file with a number no float64 holds,
     // so the installer must not pick such a file either.
-    use tproxy_cni::install::conflist::{self, Shape};
+    use tproxy_cni::installer::conflist::{self, Shape};
     let text = br#"{"cniVersion": "1.0.0", "name": "k8s", "plugins": [{"type": "bridge", "mtu": 1e400}]}"#;
     assert!(conflist::parse(text, Shape::List).is_err());
 }
@@ -758,7 +758,7 @@ fn a_conflist_with_a_number_beyond_float64_is_skipped_as_libcni_skips_it() {
 #[test]
 fn the_installer_quotes_an_unsupported_cni_version_bounded() {
     // Found by fuzzing the conflist merger: the version was quoted whole, however long.
-    use tproxy_cni::install::conflist::{self, Primary, Shape};
+    use tproxy_cni::installer::conflist::{self, Primary, Shape};
     let text =
         format!(r#"{{"cniVersion": "0{}", "name": "k8s", "plugins": [{{"type": "bridge"}}]}}"#, "z\u{7f}".repeat(300));
     let doc = conflist::parse(text.as_bytes(), Shape::List).unwrap();

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::apiserver::{ApiServer, Auth, Fault, KubeconfigSpec, PodFixture, TOKEN, Trust};
-use tproxy_cni::cni::error::chain;
 use tproxy_cni::kube::{Class, Client, Error, Patch};
+use tproxy_cni::text::chain;
 
 /// Generous bound for "returned without waiting for the deadline" (a behaviour, not a benchmark).
 const PROMPTLY: Duration = Duration::from_millis(1500);

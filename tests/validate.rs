@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::*;
-use tproxy_cni::cli::validate::{EXIT_CANNOT_BIND, EXIT_NO_ROUTE, EXIT_OK, EXIT_REDIRECT_MISSING, EXIT_TIMEOUT};
+use tproxy_cni::host::validate::{EXIT_CANNOT_BIND, EXIT_NO_ROUTE, EXIT_OK, EXIT_REDIRECT_MISSING, EXIT_TIMEOUT};
 
 const APP_UID: u32 = 4242;
 const PROXY_UID: u32 = 5995;

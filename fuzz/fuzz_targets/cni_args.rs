@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tproxy_cni::cni::args::CniArgs;
+use tproxy_cni::plugin::args::CniArgs;
 use tproxy_cni_fuzz::check_message;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,5 +1,5 @@
 //! The whole plugin as a runtime calls it: `CNI_*` environment and the network configuration on
-//! stdin, through `tproxy_cni::cni::run`.
+//! stdin, through `tproxy_cni::plugin::run`.
 //!
 //! The input is NUL-separated `CNI_*=value` records, then an empty record (two NULs), then stdin.
 //! So that fuzzing touches nothing on the machine, the harness fixes what would reach outside the
@@ -18,11 +18,11 @@ use std::collections::HashMap;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use tproxy_cni::cni::args::CniArgs;
-use tproxy_cni::cni::config::NetConf;
-use tproxy_cni::cni::{self, result};
-use tproxy_cni::mesh::PodNetwork;
-use tproxy_cni::pod::{self, Api};
+use tproxy_cni::core::mesh::PodNetwork;
+use tproxy_cni::plugin::args::CniArgs;
+use tproxy_cni::plugin::config::NetConf;
+use tproxy_cni::plugin::pod::{self, Api};
+use tproxy_cni::plugin::{self, result};
 use tproxy_cni_fuzz::{check_message, check_outcome, records};
 
 const GONE_NETNS: &str = "/nonexistent/tproxy-cni-fuzz/netns";
@@ -54,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
     let stdin = sanitize(stdin);
     let command = env.get("CNI_COMMAND").cloned().unwrap_or_default();
 
-    let out = cni::run(&env, &stdin);
+    let out = plugin::run(&env, &stdin);
     if out.exit_code == 0 {
         if !out.stdout.is_empty() {
             let doc: Value = serde_json::from_str(&out.stdout).expect("stdout is one JSON document");

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Value, json};
-use tproxy_cni::install::conflist::{self, Primary, Shape};
+use tproxy_cni::installer::conflist::{self, Primary, Shape};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, bytes)) = data.split_first() else { return };

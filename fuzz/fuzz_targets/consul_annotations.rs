@@ -5,8 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tproxy_cni::mesh::consul::{INJECT_STATUS, TPROXY_STATUS};
-use tproxy_cni::mesh::{self, PodNetwork};
+use tproxy_cni::core::mesh::consul::{INJECT_STATUS, TPROXY_STATUS};
+use tproxy_cni::core::mesh::{self, PodNetwork};
 use tproxy_cni_fuzz::{annotations, check_outcome};
 
 fuzz_target!(|data: &[u8]| {

@@ -5,9 +5,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tproxy_cni::mesh::consul::{self, DUAL_STACK, INJECT_STATUS, REDIRECT_CONFIG, TPROXY_STATUS};
-use tproxy_cni::mesh::{Annotations, PodNetwork};
-use tproxy_cni::redirect::Redirect;
+use tproxy_cni::core::mesh::consul::{self, DUAL_STACK, INJECT_STATUS, REDIRECT_CONFIG, TPROXY_STATUS};
+use tproxy_cni::core::mesh::{Annotations, PodNetwork};
+use tproxy_cni::core::redirect::Redirect;
 use tproxy_cni_fuzz::{check_message, check_outcome, check_redirect};
 
 fuzz_target!(|data: &[u8]| {

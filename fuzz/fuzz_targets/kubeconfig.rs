@@ -9,8 +9,8 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use tproxy_cni::cni::error::chain;
 use tproxy_cni::kube::Kubeconfig;
+use tproxy_cni::text::chain;
 
 /// The values of `token` keys in the text (YAML `token: x` or JSON `"token": "x"`), long enough
 /// that finding one in a message cannot be chance.

@@ -6,8 +6,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tproxy_cni::mesh::kuma::{CNCF_NETWORKS, KUMA_CNI_NETWORK, SIDECAR_INJECTED};
-use tproxy_cni::mesh::{self, PodNetwork};
+use tproxy_cni::core::mesh::kuma::{CNCF_NETWORKS, KUMA_CNI_NETWORK, SIDECAR_INJECTED};
+use tproxy_cni::core::mesh::{self, PodNetwork};
 use tproxy_cni_fuzz::{annotations, check_outcome};
 
 fuzz_target!(|data: &[u8]| {

@@ -3,11 +3,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tproxy_cni::mesh::kuma::{
+use tproxy_cni::core::mesh::kuma::{
     self, CNCF_NETWORKS, KUMA_CNI_NETWORK, SIDECAR_CONTAINER, SIDECAR_INJECTED, TPROXY_CONFIG,
 };
-use tproxy_cni::mesh::{Annotations, PodContainers, PodNetwork};
-use tproxy_cni::redirect::Redirect;
+use tproxy_cni::core::mesh::{Annotations, PodContainers, PodNetwork};
+use tproxy_cni::core::redirect::Redirect;
 use tproxy_cni_fuzz::check_outcome;
 
 fuzz_target!(|data: &[u8]| {

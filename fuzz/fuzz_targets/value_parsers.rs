@@ -8,11 +8,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tproxy_cni::cni::config::parse_duration;
-use tproxy_cni::mesh::kuma::parse_uid_port_exclusion;
-use tproxy_cni::redirect::{
+use tproxy_cni::core::mesh::kuma::parse_uid_port_exclusion;
+use tproxy_cni::core::redirect::{
     Cidrs, Family, parse_cidr, parse_ip, parse_port, parse_port_range, parse_uid, parse_uid_range, split_list,
 };
+use tproxy_cni::plugin::config::parse_duration;
 use tproxy_cni_fuzz::check_message;
 
 fn round_trip<T: PartialEq + std::fmt::Debug + ToString, E: ToString>(

@@ -3,7 +3,7 @@
 //!
 //! - An accepted configuration yields a `Redirect` whose rendered transaction, in each family (the
 //!   IPv6 pass included even where it is off, since Kuma turns it on later), passes the allow-list
-//!   of `tproxy_cni::rules::shape`: known tables, chains, options and targets, and only canonical
+//!   of `tproxy_cni::core::rules::shape`: known tables, chains, options and targets, and only canonical
 //!   numbers and addresses of that family. Text from the input can reach a rule only as a value
 //!   re-printed from its parsed form. The transaction starts with nat (where a repeated ADD
 //!   fails first), stays within the rule budget, and renders the same twice.
@@ -12,10 +12,10 @@
 //! Inputs made of several strings (annotations, environment variables) are NUL-separated
 //! `key=value` records, so a seed corpus stays readable and mutations stay cheap.
 
-use tproxy_cni::limits::MAX_RULES_PER_FAMILY;
-use tproxy_cni::mesh::{AnnotationError, Annotations};
-use tproxy_cni::redirect::{Family, Redirect};
-use tproxy_cni::rules::{self, shape};
+use tproxy_cni::core::limits::MAX_RULES_PER_FAMILY;
+use tproxy_cni::core::mesh::{AnnotationError, Annotations};
+use tproxy_cni::core::redirect::{Family, Redirect};
+use tproxy_cni::core::rules::{self, shape};
 
 /// The longest message a refusal may carry. Values are quoted shortened (64 characters); a message
 /// longer than this echoes input it should not.

@@ -511,12 +511,12 @@ fn without_quoted_values(msg: &str) -> String {
 }
 
 /// Reads a file a kubeconfig names (or the kubeconfig itself): a regular file of at most
-/// [`crate::limits::MAX_CONFIG_FILE_BYTES`]. It is opened without blocking, so a FIFO or a device
+/// [`crate::core::limits::MAX_CONFIG_FILE_BYTES`]. It is opened without blocking, so a FIFO or a device
 /// named by mistake is an error at once rather than a plugin that never returns.
 pub(crate) fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let limit = crate::limits::MAX_CONFIG_FILE_BYTES;
+    let limit = crate::core::limits::MAX_CONFIG_FILE_BYTES;
     let file = fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
     if !file.metadata()?.is_file() {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "is not a regular file"));
@@ -624,7 +624,7 @@ mod tests {
         assert!(!e.to_string().contains("8675309"), "{e}");
         let e = parse(&doc("    server: https://h", "    client-key-data: 8675309\n    client-certificate-data: eA=="))
             .unwrap_err();
-        assert!(!crate::cni::error::chain(&e).contains("8675309"), "{e}");
+        assert!(!crate::text::chain(&e).contains("8675309"), "{e}");
         assert!(Secret::new("a b").is_err() && Secret::new(" \n").is_err());
         assert_eq!(Secret::new(" tok\n").unwrap().expose(), "tok");
     }

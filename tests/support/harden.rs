@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::{Value, json};
-use tproxy_cni::mesh::{self, Annotations, PodNetwork};
-use tproxy_cni::redirect::Family;
-use tproxy_cni::rules;
+use tproxy_cni::core::mesh::{self, Annotations, PodNetwork};
+use tproxy_cni::core::redirect::Family;
+use tproxy_cni::core::rules;
 
 use super::{Fam, Netns, consul_pod, in_netns, kuma_pod};
 

@@ -486,7 +486,7 @@ impl Responder {
             while !stop2.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((mut conn, _)) => {
-                        let dst = tproxy_cni::origdst::original_dst(&conn)
+                        let dst = tproxy_cni::kernel::origdst::original_dst(&conn)
                             .map(|a| a.to_string())
                             .unwrap_or_else(|e| format!("none({e})"));
                         let line = format!("{name} {dst}");

@@ -1,0 +1,240 @@
+//! `tproxy-cni install`: the installer's command line, read once here and handed down as
+//! [`crate::installer::Settings`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{ArgAction, Args};
+use serde_json::{Map, Value};
+
+use crate::installer::{self as install, Settings};
+use crate::kube::{Client, Kubeconfig};
+
+/// Install the plugin on this node and keep it installed until SIGTERM: the DaemonSet's command.
+///
+/// Copies this binary into the host's CNI bin dir, writes the plugin's kubeconfig and token copy into
+/// the CNI conf dir, and chains a tproxy-cni entry last into the network configuration the runtime
+/// uses (converting a single-plugin .conf into a .conflist). Watches the conf dir and re-injects the
+/// entry when the primary CNI rewrites its file; keeps the token copy current. Ready (GET /readyz,
+/// and the ready file) only while the binary, the entry and the kubeconfig are all in place. On
+/// SIGTERM or SIGINT removes exactly what it installed, unless a newer installer on the node owns
+/// the install. Every flag can also be set through the environment variable named with it.
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    /// Host CNI binary directory, as mounted in this container.
+    #[arg(long, env = "TPROXY_CNI_BIN_DIR", default_value = "/opt/cni/bin", value_name = "DIR")]
+    cni_bin_dir: PathBuf,
+    /// Host CNI network configuration directory, as mounted in this container.
+    #[arg(long, env = "TPROXY_CNI_CONF_DIR", default_value = "/etc/cni/net.d", value_name = "DIR")]
+    cni_conf_dir: PathBuf,
+    /// Host directory for the undo log and the ownership marker (a hostPath shared by upgrades).
+    #[arg(long, env = "TPROXY_CNI_STATE_DIR", default_value = "/var/lib/tproxy-cni", value_name = "DIR")]
+    state_dir: PathBuf,
+    /// The plugin binary to install [default: this executable].
+    #[arg(long, env = "TPROXY_CNI_SOURCE_BINARY", value_name = "FILE")]
+    source_binary: Option<PathBuf>,
+    /// JSON object of plugin settings copied into the conflist entry (e.g. from a ConfigMap):
+    /// log_level, iptables_mode, exclude_namespaces, … — any key the plugin accepts.
+    #[arg(long, env = "TPROXY_CNI_PLUGIN_CONFIG", value_name = "FILE")]
+    plugin_config: Option<PathBuf>,
+    /// The kubeconfig path to write into the entry, as seen on the host [default: the kubeconfig in
+    /// --cni-conf-dir]. Set it when the conf dir is mounted at a different path than on the host.
+    #[arg(long, env = "TPROXY_CNI_HOST_KUBECONFIG", value_name = "PATH")]
+    host_kubeconfig: Option<PathBuf>,
+    /// API server URL reachable from the host network namespace [default: https://
+    /// $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT].
+    #[arg(long, env = "TPROXY_CNI_API_SERVER", value_name = "URL")]
+    api_server: Option<String>,
+    #[arg(long, env = "KUBERNETES_SERVICE_HOST", hide = true)]
+    kubernetes_service_host: Option<String>,
+    #[arg(long, env = "KUBERNETES_SERVICE_PORT", hide = true)]
+    kubernetes_service_port: Option<u16>,
+    /// The projected service-account volume whose token and CA the plugin gets.
+    #[arg(
+        long,
+        env = "TPROXY_CNI_SERVICE_ACCOUNT_DIR",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount",
+        value_name = "DIR"
+    )]
+    service_account_dir: PathBuf,
+    /// This pod's UID (downward API metadata.uid).
+    #[arg(long, env = "POD_UID")]
+    pod_uid: Option<String>,
+    /// This pod's name (downward API metadata.name).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// This pod's namespace (downward API metadata.namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pod_namespace: Option<String>,
+    /// The DaemonSet generation of this pod (downward API metadata.labels['pod-template-generation']):
+    /// during a rolling update the higher generation owns the node's install.
+    #[arg(long, env = "POD_TEMPLATE_GENERATION", default_value_t = 0)]
+    generation: u64,
+    /// This node's name (downward API spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Start-up taint to remove from this node once the plugin is in place (e.g. tproxy-cni.io/not-ready).
+    #[arg(long, env = "TPROXY_CNI_STARTUP_TAINT", value_name = "KEY")]
+    startup_taint: Option<String>,
+    /// Address for GET /readyz and /livez; "off" disables the listener.
+    #[arg(long, env = "TPROXY_CNI_PROBE_ADDR", default_value = "127.0.0.1:9823", value_name = "ADDR|off")]
+    probe_addr: String,
+    /// File present exactly while ready (for an exec probe).
+    #[arg(long, env = "TPROXY_CNI_READY_FILE", value_name = "FILE")]
+    ready_file: Option<PathBuf>,
+    /// Periodic full resync under the directory watch (e.g. 10s, 500ms, 2m).
+    #[arg(long, env = "TPROXY_CNI_RESYNC_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    resync_interval: Duration,
+    /// Remove the install on SIGTERM/SIGINT when this installer still owns it.
+    #[arg(long, env = "TPROXY_CNI_CLEANUP_ON_EXIT", default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
+    cleanup_on_exit: bool,
+    /// The installer's own log level: error, warn, info, debug, trace.
+    #[arg(long, env = "TPROXY_CNI_LOG_LEVEL", default_value = "info", value_parser = parse_level)]
+    log_level: log::LevelFilter,
+}
+
+/// Runs the installer; the process exit code.
+pub fn main(args: InstallArgs) -> ExitCode {
+    crate::log::init(args.log_level);
+    let result = settings(args).and_then(|s| {
+        let client = node_client(&s)?;
+        install::run(s, client).map_err(|e| crate::text::chain(&e))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("tproxy-cni install: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Validates the arguments into settings; no host file is touched here.
+fn settings(a: InstallArgs) -> Result<Settings, String> {
+    let api_server = match (a.api_server, a.kubernetes_service_host) {
+        (Some(url), _) => url,
+        (None, Some(host)) => crate::installer::kubeconfig::server_url(&host, a.kubernetes_service_port.unwrap_or(443)),
+        (None, None) => {
+            return Err(
+                "no API server address: set --api-server (or run in a pod, where KUBERNETES_SERVICE_HOST is set)"
+                    .into(),
+            );
+        }
+    };
+    let api_server = crate::kube::kubeconfig::parse_server(&api_server)
+        .map_err(|why| format!("--api-server {api_server:?} is not usable: {why}"))?;
+    let source_binary = match a.source_binary {
+        Some(p) => p,
+        None => {
+            std::env::current_exe().map_err(|e| format!("cannot find this executable ({e}): set --source-binary"))?
+        }
+    };
+    let plugin_settings = match &a.plugin_config {
+        Some(p) => load_plugin_settings(p)?,
+        None => Map::new(),
+    };
+    let probe_addr = match a.probe_addr.as_str() {
+        "off" | "" => None,
+        s => Some(s.parse::<SocketAddr>().map_err(|e| format!("--probe-addr {s:?} is not an address:port ({e})"))?),
+    };
+    if let Some(key) = &a.startup_taint {
+        crate::installer::taint::validate_key(key)?;
+        if a.node_name.as_deref().is_none_or(str::is_empty) {
+            return Err("--startup-taint needs --node-name (NODE_NAME from the downward API)".into());
+        }
+    }
+    if a.resync_interval < Duration::from_millis(100) {
+        return Err("--resync-interval must be at least 100ms".into());
+    }
+    let pod = match (a.pod_namespace, a.pod_name) {
+        (Some(ns), Some(name)) => format!("{ns}/{name}"),
+        (None, Some(name)) => name,
+        _ => String::new(),
+    };
+    Ok(Settings {
+        cni_bin_dir: a.cni_bin_dir,
+        cni_conf_dir: a.cni_conf_dir,
+        state_dir: a.state_dir,
+        source_binary,
+        plugin_settings,
+        host_kubeconfig: a.host_kubeconfig,
+        api_server,
+        service_account_dir: a.service_account_dir,
+        pod_uid: a.pod_uid,
+        pod,
+        generation: a.generation,
+        node_name: a.node_name.filter(|n| !n.is_empty()),
+        startup_taint: a.startup_taint,
+        probe_addr,
+        ready_file: a.ready_file,
+        resync: a.resync_interval,
+        cleanup_on_exit: a.cleanup_on_exit,
+    })
+}
+
+/// The API client that removes the start-up taint, when one is configured: the installer pod's own
+/// service account, talking to the API server the plugin is given.
+fn node_client(s: &Settings) -> Result<Option<Client>, String> {
+    if s.startup_taint.is_none() {
+        return Ok(None);
+    }
+    let mut config = Kubeconfig::in_cluster("127.0.0.1", "443", &s.service_account_dir)
+        .map_err(|e| format!("--startup-taint needs the pod's service account: {}", crate::text::chain(&e)))?;
+    config.server = s.api_server.clone();
+    Ok(Some(Client::new(config, crate::kube::DEFAULT_TIMEOUT)))
+}
+
+/// Reads the plugin settings: a JSON object (an empty file means none).
+fn load_plugin_settings(path: &Path) -> Result<Map<String, Value>, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read --plugin-config {}: {e}", path.display()))?;
+    if text.trim().is_empty() {
+        return Ok(Map::new());
+    }
+    match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(format!("--plugin-config {} must hold a JSON object", path.display())),
+        Err(e) => Err(format!("--plugin-config {} is not valid JSON: {e}", path.display())),
+    }
+}
+
+/// Parses a log level name.
+fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+    match s.parse::<log::LevelFilter>() {
+        Ok(l) if l != log::LevelFilter::Off => Ok(l),
+        _ => Err(format!("{s:?} is not one of error, warn, info, debug, trace")),
+    }
+}
+
+/// Parses `500ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration such as 500ms, 10s, 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?} is not a duration such as 500ms, 10s, 2m")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        for bad in ["", "s", "1.5s", "10x", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

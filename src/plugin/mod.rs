@@ -1,0 +1,448 @@
+//! The CNI protocol: read the invocation, dispatch the command, produce exactly one JSON document.
+//!
+//! [`run`] is the whole plugin as a function of the environment and stdin: it never reads
+//! `std::env`, never prints, and returns what to print and the exit code. All failures are mapped
+//! to CNI error codes in one place, [`to_cni_error`].
+
+pub mod args;
+pub mod config;
+pub mod error;
+pub mod pod;
+pub mod result;
+pub mod version;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use self::args::{ArgsError, CniArgs};
+use self::config::{ConfigError, NetConf};
+use self::error::{CniError, Code};
+use self::pod::{Api, ConsulStatus, PodError, PodRef};
+use self::result::ResultError;
+use self::version::Version;
+use crate::core::mesh::{AnnotationError, PodNetwork};
+use crate::core::rules;
+use crate::kernel::netfilter::{Backend, CheckError, Mismatch, Netfilter, NetfilterError};
+use crate::kernel::netlink::{self, NetlinkError};
+use crate::kernel::netns::{Netns, NetnsError};
+use crate::kube::Class;
+
+/// The CNI operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Add,
+    Del,
+    Check,
+    Version,
+    Status,
+    Gc,
+}
+
+impl Command {
+    fn parse(s: &str) -> Option<Command> {
+        Some(match s {
+            "ADD" => Command::Add,
+            "DEL" => Command::Del,
+            "CHECK" => Command::Check,
+            "VERSION" => Command::Version,
+            "STATUS" => Command::Status,
+            "GC" => Command::Gc,
+            _ => return None,
+        })
+    }
+}
+
+/// The `CNI_*` environment of one call, validated.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub command: Command,
+    pub container_id: Option<String>,
+    pub netns: Option<PathBuf>,
+    pub ifname: Option<String>,
+    pub args: CniArgs,
+}
+
+/// What the process must print on stdout and exit with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub stdout: String,
+    pub exit_code: i32,
+}
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("CNI_COMMAND is not set")]
+    NoCommand,
+    #[error("CNI_COMMAND {} is not one of ADD, DEL, CHECK, VERSION, STATUS, GC", crate::text::Quoted::new(.0))]
+    UnknownCommand(String),
+    #[error("{0} is required for {1:?}")]
+    MissingEnv(&'static str, Command),
+    #[error("{} {} is invalid: {}", .0, crate::text::Quoted::new(.1), .2)]
+    InvalidEnv(&'static str, String, &'static str),
+    #[error(transparent)]
+    Args(#[from] ArgsError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0:?} needs cniVersion {1} or later (the configuration says {2})")]
+    NotInVersion(Command, Version, Version),
+    #[error("invalid prevResult: {0}")]
+    PrevResult(#[from] ResultError),
+    #[error(transparent)]
+    Annotation(#[from] AnnotationError),
+    #[error(transparent)]
+    Pod(#[from] PodError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Netfilter(#[from] NetfilterError),
+    #[error(transparent)]
+    Check(#[from] CheckError),
+    #[error("cannot serve ADD: {0}")]
+    NotReady(#[source] crate::kernel::netfilter::backend::BackendError),
+}
+
+/// The one place where failures become CNI error codes.
+pub fn to_cni_error(e: &Error) -> CniError {
+    let code = match e {
+        Error::NoCommand
+        | Error::UnknownCommand(_)
+        | Error::MissingEnv(..)
+        | Error::InvalidEnv(..)
+        | Error::Args(_) => Code::InvalidEnvironment,
+        Error::Config(ConfigError::Syntax(_)) => Code::Decode,
+        Error::Config(ConfigError::Version(_)) | Error::NotInVersion(..) => Code::IncompatibleVersion,
+        Error::Config(_) | Error::PrevResult(_) => Code::InvalidConfig,
+        Error::Annotation(_) => Code::InvalidAnnotation,
+        Error::Pod(e) => match e.class() {
+            Class::Transient => Code::TryAgainLater,
+            Class::Config => Code::InvalidConfig,
+            Class::Access | Class::Rejected | Class::NotFound => Code::ApiAccess,
+        },
+        Error::Netns(_) | Error::Netlink(_) => Code::Netns,
+        Error::Netfilter(_) | Error::Check(CheckError::Netfilter(_)) => Code::Netfilter,
+        Error::Check(CheckError::Mismatch(_)) => Code::CheckMismatch,
+        Error::NotReady(_) => Code::PluginNotAvailable,
+    };
+    let mut err = CniError::new(code, crate::text::chain(e));
+    match e {
+        Error::Netfilter(NetfilterError::Failed { input, .. }) => {
+            err = err.with_details(format!("transaction:\n{input}"))
+        }
+        Error::Check(CheckError::Mismatch(m)) => err = err.with_details(m.0.join("\n")),
+        _ => {}
+    }
+    err
+}
+
+/// Runs one CNI call. A panic (a bug) still ends as an error document the runtime can show.
+pub fn run(env: &HashMap<String, String>, stdin: &[u8]) -> Outcome {
+    let answer_version = config::peek_version(stdin).unwrap_or(Version::LATEST);
+    let err = match std::panic::catch_unwind(|| dispatch(env, stdin)) {
+        Ok(Ok(stdout)) => return Outcome { stdout, exit_code: 0 },
+        Ok(Err(e)) => to_cni_error(&e),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            CniError::new(Code::Internal, format!("internal error (please report it): {what}"))
+        }
+    };
+    log::error!("{}", err.msg);
+    Outcome { stdout: err.to_json(answer_version.as_str()), exit_code: 1 }
+}
+
+fn dispatch(env: &HashMap<String, String>, stdin: &[u8]) -> Result<String, Error> {
+    let command = match env.get("CNI_COMMAND").map(String::as_str) {
+        None | Some("") => return Err(Error::NoCommand),
+        Some(c) => Command::parse(c).ok_or_else(|| Error::UnknownCommand(c.to_owned()))?,
+    };
+    if command == Command::Version {
+        return Ok(version_info(config::peek_version(stdin).unwrap_or(Version::LATEST)));
+    }
+    let conf = match NetConf::parse(stdin) {
+        Ok(c) => c,
+        // DEL must be able to clean up after any ADD, even one refused for its configuration; a
+        // DEL that fails forever would leave the pod sandbox stuck on the node.
+        Err(e) if command == Command::Del && !matches!(e, ConfigError::Syntax(_) | ConfigError::Version(_)) => {
+            log::warn!("DEL with an invalid configuration ({e}); removing our rules with default settings");
+            return del_with_defaults(env);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    crate::log::configure(conf.log_level, conf.log_file.as_deref());
+    let inv = invocation(env, command)?;
+    crate::log::set_context(context(&inv));
+    log::debug!("{command:?} (cniVersion {}, network {:?})", conf.cni_version, conf.name);
+    match command {
+        Command::Add => add(&conf, &inv),
+        Command::Del => del(&conf, &inv),
+        Command::Check => check(&conf, &inv),
+        Command::Status => status(&conf),
+        Command::Gc => gc(&conf),
+        Command::Version => unreachable!("answered above"),
+    }
+}
+
+/// ADD: find the pod's redirect, install it, pass the previous result on.
+fn add(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
+    // Validate everything before touching the namespace: a refused ADD changes nothing.
+    let output = result::passthrough(conf.prev_result.as_deref(), conf.cni_version)?;
+    let net = PodNetwork { has_ipv6: result::has_ipv6(conf.prev_result.as_deref()) };
+    let api = Api::new(conf);
+    let found = pod::lookup(conf, &inv.args, &api)?;
+    let Some(redirect) = found.redirect(net)? else {
+        log::debug!("pod is not in a mesh with transparent proxy: passing through");
+        return Ok(output);
+    };
+    let ns = Netns::open(inv.netns.as_deref().expect("ADD requires CNI_NETNS"))?;
+    let prepared = netlink::prepare(&ns, redirect)?;
+    let (redirect, sets) = (&prepared.redirect, rules::build(&prepared.redirect));
+    let status = ConsulStatus::new(conf, &inv.args, &found, redirect, &api);
+    status.iter().for_each(|s| s.report(pod::CONSUL_STATUS_WAITING));
+    let nf = Netfilter::new(Backend::resolve(conf.iptables_mode));
+    nf.apply(&ns, &sets)?;
+    if let Err(e) = prepared.add_address(&ns) {
+        // Leave nothing of ours behind a failed ADD.
+        if let Err(undo) = nf.remove(&ns) {
+            log::warn!("cannot remove the rules after failing to add the loopback address: {undo}");
+        }
+        return Err(e.into());
+    }
+    let families: Vec<_> = sets.iter().map(|s| s.family.name()).collect();
+    log::info!("{} redirect installed ({}, iptables-{})", redirect.mesh(), families.join("+"), nf.backend().name());
+    status.iter().for_each(|s| s.report(pod::CONSUL_STATUS_COMPLETE));
+    Ok(output)
+}
+
+/// DEL: remove whatever of ours is in the namespace; a namespace that is gone needs nothing.
+fn del(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
+    remove_from(inv.netns.as_deref(), Backend::resolve(conf.iptables_mode))?;
+    Ok(String::new())
+}
+
+fn del_with_defaults(env: &HashMap<String, String>) -> Result<String, Error> {
+    let inv = invocation(env, Command::Del)?;
+    remove_from(inv.netns.as_deref(), Backend::resolve(crate::kernel::netfilter::Mode::Auto))?;
+    Ok(String::new())
+}
+
+fn remove_from(netns: Option<&std::path::Path>, backend: Backend) -> Result<(), Error> {
+    let Some(path) = netns else {
+        log::debug!("DEL without CNI_NETNS: nothing to remove");
+        return Ok(());
+    };
+    let ns = match Netns::open(path) {
+        Ok(ns) => ns,
+        Err(e) if e.is_gone() => {
+            log::debug!("{e}: nothing to remove");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let nf = Netfilter::new(backend);
+    let removed = nf.remove(&ns)?;
+    netlink::release(&ns, &removed)?;
+    nf.forget_lock(&ns);
+    Ok(())
+}
+
+/// CHECK: the namespace must hold exactly the rules ADD would install now.
+fn check(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
+    if !conf.cni_version.has_check() {
+        return Err(Error::NotInVersion(Command::Check, Version::V0_4_0, conf.cni_version));
+    }
+    let net = PodNetwork { has_ipv6: result::has_ipv6(conf.prev_result.as_deref()) };
+    let redirect = pod::lookup(conf, &inv.args, &Api::new(conf))?.redirect(net)?;
+    let ns = Netns::open(inv.netns.as_deref().expect("CHECK requires CNI_NETNS"))?;
+    let (sets, address_diffs) = match redirect {
+        Some(r) => {
+            let (r, diffs) = netlink::inspect(&ns, r)?;
+            (rules::build(&r), diffs)
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    match Netfilter::new(Backend::resolve(conf.iptables_mode)).check(&ns, &sets) {
+        Ok(()) if address_diffs.is_empty() => Ok(String::new()),
+        Ok(()) => Err(CheckError::Mismatch(Mismatch(address_diffs)).into()),
+        Err(CheckError::Mismatch(Mismatch(mut diffs))) => {
+            diffs.extend(address_diffs);
+            Err(CheckError::Mismatch(Mismatch(diffs)).into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// STATUS: ready when every tool ADD may run is installed.
+fn status(conf: &NetConf) -> Result<String, Error> {
+    if !conf.cni_version.has_status_and_gc() {
+        return Err(Error::NotInVersion(Command::Status, Version::V1_1_0, conf.cni_version));
+    }
+    Netfilter::new(Backend::resolve(conf.iptables_mode)).ready().map_err(Error::NotReady)?;
+    Ok(String::new())
+}
+
+/// GC: our rules live and die with each pod's namespace, so there is never anything to collect.
+fn gc(conf: &NetConf) -> Result<String, Error> {
+    if !conf.cni_version.has_status_and_gc() {
+        return Err(Error::NotInVersion(Command::Gc, Version::V1_1_0, conf.cni_version));
+    }
+    let n = conf.valid_attachments.as_ref().map_or(0, Vec::len);
+    log::debug!("GC with {n} valid attachment(s): nothing to collect");
+    Ok(String::new())
+}
+
+fn version_info(v: Version) -> String {
+    let supported: Vec<&str> = Version::SUPPORTED.iter().map(|v| v.as_str()).collect();
+    serde_json::json!({ "cniVersion": v.as_str(), "supportedVersions": supported }).to_string()
+}
+
+fn invocation(env: &HashMap<String, String>, command: Command) -> Result<Invocation, Error> {
+    let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
+    let needs_sandbox = matches!(command, Command::Add | Command::Del | Command::Check);
+    let container_id = get("CNI_CONTAINERID");
+    let ifname = get("CNI_IFNAME");
+    let netns = get("CNI_NETNS").map(PathBuf::from);
+    if needs_sandbox {
+        let id = container_id.as_deref().ok_or(Error::MissingEnv("CNI_CONTAINERID", command))?;
+        if !valid_container_id(id) {
+            return Err(Error::InvalidEnv("CNI_CONTAINERID", id.to_owned(), "use letters, digits, _ . - only"));
+        }
+        let name = ifname.as_deref().ok_or(Error::MissingEnv("CNI_IFNAME", command))?;
+        if !valid_ifname(name) {
+            return Err(Error::InvalidEnv("CNI_IFNAME", name.to_owned(), "not a valid interface name"));
+        }
+        if command != Command::Del && netns.is_none() {
+            return Err(Error::MissingEnv("CNI_NETNS", command));
+        }
+    }
+    let args = CniArgs::parse(env.get("CNI_ARGS").map(String::as_str).unwrap_or_default())?;
+    Ok(Invocation { command, container_id, netns, ifname, args })
+}
+
+fn valid_container_id(id: &str) -> bool {
+    id.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
+fn context(inv: &Invocation) -> String {
+    // Characters, not bytes: STATUS and GC do not validate the ID, which may be any text.
+    let short: String = inv.container_id.as_deref().unwrap_or("-").chars().take(12).collect();
+    format!("container={short} pod={}", PodRef::from_args(&inv.args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn code(o: &Outcome) -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+        v["code"].as_u64().unwrap()
+    }
+
+    const CONF: &[u8] = br#"{"cniVersion":"1.0.0","name":"n","type":"tproxy-cni"}"#;
+
+    #[test]
+    fn version_lists_every_supported_version_in_the_callers_version() {
+        for v in Version::SUPPORTED {
+            let stdin = format!(r#"{{"cniVersion":"{v}"}}"#);
+            let o = run(&env(&[("CNI_COMMAND", "VERSION")]), stdin.as_bytes());
+            assert_eq!(o.exit_code, 0);
+            let doc: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+            assert_eq!(doc["cniVersion"], v.as_str());
+            assert_eq!(doc["supportedVersions"], serde_json::json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
+        }
+    }
+
+    #[test]
+    fn missing_or_unknown_command_is_code_4() {
+        assert_eq!(code(&run(&env(&[]), CONF)), 4);
+        assert_eq!(code(&run(&env(&[("CNI_COMMAND", "UPDATE")]), CONF)), 4);
+    }
+
+    #[test]
+    fn add_needs_its_environment() {
+        let o = run(&env(&[("CNI_COMMAND", "ADD"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/x")]), CONF);
+        assert_eq!((o.exit_code, code(&o)), (1, 4));
+        assert!(o.stdout.contains("CNI_CONTAINERID is required"), "{}", o.stdout);
+        let o = run(&env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "abc"), ("CNI_IFNAME", "eth0")]), CONF);
+        assert!(o.stdout.contains("CNI_NETNS is required"), "{}", o.stdout);
+        let o = run(
+            &env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "a/b"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/x")]),
+            CONF,
+        );
+        assert_eq!(code(&o), 4);
+    }
+
+    #[test]
+    fn stdin_errors_get_their_spec_codes() {
+        let add =
+            env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "abc"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/x")]);
+        assert_eq!(code(&run(&add, b"{")), 6);
+        assert_eq!(code(&run(&add, br#"{"cniVersion":"9.9.9"}"#)), 1);
+        assert_eq!(code(&run(&add, br#"{"cniVersion":"1.0.0","iptables_mode":"xt"}"#)), 7);
+        assert_eq!(code(&run(&add, br#"{"cniVersion":"1.0.0","prevResult":[1]}"#)), 7);
+    }
+
+    #[test]
+    fn add_without_annotations_passes_through_without_touching_anything() {
+        // The netns path does not exist: proof that a pass-through never opens it.
+        let add = env(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "abc"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/nonexistent"),
+        ]);
+        let stdin = br#"{"cniVersion":"1.0.0","name":"n","type":"tproxy-cni","prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.1.0.2/24"}],"x":1}}"#;
+        let o = run(&add, stdin);
+        assert_eq!(
+            o,
+            Outcome {
+                stdout: r#"{"cniVersion":"1.0.0","ips":[{"address":"10.1.0.2/24"}],"x":1}"#.into(),
+                exit_code: 0
+            }
+        );
+    }
+
+    #[test]
+    fn check_status_gc_are_refused_in_versions_without_them() {
+        let e =
+            env(&[("CNI_COMMAND", "CHECK"), ("CNI_CONTAINERID", "abc"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/x")]);
+        assert_eq!(code(&run(&e, br#"{"cniVersion":"0.3.1"}"#)), 1);
+        assert_eq!(code(&run(&env(&[("CNI_COMMAND", "STATUS")]), CONF)), 1);
+        assert_eq!(code(&run(&env(&[("CNI_COMMAND", "GC")]), CONF)), 1);
+        let gc = br#"{"cniVersion":"1.1.0","name":"n","type":"t","cni.dev/valid-attachments":[{"containerID":"a","ifname":"eth0"}]}"#;
+        assert_eq!(run(&env(&[("CNI_COMMAND", "GC")]), gc), Outcome { stdout: String::new(), exit_code: 0 });
+    }
+
+    #[test]
+    fn del_of_a_gone_namespace_succeeds_even_with_a_bad_config() {
+        let del = env(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "abc"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/nonexistent"),
+        ]);
+        assert_eq!(run(&del, CONF).exit_code, 0);
+        assert_eq!(run(&del, br#"{"cniVersion":"1.0.0","iptables_mode":"xt"}"#).exit_code, 0);
+        let no_netns = env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "abc"), ("CNI_IFNAME", "eth0")]);
+        assert_eq!(run(&no_netns, CONF).exit_code, 0);
+    }
+}
