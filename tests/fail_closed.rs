@@ -455,6 +455,14 @@ fn del_succeeds_whatever_fails_and_says_so() {
     let not_ns = file.path().join("netns");
     fs::write(&not_ns, "").unwrap();
     assert_eq!(run(Command::new(plugin()), "DEL", &not_ns, &del()).code(), 0);
+    // A FIFO where the namespace should be is refused, not waited on (ADD: 102).
+    let fifo = file.path().join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let c = run(Command::new(plugin()), "DEL", &fifo, &del());
+    assert_eq!(c.code(), 0, "{}", c.msg());
+    let c = run(Command::new(plugin()), "ADD", &fifo, &conf(Some(&kuma(NAT_A)), json!({})));
+    assert_eq!(c.code(), 102, "{}", c.msg());
+    assert!(c.took < SLACK, "{:?}", c.took);
 
     // Malformed input still fails DEL: it is not a DEL the runtime meant.
     let c = call("DEL", &ns, "{not json");
