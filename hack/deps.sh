@@ -6,7 +6,7 @@
 #   golang-go, golang-github-appc-cni-dev   to build cnidrv, the libcni driver in ../shared/tools
 #   systemd                     systemd-analyze, to load the host units in installer/host/
 #   g++                         libFuzzer (built by the fuzz crate's libfuzzer-sys)
-#   podman, runc, busybox-static            the container runtime of tests/podman.rs (its CNI backend,
+#   podman, runc, busybox-static            the container runtime of tests/it/podman.rs (its CNI backend,
 #                                           runc; the busybox rootfs its image is imported from)
 set -euo pipefail
 pkgs=(iptables nftables iproute2 util-linux containernetworking-plugins golang-go golang-github-appc-cni-dev systemd g++
