@@ -14,8 +14,6 @@
 //!
 //! Needs root (skips on a laptop, fails in CI without it).
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write as _;
@@ -26,9 +24,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::harden::{self, Ours};
+use crate::support::*;
 use serde_json::{Value, json};
-use support::harden::{self, Ours};
-use support::*;
 
 /// `netns_timeout` of the calls that meet a hung tool or a held lock.
 const BUDGET: Duration = Duration::from_secs(2);
