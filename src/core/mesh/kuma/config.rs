@@ -3,20 +3,65 @@
 //!
 //! Only the keys that shape the rules are read; every one is optional (absent means Kuma's
 //! default) and unknown keys are ignored, so newer webhooks' additions do not break parsing. The
-//! host command's flags are applied over this same schema (see [`super::host`]).
+//! host command's flags are applied over this same schema (see `host.rs`). A refusal is a
+//! [`TproxyConfigError`] naming the key; the caller says where the YAML came from (the pod's
+//! annotation, or the host command's file and flags).
 
 use serde::Deserialize;
+use thiserror::Error;
 
+use super::uid_ports::{UidPortError, parse_uid_port_exclusion};
 use super::{
     DEFAULT_DNS_PORT, DEFAULT_INBOUND_PORT, DEFAULT_LOG_LEVEL, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID, TPROXY_CONFIG,
-    cidrs, finish, ip_family_mode, list_name, parse_uid_port_exclusion, port_const, within_rule_budget, yaml_err,
+    cidrs, finish, ip_family_mode, list_name, port_const,
 };
-use crate::core::mesh::{AnnotationError, PodNetwork};
+use crate::core::limits::{self, TooManyRules};
+use crate::core::mesh::PodNetwork;
 use crate::core::redirect::{
     Families, KumaDns, KumaInbound, KumaOutbound, KumaRedirect, Port, ValueError, parse_port, parse_uid,
     port_from_number, split_list,
 };
 use crate::text::Quoted;
+
+/// Why Kuma's transparent-proxy configuration cannot become a redirect. Messages are one line and
+/// name the key, as the YAML spells it.
+#[derive(Debug, Error)]
+pub enum TproxyConfigError {
+    /// The parser's message may quote the text it choked on: it is shortened, and not repeated as
+    /// a cause.
+    #[error("is not Kuma's transparent proxy configuration: {}", syntax_message(.0))]
+    Syntax(Box<serde_saphyr::Error>),
+    #[error("ebpf.enabled is true: eBPF redirection is not supported, only iptables")]
+    Ebpf,
+    #[error("redirect.vnet.networks is set: virtual networks (a host's container bridges) are not supported")]
+    VirtualNetworks,
+    #[error(
+        "redirect.inbound.excludePortsForUIDs is set: inbound packets have no owner UID; \
+         use redirect.outbound.excludePortsForUIDs"
+    )]
+    InboundUidExclusion,
+    #[error("{0} (a numeric UID is required)")]
+    DpUser(#[source] ValueError),
+    #[error("ipFamilyMode {0} is not one of dualstack, ipv4")]
+    IpFamilyMode(Quoted),
+    #[error("{0} is 0 but the feature is enabled (a port 1-65535 is required)")]
+    PortZero(&'static str),
+    #[error(transparent)]
+    Value(#[from] ValueError),
+    #[error("redirect.outbound.excludePortsForUIDs entry {0}")]
+    UidPorts(#[source] UidPortError),
+    /// More rules than one family may get: only the host command's constructor
+    /// (`core::mesh::kuma_host`) gives this one; a pod's is an [`crate::core::mesh::Problem`].
+    #[error(transparent)]
+    TooManyRules(#[from] TooManyRules),
+}
+
+/// The YAML parser's message, shortened; its advice on duplicate keys is for programmers (the fix
+/// is to remove one).
+fn syntax_message(e: &serde_saphyr::Error) -> String {
+    let e = e.to_string().replace(", set DuplicateKeyPolicy in Options if acceptable", " (remove one)");
+    crate::text::bounded(&e, limits::MAX_QUOTED_MESSAGE_BYTES).into_owned()
+}
 
 /// `traffic.kuma.io/transparent-proxy-config`: the subset of Kuma's configuration that shapes the
 /// rules. Every field is optional (absent means Kuma's default) and unknown keys are ignored, so
@@ -200,12 +245,13 @@ impl PortList {
                 ports.push(parse_port(p, what)?);
             }
         }
-        crate::core::limits::list_entries(list_name(what), ports.len())?;
+        limits::list_entries(list_name(what), ports.len())?;
         Ok(ports)
     }
 }
 
-pub(super) fn parse_yaml(yaml: &str) -> Result<Config, AnnotationError> {
+/// Reads the YAML, with a budget. An empty document is Kuma's defaults.
+pub(super) fn parse_yaml(yaml: &str) -> Result<Config, TproxyConfigError> {
     // An annotation is at most 256 KiB; our configuration is a few dozen nodes. The budget refuses
     // alias bombs and deep nesting long before they cost anything.
     let options = serde_saphyr::options! {
@@ -217,40 +263,29 @@ pub(super) fn parse_yaml(yaml: &str) -> Result<Config, AnnotationError> {
             max_depth: 32,
         },
     };
-    serde_saphyr::from_str_with_options::<Option<Config>>(yaml, options).map(Option::unwrap_or_default).map_err(|e| {
-        // The parser's advice on duplicate keys is for programmers: the fix is to remove one.
-        let e = e.to_string().replace(", set DuplicateKeyPolicy in Options if acceptable", " (remove one)");
-        let e = crate::text::bounded(&e, crate::core::limits::MAX_QUOTED_MESSAGE_BYTES);
-        yaml_err(format!("is not Kuma's transparent proxy configuration: {e}"))
-    })
+    serde_saphyr::from_str_with_options::<Option<Config>>(yaml, options)
+        .map(Option::unwrap_or_default)
+        .map_err(|e| TproxyConfigError::Syntax(Box::new(e)))
 }
 
 /// Validates the YAML configuration, merged over Kuma's defaults, into a redirect.
-pub(super) fn from_config(c: Config, net: PodNetwork) -> Result<KumaRedirect, AnnotationError> {
-    let v = |e: ValueError| yaml_err(e.to_string());
+pub(super) fn from_config(c: Config, net: PodNetwork) -> Result<KumaRedirect, TproxyConfigError> {
     if c.ebpf.enabled == Some(true) {
-        return Err(yaml_err("ebpf.enabled is true: eBPF redirection is not supported, only iptables".into()));
+        return Err(TproxyConfigError::Ebpf);
     }
     if c.redirect.vnet.networks.as_ref().is_some_and(|n| !n.is_empty()) {
-        return Err(yaml_err(
-            "redirect.vnet.networks is set: virtual networks (a host's container bridges) are not supported".into(),
-        ));
+        return Err(TproxyConfigError::VirtualNetworks);
     }
     if c.redirect.inbound.exclude_ports_for_uids.as_ref().is_some_and(|u| !u.is_empty()) {
-        return Err(yaml_err(
-            "redirect.inbound.excludePortsForUIDs is set: inbound packets have no owner UID; \
-             use redirect.outbound.excludePortsForUIDs"
-                .into(),
-        ));
+        return Err(TproxyConfigError::InboundUidExclusion);
     }
     let proxy_uid = match c.kuma_dp_user.as_ref().map(Scalar::text).filter(|u| !u.is_empty()) {
         None => DEFAULT_PROXY_UID,
-        Some(u) => parse_uid(&u, "kumaDPUser").map_err(|e| yaml_err(format!("{e} (a numeric UID is required)")))?,
+        Some(u) => parse_uid(&u, "kumaDPUser").map_err(TproxyConfigError::DpUser)?,
     };
     let dual_stack = match c.ip_family_mode.as_deref() {
         None => true,
-        Some(m) => ip_family_mode(m)
-            .ok_or_else(|| yaml_err(format!("ipFamilyMode {} is not one of dualstack, ipv4", Quoted::new(m))))?,
+        Some(m) => ip_family_mode(m).ok_or_else(|| TproxyConfigError::IpFamilyMode(Quoted::new(m)))?,
     };
 
     let flow = &c.redirect.inbound;
@@ -258,13 +293,12 @@ pub(super) fn from_config(c: Config, net: PodNetwork) -> Result<KumaRedirect, An
     let inbound_port = feature_port(flow.port, inbound_enabled, DEFAULT_INBOUND_PORT, "redirect.inbound.port")?;
     let inbound = if inbound_enabled {
         Some(KumaInbound {
-            exclude_ports: ports(&flow.exclude_ports, "redirect.inbound.excludePorts entry").map_err(v)?,
-            include_ports: ports(&flow.include_ports, "redirect.inbound.includePorts entry").map_err(v)?,
+            exclude_ports: ports(&flow.exclude_ports, "redirect.inbound.excludePorts entry")?,
+            include_ports: ports(&flow.include_ports, "redirect.inbound.includePorts entry")?,
             exclude_cidrs: cidrs(
                 flow.exclude_ports_for_ips.iter().flatten(),
                 "redirect.inbound.excludePortsForIPs entry",
-            )
-            .map_err(v)?,
+            )?,
         })
     } else {
         None
@@ -275,22 +309,19 @@ pub(super) fn from_config(c: Config, net: PodNetwork) -> Result<KumaRedirect, An
     let outbound_port = feature_port(flow.port, outbound_enabled, DEFAULT_OUTBOUND_PORT, "redirect.outbound.port")?;
     let outbound = if outbound_enabled {
         Some(KumaOutbound {
-            exclude_ports: ports(&flow.exclude_ports, "redirect.outbound.excludePorts entry").map_err(v)?,
-            include_ports: ports(&flow.include_ports, "redirect.outbound.includePorts entry").map_err(v)?,
+            exclude_ports: ports(&flow.exclude_ports, "redirect.outbound.excludePorts entry")?,
+            include_ports: ports(&flow.include_ports, "redirect.outbound.includePorts entry")?,
         })
     } else {
         None
     };
     let exclude_outbound_cidrs =
-        cidrs(flow.exclude_ports_for_ips.iter().flatten(), "redirect.outbound.excludePortsForIPs entry").map_err(v)?;
+        cidrs(flow.exclude_ports_for_ips.iter().flatten(), "redirect.outbound.excludePortsForIPs entry")?;
     let uid_entries = flow.exclude_ports_for_uids.as_ref().map_or(0, Vec::len);
-    crate::core::limits::list_entries("redirect.outbound.excludePortsForUIDs", uid_entries).map_err(v)?;
+    limits::list_entries("redirect.outbound.excludePortsForUIDs", uid_entries)?;
     let mut exclude_outbound_ports_for_uids = Vec::new();
     for entry in flow.exclude_ports_for_uids.iter().flatten() {
-        exclude_outbound_ports_for_uids.extend(
-            parse_uid_port_exclusion(entry)
-                .map_err(|reason| yaml_err(format!("redirect.outbound.excludePortsForUIDs entry {reason}")))?,
-        );
+        exclude_outbound_ports_for_uids.extend(parse_uid_port_exclusion(entry).map_err(TproxyConfigError::UidPorts)?);
     }
 
     let dns = &c.redirect.dns;
@@ -310,39 +341,36 @@ pub(super) fn from_config(c: Config, net: PodNetwork) -> Result<KumaRedirect, An
     let log_level = match (c.log.enabled.unwrap_or(false), c.log.level) {
         (false, _) => None,
         (true, None) => Some(DEFAULT_LOG_LEVEL),
-        (true, Some(l)) => Some(log_level(&l.to_string(), "log.level").map_err(v)?),
+        (true, Some(l)) => Some(log_level(&l.to_string(), "log.level")?),
     };
 
-    within_rule_budget(
-        finish(
-            KumaRedirect {
-                proxy_uid,
-                inbound_port,
-                outbound_port,
-                inbound,
-                outbound,
-                exclude_outbound_cidrs,
-                exclude_outbound_ports_for_uids,
-                dns,
-                drop_invalid_packets: c.drop_invalid_packets.unwrap_or(false),
-                log_level,
-                dual_stack,
-                families: Families { ipv6: false },
-            },
-            net,
-        ),
-        TPROXY_CONFIG,
-    )
+    Ok(finish(
+        KumaRedirect {
+            proxy_uid,
+            inbound_port,
+            outbound_port,
+            inbound,
+            outbound,
+            exclude_outbound_cidrs,
+            exclude_outbound_ports_for_uids,
+            dns,
+            drop_invalid_packets: c.drop_invalid_packets.unwrap_or(false),
+            log_level,
+            dual_stack,
+            families: Families { ipv6: false },
+        },
+        net,
+    ))
 }
 
 /// A feature's port: `0` (or absent) is accepted when the feature is off, the webhook writes it
 /// so; an enabled feature needs a real port.
-fn feature_port(n: Option<u64>, enabled: bool, default: u16, what: &'static str) -> Result<Port, AnnotationError> {
+fn feature_port(n: Option<u64>, enabled: bool, default: u16, what: &'static str) -> Result<Port, TproxyConfigError> {
     match n {
         None => Ok(port_const(default)),
         Some(0) if !enabled => Ok(port_const(default)),
-        Some(0) => Err(yaml_err(format!("{what} is 0 but the feature is enabled (a port 1-65535 is required)"))),
-        Some(n) => port_from_number(n, &n.to_string(), what).map_err(|e| yaml_err(e.to_string())),
+        Some(0) => Err(TproxyConfigError::PortZero(what)),
+        Some(n) => Ok(port_from_number(n, &n.to_string(), what)?),
     }
 }
 
@@ -370,7 +398,7 @@ mod tests {
         assert_eq!(r.dns, None);
         assert!(r.dual_stack && !r.drop_invalid_packets && r.log_level.is_none());
         assert_eq!(r.families.iter().collect::<Vec<_>>(), [Family::V4]);
-        let with_v6 = redirect(&yaml("{}"), None, PodNetwork { has_ipv6: true }).unwrap().unwrap();
+        let with_v6 = redirect(&yaml("{}"), None, PodNetwork { has_ipv6: true }).unwrap().unwrap().redirect;
         assert!(with_v6.families.ipv6);
     }
 

@@ -2,8 +2,8 @@
 //! for a key of Kuma's configuration YAML and is applied over a `--config-file`, as kumactl does,
 //! so a host and a pod with the same settings get the same rules.
 
-use super::config::{Config, PortList, Scalar, from_config, parse_yaml};
-use crate::core::mesh::{AnnotationError, PodNetwork};
+use super::config::{Config, PortList, Scalar, TproxyConfigError, from_config, parse_yaml};
+use crate::core::mesh::PodNetwork;
 use crate::core::redirect::{KumaRedirect, Port};
 
 /// What `kumactl install transparent-proxy`'s flags set, typed. A flag given overrides the
@@ -31,8 +31,13 @@ pub struct HostFlags {
 /// Kuma's redirect for a host: `yaml` is Kuma's transparent-proxy configuration (as
 /// `kumactl install transparent-proxy --config-file` reads it, and as the webhook writes it for a
 /// pod), `flags` are applied over it, and the result goes through the same validation as a pod's
-/// annotation. Errors name the configuration's keys.
-pub fn host_redirect(yaml: Option<&str>, flags: &HostFlags, net: PodNetwork) -> Result<KumaRedirect, AnnotationError> {
+/// annotation. Errors name the configuration's keys. The rule budget is checked by the caller,
+/// `core::mesh::kuma_host`.
+pub(in crate::core::mesh) fn host_redirect(
+    yaml: Option<&str>,
+    flags: &HostFlags,
+    net: PodNetwork,
+) -> Result<KumaRedirect, TproxyConfigError> {
     let mut c = yaml.map_or(Ok(Config::default()), parse_yaml)?;
     flags.apply(&mut c);
     from_config(c, net)

@@ -2,48 +2,61 @@
 //! `traffic.kuma.io/exclude-*`, …), read with kuma-cni's defaults for the ones that are absent,
 //! into the same [`KumaRedirect`] the YAML configuration gives.
 
-use super::*;
-use crate::core::redirect::{KumaDns, KumaInbound, KumaOutbound, parse_port, parse_uid};
+use super::uid_ports::parse_uid_port_exclusion;
+use super::{
+    APPLICATION_PROBE_PROXY_PORT, BUILTIN_DNS, BUILTIN_DNS_PORT, DEFAULT_DNS_PORT, DEFAULT_EXCLUDED_PORT,
+    DEFAULT_INBOUND_PORT, DEFAULT_LOG_LEVEL, DEFAULT_OUTBOUND_PORT, DEFAULT_PROBE_PROXY_PORT, DEFAULT_PROXY_UID,
+    DROP_INVALID_PACKETS, EXCLUDE_INBOUND_IPS, EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_IPS, EXCLUDE_OUTBOUND_PORTS,
+    EXCLUDE_OUTBOUND_PORTS_FOR_UIDS, GATEWAY, INBOUND_PORT, IP_FAMILY_MODE, IPTABLES_LOGS, OUTBOUND_PORT, SIDECAR_UID,
+    cidrs, err, finish, ip_family_mode, port_const,
+};
+use crate::core::limits;
+use crate::core::mesh::{AnnotationError, Annotations, PodNetwork, Problem};
+use crate::core::redirect::{
+    Cidrs, Families, KumaDns, KumaInbound, KumaOutbound, KumaRedirect, Port, parse_port, parse_uid, split_list,
+};
 use crate::text::Quoted;
 
 /// The same configuration from the per-knob annotations of webhooks up to v2.14, with kuma-cni's
 /// defaults for the ones that are absent.
-pub fn from_legacy_annotations(a: &Annotations, net: PodNetwork) -> Result<KumaRedirect, AnnotationError> {
+pub(super) fn from_legacy_annotations(a: &Annotations, net: PodNetwork) -> Result<KumaRedirect, AnnotationError> {
     let get = |k: &str| a.get(k).map(String::as_str);
     let flag = |k: &'static str| -> Result<bool, AnnotationError> {
         match get(k) {
             None => Ok(false),
-            Some(v) => enabled(v)
-                .ok_or_else(|| err(k, format!("{} is not one of enabled, disabled, true, false", Quoted::new(v)))),
+            Some(v) => enabled(v).ok_or_else(|| {
+                err(k, Problem::NotOneOf { value: Quoted::new(v), allowed: "one of enabled, disabled, true, false" })
+            }),
         }
     };
     let single_port = |k: &'static str, default: u16| -> Result<Port, AnnotationError> {
-        get(k).map_or(Ok(port_const(default)), |v| parse_port(v.trim(), "port").map_err(|e| err(k, e.to_string())))
+        get(k).map_or(Ok(port_const(default)), |v| parse_port(v.trim(), "port").map_err(|e| err(k, e)))
     };
     let port_list = |k: &'static str, default: Option<u16>| -> Result<Vec<Port>, AnnotationError> {
         match get(k) {
             None => Ok(default.map(port_const).into_iter().collect()),
             Some(v) => {
                 let ports = split_list(v)
-                    .map(|p| parse_port(p, "port").map_err(|e| err(k, e.to_string())))
+                    .map(|p| parse_port(p, "port").map_err(|e| err(k, e)))
                     .collect::<Result<Vec<_>, _>>()?;
-                crate::core::limits::list_entries("the list", ports.len()).map_err(|e| err(k, e.to_string()))?;
+                limits::list_entries("the list", ports.len()).map_err(|e| err(k, e))?;
                 Ok(ports)
             }
         }
     };
     let cidr_list = |k: &'static str| -> Result<Cidrs, AnnotationError> {
-        cidrs(get(k).into_iter(), "address").map_err(|e| err(k, e.to_string()))
+        cidrs(get(k).into_iter(), "address").map_err(|e| err(k, e))
     };
 
     let proxy_uid = match get(SIDECAR_UID) {
         None => DEFAULT_PROXY_UID,
-        Some(v) => parse_uid(v.trim(), "UID").map_err(|e| err(SIDECAR_UID, e.to_string()))?,
+        Some(v) => parse_uid(v.trim(), "UID").map_err(|e| err(SIDECAR_UID, e))?,
     };
     let dual_stack = match get(IP_FAMILY_MODE) {
         None => true,
-        Some(m) => ip_family_mode(m)
-            .ok_or_else(|| err(IP_FAMILY_MODE, format!("{} is not one of dualstack, ipv4", Quoted::new(m))))?,
+        Some(m) => ip_family_mode(m).ok_or_else(|| {
+            err(IP_FAMILY_MODE, Problem::NotOneOf { value: Quoted::new(m), allowed: "one of dualstack, ipv4" })
+        })?,
     };
     let gateway = flag(GATEWAY)?;
     let inbound_port =
@@ -56,9 +69,7 @@ pub fn from_legacy_annotations(a: &Annotations, net: PodNetwork) -> Result<KumaR
         match get(APPLICATION_PROBE_PROXY_PORT).map(str::trim) {
             Some("0") => {}
             None => exclude_ports.push(port_const(DEFAULT_PROBE_PROXY_PORT)),
-            Some(p) => {
-                exclude_ports.push(parse_port(p, "port").map_err(|e| err(APPLICATION_PROBE_PROXY_PORT, e.to_string()))?)
-            }
+            Some(p) => exclude_ports.push(parse_port(p, "port").map_err(|e| err(APPLICATION_PROBE_PROXY_PORT, e))?),
         }
         Some(KumaInbound { exclude_ports, include_ports: Vec::new(), exclude_cidrs: cidr_list(EXCLUDE_INBOUND_IPS)? })
     };
@@ -68,16 +79,14 @@ pub fn from_legacy_annotations(a: &Annotations, net: PodNetwork) -> Result<KumaR
     });
     let uid_entries =
         get(EXCLUDE_OUTBOUND_PORTS_FOR_UIDS).map_or(0, |v| v.split(';').filter(|e| !e.trim().is_empty()).count());
-    crate::core::limits::list_entries("the list", uid_entries)
-        .map_err(|e| err(EXCLUDE_OUTBOUND_PORTS_FOR_UIDS, e.to_string()))?;
+    limits::list_entries("the list", uid_entries).map_err(|e| err(EXCLUDE_OUTBOUND_PORTS_FOR_UIDS, e))?;
     let mut exclude_outbound_ports_for_uids = Vec::new();
     for entry in get(EXCLUDE_OUTBOUND_PORTS_FOR_UIDS).into_iter().flat_map(|v| v.split(';')) {
         if entry.trim().is_empty() {
             continue;
         }
         exclude_outbound_ports_for_uids.extend(
-            parse_uid_port_exclusion(entry)
-                .map_err(|reason| err(EXCLUDE_OUTBOUND_PORTS_FOR_UIDS, format!("entry {reason}")))?,
+            parse_uid_port_exclusion(entry).map_err(|e| err(EXCLUDE_OUTBOUND_PORTS_FOR_UIDS, Problem::UidPorts(e)))?,
         );
     }
     let dns = if flag(BUILTIN_DNS)? {
@@ -85,26 +94,23 @@ pub fn from_legacy_annotations(a: &Annotations, net: PodNetwork) -> Result<KumaR
     } else {
         None
     };
-    within_rule_budget(
-        finish(
-            KumaRedirect {
-                proxy_uid,
-                inbound_port,
-                outbound_port: single_port(OUTBOUND_PORT, DEFAULT_OUTBOUND_PORT)?,
-                inbound,
-                outbound,
-                exclude_outbound_cidrs: cidr_list(EXCLUDE_OUTBOUND_IPS)?,
-                exclude_outbound_ports_for_uids,
-                dns,
-                drop_invalid_packets: flag(DROP_INVALID_PACKETS)?,
-                log_level: flag(IPTABLES_LOGS)?.then_some(DEFAULT_LOG_LEVEL),
-                dual_stack,
-                families: Families { ipv6: false },
-            },
-            net,
-        ),
-        LEGACY_EXCLUSIONS,
-    )
+    Ok(finish(
+        KumaRedirect {
+            proxy_uid,
+            inbound_port,
+            outbound_port: single_port(OUTBOUND_PORT, DEFAULT_OUTBOUND_PORT)?,
+            inbound,
+            outbound,
+            exclude_outbound_cidrs: cidr_list(EXCLUDE_OUTBOUND_IPS)?,
+            exclude_outbound_ports_for_uids,
+            dns,
+            drop_invalid_packets: flag(DROP_INVALID_PACKETS)?,
+            log_level: flag(IPTABLES_LOGS)?.then_some(DEFAULT_LOG_LEVEL),
+            dual_stack,
+            families: Families { ipv6: false },
+        },
+        net,
+    ))
 }
 
 /// Kuma's booleans in annotations: `enabled|disabled|true|false`, any case.

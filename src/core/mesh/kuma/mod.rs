@@ -18,12 +18,15 @@ mod legacy;
 mod ownership;
 mod uid_ports;
 
-pub use host::{HostFlags, host_redirect};
-pub use legacy::from_legacy_annotations;
-pub use uid_ports::parse_uid_port_exclusion;
+pub use config::TproxyConfigError;
+pub use host::HostFlags;
+pub(super) use host::host_redirect;
+pub use uid_ports::{UidPortError, parse_uid_port_exclusion};
 
+use self::legacy::from_legacy_annotations;
 use self::ownership::{names_kuma_cni, owns};
-use super::{AnnotationError, Annotations, PodContainers, PodNetwork};
+use super::{AnnotationError, Annotations, Configured, PodContainers, PodNetwork, Problem};
+use crate::core::limits;
 use crate::core::redirect::{Cidrs, Families, KumaRedirect, Port, ValueError, parse_cidr, split_list};
 
 const MESH: &str = "kuma";
@@ -94,20 +97,23 @@ pub(super) fn port_const(n: u16) -> Port {
     Port::new(n).expect("defaults are non-zero")
 }
 
-/// The pod's Kuma redirect, or `None` when the pod is not a Kuma pod whose rules are ours.
-pub fn redirect(
+/// The pod's Kuma redirect, or `None` when the pod is not a Kuma pod whose rules are ours. The
+/// rule budget is checked by the caller, `core::mesh::classify_pod`, which names the annotation
+/// this returns with the redirect.
+pub(super) fn redirect(
     a: &Annotations,
     containers: Option<&PodContainers>,
     net: PodNetwork,
-) -> Result<Option<KumaRedirect>, AnnotationError> {
+) -> Result<Option<Configured<KumaRedirect>>, AnnotationError> {
     if a.get(SIDECAR_INJECTED).map(String::as_str) != Some("true") {
         return Ok(None);
     }
     for key in READ {
         if let Some(v) = a.get(key) {
-            crate::core::limits::annotation_size(v).map_err(|reason| err(key, reason))?;
+            limits::annotation_size(v).map_err(|e| err(key, e))?;
         }
     }
+    let yaml_err = |e: TproxyConfigError| err(TPROXY_CONFIG, e);
     match a.get(TPROXY_CONFIG).filter(|v| !v.trim().is_empty()) {
         Some(yaml) => {
             // The YAML's cniMode is needed only when neither the pod spec nor Multus' list tells
@@ -116,13 +122,16 @@ pub fn redirect(
             if settled && !owns(a, containers, None) {
                 return Ok(None);
             }
-            let config = config::parse_yaml(yaml)?;
+            let config = config::parse_yaml(yaml).map_err(yaml_err)?;
             if !settled && !owns(a, containers, config.cni_mode) {
                 return Ok(None);
             }
-            config::from_config(config, net).map(Some)
+            let redirect = config::from_config(config, net).map_err(yaml_err)?;
+            Ok(Some(Configured { redirect, annotation: TPROXY_CONFIG }))
         }
-        None if owns(a, containers, None) => from_legacy_annotations(a, net).map(Some),
+        None if owns(a, containers, None) => {
+            Ok(Some(Configured { redirect: from_legacy_annotations(a, net)?, annotation: LEGACY_EXCLUSIONS }))
+        }
         None => Ok(None),
     }
 }
@@ -159,7 +168,7 @@ pub(super) fn cidrs<'a>(
             entries += 1;
         }
     }
-    crate::core::limits::list_entries(list_name(what), entries)?;
+    limits::list_entries(list_name(what), entries)?;
     Ok(out)
 }
 
@@ -171,20 +180,9 @@ pub(super) fn list_name(entry: &'static str) -> &'static str {
     }
 }
 
-/// Refuses a redirect with more rules per family than [`crate::core::limits::MAX_RULES_PER_FAMILY`];
-/// `annotation` is what the error names.
-pub(super) fn within_rule_budget(k: KumaRedirect, annotation: &'static str) -> Result<KumaRedirect, AnnotationError> {
-    let rules = crate::core::rules::most_rules_per_family(&crate::core::redirect::Redirect::Kuma(k.clone()));
-    crate::core::limits::rules_per_family(rules).map_err(|reason| err(annotation, reason))?;
-    Ok(k)
-}
-
-pub(super) fn err(annotation: &'static str, reason: String) -> AnnotationError {
-    AnnotationError { mesh: MESH, annotation, reason }
-}
-
-pub(super) fn yaml_err(reason: String) -> AnnotationError {
-    err(TPROXY_CONFIG, reason)
+/// A refusal naming one of this dialect's annotations.
+pub(super) fn err(annotation: &'static str, problem: impl Into<Problem>) -> AnnotationError {
+    AnnotationError { mesh: MESH, annotation, problem: Box::new(problem.into()) }
 }
 
 #[cfg(test)]
@@ -203,7 +201,7 @@ pub(super) mod tests {
     }
 
     pub(crate) fn ok(a: &Annotations) -> KumaRedirect {
-        redirect(a, None, PodNetwork::default()).unwrap().expect("a kuma pod")
+        redirect(a, None, PodNetwork::default()).unwrap().expect("a kuma pod").redirect
     }
 
     pub(crate) fn refused(a: &Annotations) -> String {

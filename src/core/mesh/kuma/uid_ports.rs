@@ -2,20 +2,49 @@
 //! `traffic.kuma.io/exclude-outbound-ports-for-uids` in the per-knob form): the outbound traffic
 //! of some users, on some ports, that is not redirected.
 
-use crate::core::redirect::{PortRange, Transport, UidPortExclusion, parse_port_range, parse_uid_range};
+use thiserror::Error;
+
+use crate::core::redirect::{PortRange, Transport, UidPortExclusion, ValueError, parse_port_range, parse_uid_range};
 use crate::text::Quoted;
+
+/// Why an entry is not `[proto:][ports:]uids`; every message quotes the entry.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum UidPortError {
+    #[error("{0} has more than three parts (expected [proto:][ports:]uids)")]
+    Parts(Quoted),
+    #[error("{entry}: protocol {protocol} is not tcp or udp")]
+    Protocol { entry: Quoted, protocol: Quoted },
+    #[error("{entry}: {source}")]
+    Port {
+        entry: Quoted,
+        #[source]
+        source: ValueError,
+    },
+    #[error("{0}: more than 15 ports (a range counts as two), the limit of one iptables rule")]
+    TooManyPorts(Quoted),
+    #[error("{0}: UIDs must be given, * is not allowed")]
+    AnyUid(Quoted),
+    #[error("{0}: give one UID or one first-last range, not a list")]
+    UidList(Quoted),
+    #[error("{entry}: {source}")]
+    Uid {
+        entry: Quoted,
+        #[source]
+        source: ValueError,
+    },
+}
 
 /// One `[proto:][ports:]uids` entry: protocol `tcp`, `udp`, both comma-separated, or `*`/empty for
 /// both; ports a comma-separated list of ports and `first-last` ranges, or `*`/empty for all; UIDs
-/// one UID or a `first-last` range. Gives one exclusion per protocol. Errors say why, quoting.
-pub fn parse_uid_port_exclusion(entry: &str) -> Result<Vec<UidPortExclusion>, String> {
-    let quoted = Quoted::new(entry);
+/// one UID or a `first-last` range. Gives one exclusion per protocol.
+pub fn parse_uid_port_exclusion(entry: &str) -> Result<Vec<UidPortExclusion>, UidPortError> {
+    let quoted = || Quoted::new(entry);
     let parts: Vec<&str> = entry.trim_matches(' ').split(':').collect();
     let (protos, ports, uids) = match parts.as_slice() {
         [uids] => ("*", "*", *uids),
         [ports, uids] => ("*", *ports, *uids),
         [protos, ports, uids] => (*protos, *ports, *uids),
-        _ => return Err(format!("{quoted} has more than three parts (expected [proto:][ports:]uids)")),
+        _ => return Err(UidPortError::Parts(quoted())),
     };
     let transports = match protos.trim_matches(' ') {
         "" | "*" => vec![Transport::Tcp, Transport::Udp],
@@ -24,7 +53,7 @@ pub fn parse_uid_port_exclusion(entry: &str) -> Result<Vec<UidPortExclusion>, St
             .map(|p| match p.trim_matches(' ').to_ascii_lowercase().as_str() {
                 "tcp" => Ok(Transport::Tcp),
                 "udp" => Ok(Transport::Udp),
-                _ => Err(format!("{quoted}: protocol {} is not tcp or udp", Quoted::new(p))),
+                _ => Err(UidPortError::Protocol { entry: quoted(), protocol: Quoted::new(p) }),
             })
             .collect::<Result<Vec<_>, _>>()?,
     };
@@ -35,16 +64,19 @@ pub fn parse_uid_port_exclusion(entry: &str) -> Result<Vec<UidPortExclusion>, St
         "" | "*" => vec![PortRange::ALL],
         list => list
             .split(',')
-            .map(|p| parse_port_range(p.trim_matches(' '), "port").map_err(|e| format!("{quoted}: {e}")))
+            .map(|p| {
+                parse_port_range(p.trim_matches(' '), "port")
+                    .map_err(|source| UidPortError::Port { entry: quoted(), source })
+            })
             .collect::<Result<Vec<_>, _>>()?,
     };
     if ports.iter().map(|p| p.multiport_slots()).sum::<usize>() > 15 {
-        return Err(format!("{quoted}: more than 15 ports (a range counts as two), the limit of one iptables rule"));
+        return Err(UidPortError::TooManyPorts(quoted()));
     }
     let uids = match uids.trim_matches(' ') {
-        "*" => return Err(format!("{quoted}: UIDs must be given, * is not allowed")),
-        u if u.contains(',') => return Err(format!("{quoted}: give one UID or one first-last range, not a list")),
-        u => parse_uid_range(u, "UID").map_err(|e| format!("{quoted}: {e}"))?,
+        "*" => return Err(UidPortError::AnyUid(quoted())),
+        u if u.contains(',') => return Err(UidPortError::UidList(quoted())),
+        u => parse_uid_range(u, "UID").map_err(|source| UidPortError::Uid { entry: quoted(), source })?,
     };
     Ok(transports.into_iter().map(|transport| UidPortExclusion { transport, ports: ports.clone(), uids }).collect())
 }
