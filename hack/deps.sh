@@ -8,6 +8,8 @@
 #   g++                         libFuzzer (built by the fuzz crate's libfuzzer-sys)
 #   podman, runc, busybox-static            the container runtime of tests/podman.rs (its CNI backend,
 #                                           runc; the busybox rootfs its image is imported from)
+# and cargo-deny (the licence, ban and source checks of hack/test.sh), compiled from crates.io once
+# into ~/.cargo/bin (no prebuilt binary is reachable): a few minutes the first time, nothing after.
 set -euo pipefail
 pkgs=(iptables nftables iproute2 util-linux containernetworking-plugins golang-go golang-github-appc-cni-dev systemd g++
   podman runc busybox-static)
@@ -19,4 +21,9 @@ if ((${#missing[@]})); then
   echo "== installing ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+deny_version=0.20.2
+if [ "$(cargo deny --version 2>/dev/null)" != "cargo-deny $deny_version" ]; then
+  echo "== installing cargo-deny $deny_version (compiled from crates.io, once)"
+  cargo install --locked --quiet --version "$deny_version" cargo-deny
 fi
