@@ -3,7 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tproxy_cni::core::mesh::kuma::{CNCF_NETWORKS, KUMA_CNI_NETWORK, SIDECAR_CONTAINER, SIDECAR_INJECTED, TPROXY_CONFIG};
+use tproxy_cni::core::mesh::kuma::{
+    CNCF_NETWORKS, KUMA_CNI_NETWORK, SIDECAR_CONTAINER, SIDECAR_INJECTED, TPROXY_CONFIG,
+};
 use tproxy_cni::core::mesh::{self, Annotations, PodContainers, PodNetwork};
 use tproxy_cni_fuzz::check_outcome;
 
