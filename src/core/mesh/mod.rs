@@ -6,7 +6,8 @@
 //! one of its functions — [`classify_pod`] (and [`classify`]) for a pod's annotations, [`nomad`]
 //! for Nomad's `CNI_ARGS`, [`consul_host`] and [`kuma_host`] for the host command — and each of
 //! them holds it to the rule budget (`within_budget`, the one place rules are counted), so no
-//! path can hand the kernel more than [`limits::MAX_RULES_PER_FAMILY`] rules per family.
+//! configuration, from whatever source, becomes more than [`limits::MAX_RULES_PER_FAMILY`] rules
+//! per family. (A `Redirect` built by hand, as the golden tests do, is not a configuration.)
 
 pub mod consul;
 pub mod kuma;
