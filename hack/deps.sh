@@ -6,12 +6,12 @@
 #   golang-go, golang-github-appc-cni-dev   to build cnidrv, the libcni driver in ../shared/tools
 #   systemd                     systemd-analyze, to load the host units in installer/host/
 #   g++                         libFuzzer (built by the fuzz crate's libfuzzer-sys)
-#   podman, runc, busybox-static            the container runtime of tests/podman.rs (its CNI backend,
+#   podman, runc, busybox-static            the container runtime of tests/it/podman.rs (its CNI backend,
 #                                           runc; the busybox rootfs its image is imported from)
-#   containerd                  containerd 1.6 and its CRI plugin (and ctr), the runtime of tests/cri.rs;
+#   containerd                  containerd 1.6 and its CRI plugin (and ctr), the runtime of tests/it/cri.rs;
 #                               the test starts a private instance itself (a system one is never used)
-#   libc6-dev                   libc.a, for the static pause program tests/cri.rs builds (gcc comes with g++)
-#   protobuf-compiler           protoc, for the k8s-cri dev-dependency's build script (tests/cri.rs's CRI client)
+#   libc6-dev                   libc.a, for the static pause program tests/it/cri.rs builds (gcc comes with g++)
+#   protobuf-compiler           protoc, for the k8s-cri dev-dependency's build script (tests/it/cri.rs's CRI client)
 # and cargo-deny (the licence, ban and source checks of hack/test.sh), compiled from crates.io once
 # into ~/.cargo/bin (no prebuilt binary is reachable; keep ~/.cargo/bin between CI runs and this is
 # skipped). It has no optional features to leave out; its release profile's fat LTO with one

@@ -15,16 +15,12 @@
 //! Needs root, containerd, runc and a static libc (`hack/deps.sh` installs them): skipped without
 //! them on a laptop, a failure in CI.
 
-#[path = "support/cri.rs"]
-mod cri_support;
-mod support;
-
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use cri_support::{Containerd, Engine, NAMESPACE, Refused, Sandbox, TOOLS, netfilter, nsenter};
+use crate::support::apiserver::{ApiServer, Fault, PodFixture};
+use crate::support::cri::{Containerd, Engine, NAMESPACE, Refused, Sandbox, TOOLS, netfilter, nsenter};
+use crate::support::*;
 use serde_json::{Value, json};
-use support::apiserver::{ApiServer, Fault, PodFixture};
-use support::*;
 
 const CONSUL_PROXY_UID: u32 = 5995;
 const KUMA_PROXY_UID: u32 = 5678;

@@ -3,9 +3,6 @@
 //! uninstall byte for byte, the watch under 200 rewrites, overlapping installers during an upgrade,
 //! token rotation, readiness, and refusal of bad input.
 
-#[path = "support/install.rs"]
-mod support;
-
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::process::Command;
@@ -13,7 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use support::{Host, golden, wait_for};
+use crate::support::apiserver;
+use crate::support::install::{BIN, Host, Installer, free_port, golden, http_status, wait_for};
 
 const PRIMARIES: [&str; 4] = ["10-bridge.conflist", "10-flannel.conf", "10-calico.conflist", "05-cilium.conflist"];
 
@@ -61,7 +59,7 @@ fn chains_into_every_golden_primary_and_uninstalls_byte_for_byte() {
 fn the_installed_binary_is_the_plugin_and_answers_version() {
     let host = Host::new("real");
     host.put_conf("10-bridge.conflist", &golden("primary", "10-bridge.conflist"));
-    let inst = host.start(std::path::Path::new(support::BIN), &[]);
+    let inst = host.start(std::path::Path::new(BIN), &[]);
     wait_for(Duration::from_secs(20), "ready file", || host.ready_file().exists());
     let out = Command::new(host.bin.join("tproxy-cni"))
         .env("CNI_COMMAND", "VERSION")
@@ -278,7 +276,7 @@ fn an_old_installer_shutting_down_leaves_the_new_install_intact() {
     // Each pod has its own ready file (an emptyDir), so each process gets its own here.
     let new_ready = host.root.join("new-ready");
     // Both pods share the host network, so the same probe address.
-    let probe = support::free_port().to_string();
+    let probe = free_port().to_string();
     let old = host.start(&v1, &["--generation", "1", "--pod-name", "tproxy-cni-old", "--probe-addr", &probe]);
     wait_for(Duration::from_secs(10), "v1 installed", || host.ready_file().exists());
     let new = host.start(
@@ -306,11 +304,11 @@ fn an_old_installer_shutting_down_leaves_the_new_install_intact() {
     wait_for(Duration::from_secs(5), "the new pod's /readyz", || {
         new.log().contains(&format!("serving probes on {probe}"))
     });
-    assert_eq!(support::http_status(addr, "/readyz"), Some(200));
+    assert_eq!(http_status(addr, "/readyz"), Some(200));
     let (status, log) = old.terminate();
     assert!(status.success(), "{log}");
     assert!(log.contains("tproxy-cni-new (generation 2) owns the install: leaving it in place"), "{log}");
-    assert_eq!(support::http_status(addr, "/readyz"), Some(200));
+    assert_eq!(http_status(addr, "/readyz"), Some(200));
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         fs::read(host.bin.join("tproxy-cni")).unwrap(),
@@ -340,7 +338,7 @@ fn an_old_installer_shutting_down_leaves_the_new_install_intact() {
     assert_eq!(Host::snapshot(&host.bin), bin_before, "{log}");
 }
 
-fn inst_log_contains(i: &support::Installer, s: &str) -> bool {
+fn inst_log_contains(i: &Installer, s: &str) -> bool {
     i.log().contains(s)
 }
 
@@ -379,14 +377,14 @@ fn a_racing_upgrade_always_ends_with_the_new_install() {
 #[test]
 fn readyz_reports_the_three_parts() {
     let host = Host::new("readyz");
-    let addr = support::free_port();
+    let addr = free_port();
     let inst = host.start(&host.fake_plugin("1"), &["--probe-addr", &addr.to_string()]);
-    wait_for(Duration::from_secs(10), "the probe listener", || support::http_status(addr, "/livez") == Some(200));
-    assert_eq!(support::http_status(addr, "/readyz"), Some(503), "no primary config yet");
+    wait_for(Duration::from_secs(10), "the probe listener", || http_status(addr, "/livez") == Some(200));
+    assert_eq!(http_status(addr, "/readyz"), Some(503), "no primary config yet");
     host.replace_conf("10-bridge.conflist", &golden("primary", "10-bridge.conflist"));
-    wait_for(Duration::from_secs(2), "ready", || support::http_status(addr, "/readyz") == Some(200));
+    wait_for(Duration::from_secs(2), "ready", || http_status(addr, "/readyz") == Some(200));
     fs::remove_file(host.bin.join("tproxy-cni")).unwrap();
-    assert_eq!(support::http_status(addr, "/readyz"), Some(503), "binary gone");
+    assert_eq!(http_status(addr, "/readyz"), Some(503), "binary gone");
     assert!(inst.terminate().0.success());
 }
 
@@ -436,7 +434,7 @@ fn bad_input_is_refused_before_anything_changes() {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let args = host.args_with(&plugin, &extra);
         // Bounded: an input wrongly accepted would otherwise run the installer forever.
-        let mut run = support::Installer::spawn(&args, &host.root);
+        let mut run = Installer::spawn(&args, &host.root);
         let status = run.wait(Duration::from_secs(10));
         let stderr = run.log();
         assert!(!status.success(), "{message}: accepted");
@@ -457,7 +455,7 @@ fn bad_input_is_refused_before_anything_changes() {
 fn an_idle_installer_uses_next_to_no_cpu() {
     let host = Host::new("idle");
     host.put_conf("10-calico.conflist", &golden("primary", "10-calico.conflist"));
-    let probe = support::free_port();
+    let probe = free_port();
     let inst = host.start(&host.fake_plugin("1"), &["--probe-addr", &probe.to_string(), "--resync-interval", "1s"]);
     wait_for(Duration::from_secs(10), "ready", || host.ready_file().exists());
     let cpu = |pid: i32| -> u64 {
@@ -481,12 +479,12 @@ fn root_without_any_capability_is_enough() {
     host.put_conf("10-calico.conflist", &golden("primary", "10-calico.conflist"));
     let (conf_before, bin_before) = (Host::snapshot(&host.conf), Host::snapshot(&host.bin));
     let mut args: Vec<String> =
-        ["--reuid=0", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", support::BIN]
+        ["--reuid=0", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", BIN]
             .iter()
             .map(|s| s.to_string())
             .collect();
     args.extend(host.args(&host.fake_plugin("1")));
-    let mut inst = support::Installer::spawn_program("setpriv", &args, &host.root);
+    let mut inst = Installer::spawn_program("setpriv", &args, &host.root);
     wait_for(Duration::from_secs(10), "ready", || host.ready_file().exists());
     let status = fs::read_to_string(format!("/proc/{}/status", inst.pid())).unwrap();
     let cap_eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
@@ -525,9 +523,6 @@ fn a_lost_state_dir_still_uninstalls_everything_of_ours() {
         serde_json::from_slice(&fs::read(host.conf.join("10-calico.conflist")).unwrap()).unwrap();
     assert_eq!(now, serde_json::from_slice::<serde_json::Value>(&calico).unwrap());
 }
-
-#[path = "support/apiserver.rs"]
-mod apiserver;
 
 /// The start-up taint stays until the plugin is in place, then goes (and only it), through the real
 /// API client over TLS to the stand-in API server; an API server refusing at first is retried.

@@ -4,12 +4,10 @@
 //! Every namespace carries a foreign "canary" (a rule in a built-in chain and a chain of its own, in
 //! both families) that must survive everything we do.
 
-mod support;
-
 use std::process::Output;
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 const BACKENDS: [&str; 2] = ["nft", "legacy"];
 

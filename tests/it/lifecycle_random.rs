@@ -7,17 +7,15 @@
 //! passes exactly when the namespace holds the configuration's rules untouched; a refused ADD
 //! changes nothing; DEL always succeeds.
 //!
-//! `cargo test --test lifecycle_random` runs a short run (a few dozen sequences); with
+//! `cargo test --test it lifecycle_random::` runs a short run (a few dozen sequences); with
 //! `TPROXY_CNI_LONG=1` it runs 1000. `TPROXY_CNI_SEED=N` replays a run; a failure prints its seed.
-
-mod support;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use crate::support::harden::*;
+use crate::support::*;
 use serde_json::Value;
-use support::harden::*;
-use support::*;
 
 /// One pod of a sequence and what its namespace must hold.
 struct PodState {
@@ -46,7 +44,7 @@ struct Run {
 impl Run {
     fn fail(&self, what: String) -> ! {
         panic!(
-            "{what}\n\nsequence {} of the run with seed {} (replay: TPROXY_CNI_SEED={} cargo test --test lifecycle_random); \
+            "{what}\n\nsequence {} of the run with seed {} (replay: TPROXY_CNI_SEED={} cargo test --test it lifecycle_random::); \
              steps:\n{}",
             self.sequence, self.seed, self.seed, self.log
         )

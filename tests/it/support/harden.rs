@@ -150,11 +150,6 @@ impl Ours {
     pub fn is_empty(&self) -> bool {
         self.chains.is_empty() && self.rules.is_empty()
     }
-
-    /// How many rules in all.
-    pub fn len(&self) -> usize {
-        self.rules.values().map(Vec::len).sum()
-    }
 }
 
 const OUR_CHAIN_PREFIXES: [&str; 3] = ["CONSUL_PROXY_", "CONSUL_DNS_REDIRECT", "KUMA_MESH_"];

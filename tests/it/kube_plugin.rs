@@ -6,17 +6,15 @@
 //! exist, so anything that tried to touch it would fail): no root needed. The real chain with real
 //! rules and traffic is in `kube_chain.rs`.
 
-mod support;
-
-use support::apiserver;
+use crate::support::apiserver;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use crate::support::{TempDir, call_plugin};
 use apiserver::{ApiServer, Auth, Fault, KubeconfigSpec, PodFixture, TOKEN, Trust};
 use serde_json::{Value, json};
-use support::{TempDir, call_plugin};
 
 /// `api_timeout` of these tests.
 const DEADLINE: Duration = Duration::from_secs(1);

@@ -1,7 +1,6 @@
 //! Helpers for the installer's integration tests: a fake host (temporary directories standing in for
 //! `/opt/cni/bin`, `/etc/cni/net.d`, the state dir and the projected service-account volume, laid out
 //! the way kubelet lays it out) and a guard around a real `tproxy-cni install` process.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::fs;

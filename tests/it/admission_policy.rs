@@ -17,18 +17,16 @@
 //! the standard macros and operators, whose results both define the same way), and the request
 //! object is built here as `CreateAdmissionRequest` builds it (docs/testing.md).
 
-mod support;
-
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{Value, json};
-use support::apiserver::{
+use crate::support::apiserver::{
     Admission, AdmissionAttributes, ApiServer, Auth, KubeconfigSpec, PodFixture, Refusal, admission_view, apply_patch,
 };
+use serde_json::{Value, json};
 use tproxy_cni::core::mesh::consul::TPROXY_STATUS;
 use tproxy_cni::kube::{Client, Patch};
 

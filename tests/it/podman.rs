@@ -22,8 +22,6 @@
 //! Needs root, podman, runc and busybox-static (`hack/deps.sh` installs them): skipped without
 //! them on a laptop, a failure in CI.
 
-mod support;
-
 use std::cell::RefCell;
 use std::fs::{self, File};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -33,9 +31,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::apiserver::{ApiServer, Fault, PodFixture};
+use crate::support::*;
 use serde_json::{Value, json};
-use support::apiserver::{ApiServer, Fault, PodFixture};
-use support::*;
 
 /// The programs these tests need besides those of every network test.
 const TOOLS: &[&str] = &["/usr/bin/podman", "/usr/sbin/runc", "/usr/bin/conmon", "/bin/busybox", "/usr/bin/nsenter"];

@@ -9,16 +9,14 @@
 //!
 //! Needs root (skipped on a laptop without it, a failure in CI).
 
-mod support;
-
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::Output;
 
+use crate::support::apiserver::{ApiServer, PodFixture};
+use crate::support::*;
 use serde_json::{Value, json};
-use support::apiserver::{ApiServer, PodFixture};
-use support::*;
 
 const PROXY_UID: u32 = 5995;
 const REDIRECT_CONFIG: &str = "consul.hashicorp.com/redirect-traffic-config";

@@ -5,10 +5,10 @@
 //! made itself; pods get no default route (so a missing rule can never send a packet off the
 //! machine); every loop is bounded; every namespace, bridge and process is removed on drop.
 
-#![allow(dead_code)] // Each test binary uses a different part of the harness.
-
 pub mod apiserver;
+pub mod cri;
 pub mod harden;
+pub mod install;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -17,7 +17,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,67 @@ pub fn privileged_with(extra_tools: &[&str]) -> bool {
         panic!("{msg}");
     }
     eprintln!("SKIPPED: {msg}");
+    false
+}
+
+/// The environment variable that tells a child test process which one test it runs, in
+/// [`in_own_process`].
+const OWN_PROCESS: &str = "TPROXY_CNI_OWN_PROCESS";
+
+/// For a test that must change something process-wide (such as becoming the subreaper of its
+/// children's orphans): every test shares one process and runs on a thread of it, so such a test's
+/// body runs in a child process of its own, which runs that test alone. `module` is the caller's
+/// `module_path!()` and `test` its function name.
+///
+/// Returns true in that child: run the body. In the test process it runs the child (ended after
+/// `deadline`), passes its output on, panics if the test failed there or did not run exactly once,
+/// and returns false: the test is done.
+#[must_use]
+pub fn in_own_process(module: &str, test: &str, deadline: Duration) -> bool {
+    // The name libtest knows the test by: its path without the crate's name.
+    let name = match module.split_once("::") {
+        Some((_, path)) => format!("{path}::{test}"),
+        None => test.to_owned(),
+    };
+    if std::env::var(OWN_PROCESS).is_ok_and(|v| v == name) {
+        return true;
+    }
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([&name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(OWN_PROCESS, &name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let read = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let out = read(Box::new(child.stdout.take().unwrap()));
+    let err = read(Box::new(child.stderr.take().unwrap()));
+    let end = Instant::now() + deadline;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    // Through the test's own output capture: shown when it fails, or with --nocapture.
+    print!("{out}");
+    eprint!("{err}");
+    let status = status.unwrap_or_else(|| panic!("{name} did not end within {deadline:?} in its own process"));
+    assert!(status.success(), "{name} failed in its own process ({status})");
+    assert!(out.contains("test result: ok. 1 passed"), "{name} did not run in its own process");
     false
 }
 
@@ -463,7 +524,7 @@ pub fn in_netns<T: Send>(ns: &(impl NsPath + ?Sized), uid: Option<u32>, f: impl 
     })
 }
 
-/// What a listener saw: who answered and the destination the client had dialled.
+/// How long a dial or a UDP question waits for its answer.
 pub const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A TCP server in a namespace that answers every connection with `"<name> <original-dst>\n"`,
@@ -472,7 +533,6 @@ pub const TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Responder {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
-    pub seen: Arc<Mutex<Vec<String>>>,
 }
 
 impl Responder {
@@ -480,8 +540,7 @@ impl Responder {
         let listener = in_netns(ns, None, || bind_tcp(bind)).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let (stop2, seen2, name) = (stop.clone(), seen.clone(), name.to_owned());
+        let (stop2, name) = (stop.clone(), name.to_owned());
         let handle = std::thread::spawn(move || {
             while !stop2.load(Ordering::Relaxed) {
                 match listener.accept() {
@@ -489,9 +548,7 @@ impl Responder {
                         let dst = tproxy_cni::kernel::origdst::original_dst(&conn)
                             .map(|a| a.to_string())
                             .unwrap_or_else(|e| format!("none({e})"));
-                        let line = format!("{name} {dst}");
-                        seen2.lock().unwrap().push(line.clone());
-                        let _ = conn.write_all(format!("{line}\n").as_bytes());
+                        let _ = conn.write_all(format!("{name} {dst}\n").as_bytes());
                         let _ = conn.shutdown(Shutdown::Write);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -501,7 +558,7 @@ impl Responder {
                 }
             }
         });
-        Responder { stop, handle: Some(handle), seen }
+        Responder { stop, handle: Some(handle) }
     }
 
     /// A UDP server that answers every datagram with `"<name>"`.
@@ -514,18 +571,16 @@ impl Responder {
         let sock = in_netns(ns, uid, || bind_udp(bind)).unwrap_or_else(|e| panic!("bind udp {bind}: {e}"));
         sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let (stop2, seen2, name) = (stop.clone(), seen.clone(), name.to_owned());
+        let (stop2, name) = (stop.clone(), name.to_owned());
         let handle = std::thread::spawn(move || {
             let mut buf = [0u8; 512];
             while !stop2.load(Ordering::Relaxed) {
                 if let Ok((_, from)) = sock.recv_from(&mut buf) {
-                    seen2.lock().unwrap().push(from.to_string());
                     let _ = sock.send_to(name.as_bytes(), from);
                 }
             }
         });
-        Responder { stop, handle: Some(handle), seen }
+        Responder { stop, handle: Some(handle) }
     }
 }
 

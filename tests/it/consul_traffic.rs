@@ -5,12 +5,10 @@
 //! listener answers with its own name and the destination the client originally dialled, so a test
 //! tells "redirected to the proxy" from "went straight to the server" from "refused".
 
-mod support;
-
 use std::net::IpAddr;
 
+use crate::support::*;
 use serde_json::json;
-use support::*;
 
 const PROXY_UID: u32 = 5995;
 const CONNECT_INIT_UID: u32 = 5996;

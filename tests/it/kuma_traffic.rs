@@ -5,12 +5,10 @@
 //! listener answers with its name and the destination the client originally dialled, every UDP one
 //! with its name, so a test tells "redirected to the proxy" from "went straight to the server".
 
-mod support;
-
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use crate::support::*;
 use serde_json::json;
-use support::*;
 
 const PROXY_UID: u32 = 5678;
 /// Inside the per-UID exclusion's range (4000-4100), and outside it.

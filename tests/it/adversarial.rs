@@ -6,13 +6,11 @@
 //!
 //! Also the regression tests of bugs that fuzzing and this corpus found, each named after what it pins.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 use tproxy_cni::core::limits::{MAX_ANNOTATION_BYTES, MAX_LIST_ENTRIES, MAX_RULES_PER_FAMILY};
 use tproxy_cni::core::mesh::{self, AnnotationError, Annotations, PodNetwork};
 use tproxy_cni::core::redirect::{Family, Redirect};

@@ -1,15 +1,13 @@
 //! Backend choice and locking, observed from outside: which iptables the plugin writes to in
 //! `auto` mode, and that the legacy backend does not queue behind the node-wide xtables lock.
 
-mod support;
-
 use std::fs;
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use serde_json::json;
-use support::*;
 
 fn annotations() -> serde_json::Value {
     consul_pod(json!({"ProxyUserID": "5995", "ProxyInboundPort": 20000}), &[])
@@ -97,7 +95,7 @@ fn a_missing_hint_is_trusted_for_a_minute_then_the_host_is_probed_again() {
     let script = format!(
         "set -e; mkdir -p /run/tproxy-cni; mount -t tmpfs none /run/tproxy-cni; \
          {first}; test -f /run/tproxy-cni/iptables-backend.no-hint; test ! -e /run/tproxy-cni/iptables-backend; \
-         ip netns exec {host} iptables-legacy-restore --noflush < {hint}; \
+         ip netns exec {host} iptables-legacy-restore --wait 10 --noflush < {hint}; \
          {second}; touch -d '2 minutes ago' /run/tproxy-cni/iptables-backend.no-hint; \
          {third}; cat /run/tproxy-cni/iptables-backend",
         first = add(&pods[0]),

@@ -4,13 +4,11 @@
 //!
 //! Needs no root: the stand-in listens on loopback only.
 
-mod support;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::support::apiserver::{ApiServer, Auth, Fault, KubeconfigSpec, PodFixture, TOKEN, Trust};
 use serde_json::json;
-use support::apiserver::{ApiServer, Auth, Fault, KubeconfigSpec, PodFixture, TOKEN, Trust};
 use tproxy_cni::kube::{Class, Client, Error, Patch};
 use tproxy_cni::text::chain;
 

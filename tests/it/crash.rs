@@ -16,14 +16,15 @@
 //! loses power or the OOM killer takes the cgroup). `TPROXY_CNI_LONG=1` runs 1000 kills instead of
 //! a few dozen; `TPROXY_CNI_SEED=N` replays a run.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::support::harden::*;
+use crate::support::*;
 use serde_json::Value;
-use support::harden::*;
-use support::*;
+
+/// How long one of these tests may take in its own process (`TPROXY_CNI_LONG`'s 1000 kills too).
+const DEADLINE: Duration = Duration::from_secs(30 * 60);
 
 /// The commit order of (family, table).
 const ORDER: [(Fam, &str); 6] =
@@ -48,8 +49,10 @@ fn wait_group(pgid: i32) {
     }
 }
 
-/// Makes this test process the reaper of its orphaned descendants, so a tool whose plugin was
-/// killed is waited for here (the machine's init may take seconds to reap it).
+/// Makes this process the reaper of its orphaned descendants, so a tool whose plugin was killed
+/// is waited for here (the machine's init may take seconds to reap it). That is process-wide: each
+/// test that does it runs in a process of its own ([`in_own_process`]), or every other test's
+/// orphans (a container runtime's monitor, say) would become zombies of the shared test process.
 fn become_subreaper() {
     // Safety: prctl with integer arguments.
     assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
@@ -80,7 +83,13 @@ fn add(slot: &Slot, spec: &Spec, v6: bool, id: &str) -> std::process::Output {
 
 #[test]
 fn add_killed_at_random_moments_leaves_whole_tables_and_the_next_call_repairs() {
-    if !privileged() {
+    if !privileged()
+        || !in_own_process(
+            module_path!(),
+            "add_killed_at_random_moments_leaves_whole_tables_and_the_next_call_repairs",
+            DEADLINE,
+        )
+    {
         return;
     }
     become_subreaper();
@@ -249,7 +258,7 @@ fn children(pid: i32) -> Vec<i32> {
 /// nothing.
 #[test]
 fn kuma_loopback_address_never_precedes_the_rules() {
-    if !privileged() {
+    if !privileged() || !in_own_process(module_path!(), "kuma_loopback_address_never_precedes_the_rules", DEADLINE) {
         return;
     }
     become_subreaper();

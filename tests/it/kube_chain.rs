@@ -4,17 +4,15 @@
 //!
 //! Needs root (skips on a laptop, fails in CI without it).
 
-mod support;
-
-use support::apiserver;
+use crate::support::apiserver;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::{Command, Output};
 
+use crate::support::*;
 use apiserver::{ApiServer, Fault, KubeconfigSpec, PodFixture, TOKEN};
 use serde_json::{Value, json};
-use support::*;
 
 const PROXY_UID: u32 = 5995;
 const TPROXY_STATUS: &str = "consul.hashicorp.com/transparent-proxy-status";

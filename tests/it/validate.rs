@@ -6,14 +6,12 @@
 //! via a sibling namespace the test owns, which does not forward: an unredirected probe ends
 //! there, never off the machine.
 
-mod support;
-
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use serde_json::json;
-use support::*;
 use tproxy_cni::host::validate::{EXIT_CANNOT_BIND, EXIT_NO_ROUTE, EXIT_OK, EXIT_REDIRECT_MISSING, EXIT_TIMEOUT};
 
 const APP_UID: u32 = 4242;

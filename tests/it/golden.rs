@@ -6,13 +6,11 @@
 //! backends and checks the kernel reports each rule back in exactly the spelling we render: that is
 //! what lets CHECK compare rules as text.
 
-mod support;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::*;
+use crate::support::*;
 
 fn cases() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");

@@ -3,13 +3,11 @@
 //! rules (no cross-talk between namespaces); then all are ADDed again at once (still one copy
 //! each) and DELed at once (nothing of ours left, canaries intact).
 
-mod support;
-
 use std::time::Instant;
 
+use crate::support::harden::*;
+use crate::support::*;
 use serde_json::{Value, json};
-use support::harden::*;
-use support::*;
 
 const PODS: usize = 64;
 

@@ -1,12 +1,10 @@
 //! The CNI protocol as the runtime sees it: the real binary, its stdout (exactly one JSON document),
 //! its exit code, and its log file.
 
-mod support;
-
 use std::process::Command;
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 const VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 

@@ -8,13 +8,11 @@
 //! made, and every command runs with a clean environment (a CI runner's own `SSH_CONNECTION` must
 //! not leak in).
 
-mod support;
-
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 use std::process::{Command, Output};
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 const BACKENDS: [&str; 2] = ["nft", "legacy"];
 const PROXY_UID: u32 = 5995;

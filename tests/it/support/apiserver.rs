@@ -14,10 +14,8 @@
 //! with the CA as a file or as `-data`, a token inline or in a `tokenFile`, a client certificate,
 //! or the CA of an unrelated authority (the "wrong CA" fault).
 //!
-//! Self-contained on purpose (depends only on the crate's dev-dependencies), so that any test
-//! binary can include it.
-
-#![allow(dead_code)]
+//! Self-contained on purpose (depends only on the crate's dev-dependencies), so that the benchmark
+//! (`benches/cni_add.rs`) can include it too.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -442,10 +440,6 @@ impl ApiServer {
     /// `https://127.0.0.1:PORT` or `https://[::1]:PORT`.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
     }
 
     /// The stand-in's CA certificate, PEM.
