@@ -1,6 +1,7 @@
 //! `tproxy-cni redirect`: install a mesh's transparent-proxy redirect on a host or VM (or in any
 //! network namespace), through the same engine as the CNI plugin: flags or a mesh's configuration
-//! file → the dialect's validated constructor → `rules::build` → `Netfilter::apply`.
+//! file → the validated constructor (`core::mesh::consul_host` or `kuma_host`: the dialect's checks,
+//! then the rule budget, as for a pod) → `rules::build` → `Netfilter::apply`.
 //!
 //! The mesh is the one whose flags are given: Consul's (`consul connect redirect-traffic`'s, or
 //! `--consul-config`) or Kuma's (`kumactl install transparent-proxy`'s, or `--kuma-config`).
@@ -17,8 +18,9 @@ use super::Report;
 use super::namespace::NamespaceArgs;
 use super::ssh::{self, Session, SshConnection};
 use super::user::{User, UserError, Users};
-use crate::core::mesh::consul::{self, Settings, Spelling};
-use crate::core::mesh::{AnnotationError, PodNetwork, kuma};
+use crate::core::mesh::consul::{self, Settings, SettingsError, Spelling};
+use crate::core::mesh::kuma::{self, TproxyConfigError};
+use crate::core::mesh::{self, PodNetwork};
 use crate::core::redirect::{
     Cidrs, Port, PortRange, Redirect, ValueError, parse_cidr, parse_ip, parse_port, parse_port_range,
 };
@@ -205,10 +207,14 @@ pub enum RedirectError {
     Consul {
         from: String,
         #[source]
-        source: consul::ConfigError,
+        source: SettingsError,
     },
-    #[error("{from}: {reason}", reason = .source.reason)]
-    Kuma { from: String, source: AnnotationError },
+    #[error("{from}")]
+    Kuma {
+        from: String,
+        #[source]
+        source: TproxyConfigError,
+    },
     #[error("{flag}")]
     User {
         flag: &'static str,
@@ -371,13 +377,13 @@ fn kuma_redirect(f: &KumaFlags, net: PodNetwork) -> Result<(Redirect, Source), R
         None => "invalid flags".to_owned(),
     };
     let redirect =
-        kuma::host_redirect(yaml.as_deref(), &flags, net).map_err(|source| RedirectError::Kuma { from, source })?;
+        mesh::kuma_host(yaml.as_deref(), &flags, net).map_err(|source| RedirectError::Kuma { from, source })?;
     // The exclusion goes where the inbound port list comes from (a flag replaces the file's).
     let source = match &f.kuma_config {
         Some(p) if f.exclude_inbound_ports.is_empty() => Source::KumaFile(p.clone()),
         _ => Source::KumaFlags,
     };
-    Ok((Redirect::Kuma(redirect), source))
+    Ok((redirect, source))
 }
 
 /// Consul's redirect from flags or from its JSON, through the dialect's one validated constructor.
@@ -388,8 +394,8 @@ fn consul_redirect(f: &ConsulFlags, net: PodNetwork) -> Result<(Redirect, Source
         let invalid = |source| RedirectError::Consul { from: from.clone(), source };
         let settings = Settings { dual_stack: f.dual_stack, ..consul::parse_config(&text).map_err(invalid)? };
         let spelling = Spelling { dual_stack: CONSUL_FLAGS.dual_stack, ..Spelling::JSON };
-        let redirect = settings.validate(net, &spelling).map_err(invalid)?;
-        return Ok((Redirect::Consul(redirect), Source::ConsulFile(path.clone())));
+        let redirect = mesh::consul_host(settings, &spelling, net).map_err(invalid)?;
+        return Ok((redirect, Source::ConsulFile(path.clone())));
     }
     let user_err = |flag| move |source| RedirectError::User { flag, source };
     let mut exclude_outbound_cidrs = Cidrs::default();
@@ -410,10 +416,9 @@ fn consul_redirect(f: &ConsulFlags, net: PodNetwork) -> Result<(Redirect, Source
         dns_port: f.consul_dns_port,
         dual_stack: f.dual_stack,
     };
-    let redirect = settings
-        .validate(net, &CONSUL_FLAGS)
+    let redirect = mesh::consul_host(settings, &CONSUL_FLAGS, net)
         .map_err(|source| RedirectError::Consul { from: "invalid flags".into(), source })?;
-    Ok((Redirect::Consul(redirect), Source::ConsulFlags))
+    Ok((redirect, Source::ConsulFlags))
 }
 
 fn read_config(path: &Path) -> Result<String, RedirectError> {

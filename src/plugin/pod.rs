@@ -35,7 +35,7 @@ use std::cell::OnceCell;
 
 use thiserror::Error;
 
-use crate::core::mesh::{self, AnnotationError, Annotations, PodNetwork};
+use crate::core::mesh::{self, AnnotationError, Annotations, PodContainers, PodNetwork};
 use crate::core::redirect::Redirect;
 use crate::kube::{self, Class};
 use crate::plugin::args::CniArgs;
@@ -108,19 +108,16 @@ pub enum Lookup {
     /// Nomad's Consul configuration JSON.
     Nomad(String),
     /// The pod's annotations (and, from the API server, its container names).
-    Pod { source: Source, annotations: Annotations, containers: Option<Containers> },
+    Pod { source: Source, annotations: Annotations, containers: Option<PodContainers> },
     /// Pass the pod through, untouched.
     Pass(Pass),
 }
-
-/// The names of a pod's containers, for dialects that recognise their sidecar by name.
-pub use crate::core::mesh::PodContainers as Containers;
 
 impl Lookup {
     /// The redirect the pod asks for, or `None` when it asks for none.
     pub fn redirect(&self, net: PodNetwork) -> Result<Option<Redirect>, AnnotationError> {
         match self {
-            Lookup::Nomad(json) => mesh::consul::from_json(json, net).map(|c| Some(Redirect::Consul(c))),
+            Lookup::Nomad(json) => mesh::nomad(json, net).map(Some),
             Lookup::Pod { annotations, containers, .. } => mesh::classify_pod(annotations, containers.as_ref(), net),
             Lookup::Pass(_) => Ok(None),
         }
@@ -251,7 +248,7 @@ fn classify(conf: &NetConf, args: &CniArgs, api: &Api<'_>) -> Result<Lookup, Pod
     match client.get_pod(namespace, name) {
         Ok(p) => {
             log::debug!("{} pod annotations from the API server {}", p.metadata.annotations.len(), client.server());
-            let containers = Containers {
+            let containers = PodContainers {
                 containers: p.container_names().map(str::to_owned).collect(),
                 init_containers: p.init_container_names().map(str::to_owned).collect(),
             };

@@ -14,6 +14,7 @@ mod support;
 
 mod admission_policy;
 mod adversarial;
+mod architecture;
 mod backend;
 mod concurrency;
 mod consul_traffic;
