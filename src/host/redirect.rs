@@ -25,7 +25,8 @@ use crate::core::redirect::{
     Cidrs, Port, PortRange, Redirect, ValueError, parse_cidr, parse_ip, parse_port, parse_port_range,
 };
 use crate::core::rules;
-use crate::kernel::netfilter::{NetfilterError, PlanError};
+use crate::kernel::deadline::Deadline;
+use crate::kernel::netfilter::{DEFAULT_BUDGET, NetfilterError, PlanError};
 use crate::kernel::netlink::{self, NetlinkError};
 use crate::kernel::netns::{Netns, NetnsError};
 
@@ -252,11 +253,12 @@ impl RedirectArgs {
 /// `SSH_CONNECTION`, read at the command line's edge.
 pub fn run(args: &RedirectArgs, ssh_connection: Option<&str>) -> Result<Report, RedirectError> {
     let ns = args.namespace.open()?;
+    let deadline = Deadline::after(DEFAULT_BUDGET);
     let net = PodNetwork { has_ipv6: has_ipv6(&ns).map_err(RedirectError::Interfaces)? };
     let (redirect, source) =
         if args.kuma.given() { kuma_redirect(&args.kuma, net)? } else { consul_redirect(&args.consul, net)? };
     // Everything below up to `apply` only reads: a refusal or a dry run changes nothing.
-    let (redirect, address_missing) = netlink::inspect(&ns, redirect)?;
+    let (redirect, address_missing) = netlink::inspect(&ns, redirect, deadline)?;
     let sets = rules::build(&redirect);
     if !args.force {
         ssh_guard(&ns, &redirect, &source, ssh_connection)?;
@@ -271,13 +273,11 @@ pub fn run(args: &RedirectArgs, ssh_connection: Option<&str>) -> Result<Report, 
         }
         return Ok(Report::out(out));
     }
-    let prepared = netlink::prepare(&ns, redirect)?;
-    nf.apply(&ns, &sets)?;
+    let prepared = netlink::prepare(&ns, redirect, deadline)?;
+    let applied = nf.apply(&ns, &sets)?;
     // Kuma's `::6` after the rules, as in ADD: an interrupted command never leaves the address alone.
-    if let Err(e) = prepared.add_address(&ns) {
-        if let Err(undo) = nf.remove(&ns) {
-            log::warn!("cannot remove the rules after failing to add the loopback address: {undo}");
-        }
+    if let Err(e) = prepared.add_address(&ns, deadline) {
+        nf.undo(&ns, applied);
         return Err(e.into());
     }
     let families: Vec<&str> = sets.iter().map(|s| s.family.name()).collect();

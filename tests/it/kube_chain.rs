@@ -29,9 +29,11 @@ fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
-/// A network whose tproxy-cni entry looks pods up through `kubeconfig`.
+/// A network whose tproxy-cni entry looks pods up through `kubeconfig`; it declares no
+/// capability, so libcni hands the plugin no annotations, as a runtime that does not know the
+/// capability would.
 fn network(kubeconfig: &Path, extra: Value) -> Network {
-    let mut conf = json!({"iptables_mode": "nft", "kubeconfig": kubeconfig, "api_timeout": "2s"});
+    let mut conf = json!({"iptables_mode": "nft", "kubeconfig": kubeconfig, "api_timeout": "2s", "capabilities": {}});
     for (k, v) in extra.as_object().unwrap() {
         conf[k] = v.clone();
     }
@@ -214,7 +216,7 @@ fn nomad_hands_the_configuration_in_cni_args_and_no_api_call_is_made() {
     }
     let api = ApiServer::start();
     api.set_fault(Some(Fault::Status(503)));
-    let net = network(&api.default_kubeconfig(), json!({}));
+    let net = network(&api.default_kubeconfig(), json!({"capabilities": {"io.kubernetes.cri.pod-annotations": true}}));
     // The sibling gets (empty) runtime annotations: no lookup for it either.
     let (_srv, s4, _l) = server(&net, Some(&json!({})));
     let task = net.pod_unstarted("nomad-task");

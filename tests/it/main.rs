@@ -20,6 +20,7 @@ mod concurrency;
 mod consul_traffic;
 mod crash;
 mod cri;
+mod fail_closed;
 mod golden;
 mod host;
 mod install;

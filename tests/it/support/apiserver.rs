@@ -93,6 +93,9 @@ pub enum Fault {
     Hangup,
     /// Wait this long, then answer normally.
     Delay(Duration),
+    /// 404 with Go's plain-text "404 page not found", as a proxy in front of the API server (or a
+    /// mux that does not know the path) answers: it says nothing about the pod.
+    PlainNotFound,
 }
 
 /// One request as the stand-in received it.
@@ -775,6 +778,9 @@ fn handle(shared: &Shared, req: &Incoming, client_cert: bool) -> (Reply, Option<
     let reply = match fault {
         Some(Fault::Status(code)) => fault_reply(code, req),
         Some(Fault::Hangup) => Reply::Hangup,
+        Some(Fault::PlainNotFound) => {
+            Reply::Answer { status: 404, headers: Vec::new(), body: "404 page not found\n".into() }
+        }
         Some(Fault::Delay(d)) => {
             delay = Some(d);
             route(&mut st, req, bearer.as_deref(), client_cert)
@@ -817,10 +823,22 @@ fn route(st: &mut State, req: &Incoming, bearer: Option<&str>, client_cert: bool
     }
 }
 
+/// The API server's answer for a missing object: `NotFound`, with the resource and the name in
+/// `details` (apimachinery's `NewNotFound`).
+fn not_found(resource: &str, name: &str) -> Reply {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("{resource} \"{name}\" not found"), "reason": "NotFound",
+        "details": {"name": name, "kind": resource}, "code": 404,
+    })
+    .to_string();
+    Reply::Answer { status: 404, headers: Vec::new(), body }
+}
+
 fn pod_request(st: &mut State, req: &Incoming, key: (String, String), bearer: Option<&str>) -> Reply {
     let not_found = |st: &State| {
         let _ = st;
-        status_reply(404, &format!("pods \"{}\" not found", key.1), "NotFound")
+        not_found("pods", &key.1)
     };
     match req.method.as_str() {
         "GET" => match st.pods.get(&key) {
@@ -849,7 +867,7 @@ fn node_request(st: &mut State, req: &Incoming, name: String, bearer: Option<&st
     match req.method.as_str() {
         "GET" => {
             let Some(node) = st.nodes.get(&name).cloned() else {
-                return status_reply(404, &format!("nodes \"{name}\" not found"), "NotFound");
+                return not_found("nodes", &name);
             };
             if let Some(change) = st.after_node_get.take() {
                 st.resource_version += 1;
@@ -870,7 +888,7 @@ fn node_request(st: &mut State, req: &Incoming, name: String, bearer: Option<&st
             let target = Target { resource: "nodes", namespace: None, name: &name };
             match st.nodes.get_mut(&name) {
                 Some(node) => patch_object(node, req, rv, target, admission.as_ref(), bearer),
-                None => status_reply(404, &format!("nodes \"{name}\" not found"), "NotFound"),
+                None => not_found("nodes", &name),
             }
         }
         _ => status_reply(405, "method not allowed", "MethodNotAllowed"),

@@ -398,9 +398,9 @@ impl Network {
         cmd.args([verb, self.conflist.to_str().unwrap(), ns.path().to_str().unwrap(), container_id, cni_args])
             .env("CNI_PATH", format!("/usr/lib/cni:{}", plugin_dir.display()))
             .env("CNIDRV_CACHE", self.dir.path().join("cache"));
-        if let Some(a) = annotations {
-            cmd.arg(serde_json::json!({"io.kubernetes.cri.pod-annotations": a}).to_string());
-        }
+        // As containerd does: a pod without annotations is sent as `null`, never left out.
+        let a = annotations.cloned().unwrap_or(serde_json::Value::Null);
+        cmd.arg(serde_json::json!({"io.kubernetes.cri.pod-annotations": a}).to_string());
         cmd.output().unwrap()
     }
 

@@ -132,7 +132,7 @@ mod tests {
         let r = ok(&pod(&[]));
         assert_eq!((r.proxy_uid, r.inbound_port.get(), r.outbound_port.get()), (5678, 15006, 15001));
         let inbound = r.inbound.unwrap();
-        assert_eq!(inbound.exclude_ports.iter().map(|p| p.get()).collect::<Vec<_>>(), [9901, 9000]);
+        assert_eq!(inbound.exclude_ports.iter().map(|p| p.get()).collect::<Vec<_>>(), [9901, 9001]);
         assert_eq!(r.outbound.unwrap().exclude_ports.iter().map(|p| p.get()).collect::<Vec<_>>(), [9901]);
         assert_eq!(r.dns, None);
         assert!(r.dual_stack);

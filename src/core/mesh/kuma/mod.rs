@@ -88,9 +88,11 @@ pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 pub const DEFAULT_DNS_PORT: u16 = 15053;
 /// Envoy's admin port, excluded both ways by kuma-cni when the annotations say nothing.
 pub const DEFAULT_EXCLUDED_PORT: u16 = 9901;
-/// kuma-cni's application probe proxy port when the annotation is absent (older webhooks, which
-/// served virtual probes on 9000).
-pub const DEFAULT_PROBE_PROXY_PORT: u16 = 9000;
+/// kuma-cni's application probe proxy port when `kuma.io/application-probe-proxy-port` is absent:
+/// `defaultAppProbeProxyPort` in kuma's `app/cni/pkg/cni/annotations_linux.go`, 9001 in every
+/// release from 2.9 to 2.14.3 (it was 9000 only on master before 2.9, for three weeks, while
+/// virtual probes still held 9000).
+pub const DEFAULT_PROBE_PROXY_PORT: u16 = 9001;
 pub const DEFAULT_LOG_LEVEL: u8 = 7;
 
 pub(super) fn port_const(n: u16) -> Port {
