@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
+use crate::kernel::deadline::Deadline;
 use crate::kernel::engine::{Engine, EngineKind};
 use crate::kernel::netfilter::Mode;
 use crate::kernel::netns::{Netns, NetnsError};
@@ -62,14 +63,14 @@ impl NamespaceArgs {
         }
     }
 
-    /// The chosen engine.
-    pub fn engine(&self) -> Engine {
+    /// The chosen engine, every tool it runs and every kernel exchange ending by `deadline`.
+    pub fn engine(&self, deadline: Deadline) -> Engine {
         let mode = match self.iptables_mode {
             IptablesMode::Auto => Mode::Auto,
             IptablesMode::Nft => Mode::Nft,
             IptablesMode::Legacy => Mode::Legacy,
         };
-        Engine::new(self.backend.into(), mode)
+        Engine::new(self.backend.into(), mode, deadline)
     }
 
     /// How to name the namespace in messages.

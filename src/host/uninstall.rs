@@ -15,7 +15,9 @@ use super::Report;
 use super::namespace::NamespaceArgs;
 use crate::core::redirect::{Family, KUMA_INBOUND_PASSTHROUGH_V6};
 use crate::core::rules::kuma;
+use crate::kernel::deadline::Deadline;
 use crate::kernel::engine::{EngineError, PlanError};
+use crate::kernel::netfilter::DEFAULT_BUDGET;
 use crate::kernel::netlink::{self, NetlinkError};
 use crate::kernel::netns::NetnsError;
 
@@ -46,7 +48,7 @@ pub enum UninstallError {
 /// Removes (or, with `--dry-run`, prints the removal of) everything of ours.
 pub fn run(args: &UninstallArgs) -> Result<Report, UninstallError> {
     let ns = args.namespace.open()?;
-    let engine = args.namespace.engine();
+    let engine = args.namespace.engine(Deadline::after(DEFAULT_BUDGET));
     let plan = engine.plan_removal(&ns)?;
     let where_ = args.namespace.describe();
     if plan.is_empty() {
@@ -67,6 +69,6 @@ pub fn run(args: &UninstallArgs) -> Result<Report, UninstallError> {
         return Ok(Report::out(out));
     }
     engine.execute(&ns, &plan)?;
-    netlink::release(&ns, &removed)?;
+    netlink::release(&ns, &removed, Deadline::after(DEFAULT_BUDGET))?;
     Ok(Report::out(format!("tproxy-cni: removed from {where_} ({}): {}\n", engine.name(), plan.before().join("; "))))
 }

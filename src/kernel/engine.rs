@@ -6,6 +6,7 @@
 
 use thiserror::Error;
 
+use super::deadline::Deadline;
 use super::netfilter::{self, Backend, Mismatch, Mode, Netfilter, NetfilterError, Removed};
 use super::netns::Netns;
 use super::nftables::{self, Nftables, NftablesError};
@@ -54,6 +55,14 @@ pub enum EngineError {
     Iptables(#[from] NetfilterError),
     #[error(transparent)]
     Nftables(#[from] NftablesError),
+}
+
+/// What an engine's [`Engine::apply`] changed.
+#[derive(Debug)]
+#[must_use = "a caller that fails after apply must undo what it applied"]
+pub enum Applied {
+    Iptables(netfilter::Applied),
+    Nftables(nftables::Applied),
 }
 
 /// CHECK's failures, whichever the engine.
@@ -148,12 +157,13 @@ pub enum NotReady {
 }
 
 impl Engine {
-    /// The engine of `kind`; `mode` says which iptables the iptables engine uses (resolving
-    /// `auto` may probe the host, so the nftables engine never resolves it).
-    pub fn new(kind: EngineKind, mode: Mode) -> Engine {
+    /// The engine of `kind`, every tool it runs and every kernel exchange bounded by `deadline`;
+    /// `mode` says which iptables the iptables engine uses (resolving `auto` may probe the host,
+    /// so the nftables engine never resolves it).
+    pub fn new(kind: EngineKind, mode: Mode, deadline: Deadline) -> Engine {
         match kind {
-            EngineKind::Iptables => Engine::Iptables(Netfilter::new(Backend::resolve(mode))),
-            EngineKind::Nftables => Engine::Nftables(Nftables),
+            EngineKind::Iptables => Engine::Iptables(Netfilter::new(Backend::resolve(mode)).with_deadline(deadline)),
+            EngineKind::Nftables => Engine::Nftables(Nftables::new(deadline)),
         }
     }
 
@@ -173,11 +183,22 @@ impl Engine {
         }
     }
 
-    /// Installs `sets`, replacing whatever of ours the engine finds (see each engine).
-    pub fn apply(&self, ns: &Netns, sets: &[RuleSet]) -> Result<(), EngineError> {
+    /// Installs `sets`, replacing whatever of ours the engine finds (see each engine). On failure
+    /// the namespace holds what of ours it held before; on success the returned [`Applied`] lets a
+    /// caller that fails later undo it ([`Engine::undo`]).
+    pub fn apply(&self, ns: &Netns, sets: &[RuleSet]) -> Result<Applied, EngineError> {
         match self {
-            Engine::Iptables(nf) => Ok(nf.apply(ns, sets)?),
-            Engine::Nftables(n) => Ok(n.apply(ns, sets)?),
+            Engine::Iptables(nf) => Ok(Applied::Iptables(nf.apply(ns, sets)?)),
+            Engine::Nftables(n) => Ok(Applied::Nftables(n.apply(ns, sets)?)),
+        }
+    }
+
+    /// Puts back what [`Engine::apply`] changed, best effort (failures are logged).
+    pub fn undo(&self, ns: &Netns, applied: Applied) {
+        match (self, applied) {
+            (Engine::Iptables(nf), Applied::Iptables(a)) => nf.undo(ns, a),
+            (Engine::Nftables(n), Applied::Nftables(a)) => n.undo(ns, a),
+            _ => unreachable!("an apply is undone by the engine that made it"),
         }
     }
 

@@ -64,6 +64,8 @@ struct Request {
     method: Method,
     path: String,
     what: String,
+    /// The resource and object asked for, which a 404 must name to mean "no such object".
+    object: (&'static str, String),
 }
 
 /// Why one attempt failed: worth another try, or final.
@@ -132,6 +134,7 @@ impl Client {
             method: Method::Get,
             path: format!("/api/v1/namespaces/{namespace}/pods/{name}"),
             what: format!("GET pod {namespace}/{name}"),
+            object: ("pods", name.to_owned()),
         };
         self.decode(&req, self.send(&req)?, "Pod")
     }
@@ -146,6 +149,7 @@ impl Client {
             method: Method::Patch(patch),
             path: format!("/api/v1/namespaces/{namespace}/pods/{name}"),
             what: format!("PATCH pod {namespace}/{name} annotation {key}={value}"),
+            object: ("pods", name.to_owned()),
         };
         self.decode(&req, self.send(&req)?, "Pod")
     }
@@ -153,8 +157,12 @@ impl Client {
     /// Reads a node.
     pub fn get_node(&self, name: &str) -> Result<Node, Error> {
         check_name("node name", name)?;
-        let req =
-            Request { method: Method::Get, path: format!("/api/v1/nodes/{name}"), what: format!("GET node {name}") };
+        let req = Request {
+            method: Method::Get,
+            path: format!("/api/v1/nodes/{name}"),
+            what: format!("GET node {name}"),
+            object: ("nodes", name.to_owned()),
+        };
         self.decode(&req, self.send(&req)?, "Node")
     }
 
@@ -168,6 +176,7 @@ impl Client {
             method: Method::Patch(patch),
             path: format!("/api/v1/nodes/{name}"),
             what: format!("PATCH node {name}"),
+            object: ("nodes", name.to_owned()),
         };
         self.decode(&req, self.send(&req)?, "Node")
     }
@@ -294,7 +303,14 @@ impl Client {
                 request: request(),
                 message: message(&body, token.as_ref()),
             })),
-            404 => Err(Failure::Final(Error::NotFound { server: server(), request: request() })),
+            404 if names_missing_object(&body, &req.object) => {
+                Err(Failure::Final(Error::NotFound { server: server(), request: request() }))
+            }
+            404 => Err(Failure::Final(Error::NotFoundElsewhere {
+                server: server(),
+                request: request(),
+                answer: message(&body, token.as_ref()),
+            })),
             429 | 500..=599 => Err(Failure::Retry {
                 cause: Cause::Status { status, message: message(&body, token.as_ref()) },
                 retry_after,
@@ -403,6 +419,19 @@ fn message(body: &[u8], token: Option<&Secret>) -> String {
     text
 }
 
+/// Is `body` the `Status` the API server sends when the object asked for does not exist? It says
+/// `reason: NotFound` and names the resource and the object in `details` (apimachinery's
+/// `NewNotFound`). A path the server does not serve gets `NotFound` without those details, or plain
+/// text; a proxy's 404 is anything at all: neither says the object is missing.
+fn names_missing_object(body: &[u8], (resource, name): &(&'static str, String)) -> bool {
+    let Ok(s) = serde_json::from_slice::<Status>(body) else { return false };
+    let details = s.details.unwrap_or_default();
+    s.kind.as_deref() == Some("Status")
+        && s.reason.as_deref() == Some("NotFound")
+        && details.kind.as_deref() == Some(*resource)
+        && details.name.as_deref().is_none_or(|n| n == name)
+}
+
 /// Kubernetes names that can appear in a URL path: DNS-1123 subdomains (which include labels).
 /// Anything else (a `/`, `..`, upper case) cannot name a real object, and must not reach a URL.
 fn check_name(what: &'static str, value: &str) -> Result<(), Error> {
@@ -468,6 +497,24 @@ mod tests {
         for bad in ["", "..", "a/b", "Web", "a_b", "-a", "a-", "a b", "a%2f", &"a".repeat(254)] {
             assert!(!is_valid_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn only_a_status_naming_the_object_means_it_does_not_exist() {
+        let pod = ("pods", "web-0".to_owned());
+        let missing = br#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"pods \"web-0\" not found","reason":"NotFound","details":{"name":"web-0","kind":"pods"},"code":404}"#;
+        assert!(names_missing_object(missing, &pod));
+        // What the API server answers for a path it does not serve: NotFound, but about no object.
+        let no_path = br#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"the server could not find the requested resource","reason":"NotFound","details":{},"code":404}"#;
+        assert!(!names_missing_object(no_path, &pod));
+        assert!(!names_missing_object(b"404 page not found", &pod));
+        assert!(!names_missing_object(b"<html><body>Not Found</body></html>", &pod));
+        let other_object = br#"{"kind":"Status","reason":"NotFound","details":{"name":"web-1","kind":"pods"}}"#;
+        assert!(!names_missing_object(other_object, &pod));
+        let other_kind = br#"{"kind":"Status","reason":"NotFound","details":{"name":"web-0","kind":"nodes"}}"#;
+        assert!(!names_missing_object(other_kind, &pod));
+        let not_status = br#"{"kind":"Pod","reason":"NotFound","details":{"name":"web-0","kind":"pods"}}"#;
+        assert!(!names_missing_object(not_status, &pod));
     }
 
     #[test]

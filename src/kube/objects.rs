@@ -166,6 +166,19 @@ pub(crate) struct Status {
     pub message: Option<String>,
     #[serde(default)]
     pub reason: Option<String>,
+    /// What the status is about: for `NotFound`, the resource (`pods`) and the object's name.
+    #[serde(default)]
+    pub details: Option<StatusDetails>,
+}
+
+/// `Status.details`.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct StatusDetails {
+    /// The resource, as the API server names it in the URL (`pods`, `nodes`).
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// Escapes a map key for a JSON pointer (RFC 6901): `~` → `~0`, `/` → `~1`.

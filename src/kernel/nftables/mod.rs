@@ -30,6 +30,7 @@ use self::socket::{NfSocket, SocketError};
 use crate::core::nft::{self, Ruleset, TABLE};
 use crate::core::redirect::Family;
 use crate::core::rules::RuleSet;
+use crate::kernel::deadline::Deadline;
 use crate::kernel::netfilter::{Mismatch, Removed};
 use crate::kernel::netns::{Netns, NetnsError};
 use netlink_packet_netfilter::NetfilterProtoFamily;
@@ -52,9 +53,19 @@ pub enum NftablesError {
     Feature(#[from] FeatureError),
 }
 
-/// The nftables engine. It keeps no state: everything it needs is in the namespace.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Nftables;
+/// The nftables engine. It keeps no state besides its deadline: everything it needs is in the
+/// namespace.
+#[derive(Debug, Clone, Copy)]
+pub struct Nftables {
+    deadline: Deadline,
+}
+
+/// What [`Nftables::apply`] replaced: the families where our tables existed before it.
+#[derive(Debug)]
+#[must_use = "a caller that fails after apply must undo what it applied"]
+pub struct Applied {
+    replaced: Vec<Family>,
+}
 
 /// What of ours a namespace holds, as read back from the kernel.
 #[derive(Debug, Clone, Default)]
@@ -115,6 +126,11 @@ impl Seen {
 }
 
 impl Nftables {
+    /// The engine, with every exchange with the kernel ending by `deadline`.
+    pub fn new(deadline: Deadline) -> Nftables {
+        Nftables { deadline }
+    }
+
     /// Can ADD work? The kernel must have every nf_tables feature a redirect may use.
     pub fn ready(&self) -> Result<(), FeatureError> {
         features::probe_cached().map(drop)
@@ -123,16 +139,31 @@ impl Nftables {
     /// Installs `sets` (one per family) as our tables, replacing whatever of ours is there, in one
     /// atomic batch: afterwards the namespace holds exactly one copy, or, on failure, what it
     /// held before. Families not in `sets` lose our table.
-    pub fn apply(&self, ns: &Netns, sets: &[RuleSet]) -> Result<(), NftablesError> {
+    pub fn apply(&self, ns: &Netns, sets: &[RuleSet]) -> Result<Applied, NftablesError> {
         let rules = nft::from_rules(sets);
         features::require(&rules)?;
-        let mut sock = open(ns)?;
-        install(&mut sock, &rules).map_err(|e| socket_error(ns, e))
+        let mut sock = self.open(ns)?;
+        let replaced = install(&mut sock, &rules).map_err(|e| socket_error(ns, e))?;
+        Ok(Applied { replaced })
+    }
+
+    /// Undoes an [`Nftables::apply`] whose caller failed afterwards (Kuma's `::6` could not be
+    /// added): removes the tables it made, which leaves a fresh namespace — every pod's first ADD —
+    /// exactly as it was. A copy of ours that the apply replaced is not put back (the batch that
+    /// replaced it freed it); the runtime then DELs and retries, as after any failed ADD. Best
+    /// effort: a failure is logged.
+    pub fn undo(&self, ns: &Netns, applied: Applied) {
+        if !applied.replaced.is_empty() {
+            log::warn!("the previous copy of our tables ({:?}) is not restored: removing ours", applied.replaced);
+        }
+        if let Err(e) = self.remove(ns) {
+            log::warn!("cannot undo this call's nftables changes: {}", crate::text::chain(&e));
+        }
     }
 
     /// Removes our tables from the namespace (both families), in one batch.
     pub fn remove(&self, ns: &Netns) -> Result<Removed, NftablesError> {
-        let mut sock = open(ns)?;
+        let mut sock = self.open(ns)?;
         let seen = read(&mut sock, false).map_err(|e| socket_error(ns, e))?;
         if seen.tables.is_empty() {
             return Ok(Removed::default());
@@ -150,7 +181,7 @@ impl Nftables {
     /// Verifies the namespace holds exactly `sets` in our tables: every expected table, set
     /// (and element), chain and rule, in order, and nothing else in our tables.
     pub fn check(&self, ns: &Netns, sets: &[RuleSet]) -> Result<(), CheckError> {
-        let mut sock = open(ns)?;
+        let mut sock = self.open(ns)?;
         let seen = read(&mut sock, true).map_err(|e| socket_error(ns, e))?;
         let diffs = check::diff(&nft::from_rules(sets), &seen);
         if diffs.is_empty() { Ok(()) } else { Err(Mismatch(diffs).into()) }
@@ -158,14 +189,14 @@ impl Nftables {
 
     /// What [`Nftables::apply`] would send (the same batch, whatever the namespace holds).
     pub fn plan_apply(&self, ns: &Netns, sets: &[RuleSet]) -> Result<Plan, NftablesError> {
-        let mut sock = open(ns)?;
+        let mut sock = self.open(ns)?;
         let before = read(&mut sock, true).map_err(|e| socket_error(ns, e))?;
         Ok(Plan { install: Some(nft::from_rules(sets)), before })
     }
 
     /// What [`Nftables::remove`] would send.
     pub fn plan_removal(&self, ns: &Netns) -> Result<Plan, NftablesError> {
-        let mut sock = open(ns)?;
+        let mut sock = self.open(ns)?;
         let before = read(&mut sock, true).map_err(|e| socket_error(ns, e))?;
         Ok(Plan { install: None, before })
     }
@@ -175,8 +206,8 @@ impl Nftables {
         match &plan.install {
             Some(r) => {
                 features::require(r)?;
-                let mut sock = open(ns)?;
-                install(&mut sock, r).map_err(|e| socket_error(ns, e))
+                let mut sock = self.open(ns)?;
+                install(&mut sock, r).map(drop).map_err(|e| socket_error(ns, e))
             }
             None => self.remove(ns).map(drop),
         }
@@ -189,7 +220,7 @@ impl Nftables {
 /// nothing and does not wait. Should a table of ours appear between the read and the batch (a
 /// concurrent ADD), the kernel refuses the batch, changing nothing, and the batch that replaces
 /// every family is sent instead.
-fn install(sock: &mut NfSocket, rules: &Ruleset) -> Result<(), SocketError> {
+fn install(sock: &mut NfSocket, rules: &Ruleset) -> Result<Vec<Family>, SocketError> {
     let present: Vec<Family> = read(sock, false)?.tables.iter().map(|t| t.family).collect();
     let batch = encode::install(rules, &present, sock.next_seq());
     let bytes = batch.end_bytes();
@@ -197,7 +228,8 @@ fn install(sock: &mut NfSocket, rules: &Ruleset) -> Result<(), SocketError> {
         Err(SocketError::Refused { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
             log::debug!("a table of ours appeared meanwhile: replacing every family");
             let batch = encode::replace(rules, sock.next_seq());
-            sock.send(&batch, &batch.end_bytes())
+            sock.send(&batch, &batch.end_bytes())?;
+            Ok(Family::ALL.to_vec())
         }
         Ok(()) => {
             log::debug!(
@@ -205,7 +237,7 @@ fn install(sock: &mut NfSocket, rules: &Ruleset) -> Result<(), SocketError> {
                 batch.what.len(),
                 bytes.len()
             );
-            Ok(())
+            Ok(present)
         }
         Err(e) => Err(e),
     }
@@ -230,9 +262,13 @@ fn socket_error(ns: &Netns, source: SocketError) -> NftablesError {
     NftablesError::Socket { netns: ns.path().display().to_string(), source }
 }
 
-/// Opens a netfilter socket in `ns` (from a thread that entered it, see [`Netns::run_on_thread`]).
-fn open(ns: &Netns) -> Result<NfSocket, NftablesError> {
-    ns.run_on_thread(NfSocket::open)?.map_err(|e| socket_error(ns, e))
+impl Nftables {
+    /// Opens a netfilter socket in `ns` (from a thread that entered it, see
+    /// [`Netns::run_on_thread`]) whose exchanges end by the engine's deadline.
+    fn open(&self, ns: &Netns) -> Result<NfSocket, NftablesError> {
+        let deadline = self.deadline;
+        ns.run_on_thread(move || NfSocket::open_until(deadline))?.map_err(|e| socket_error(ns, e))
+    }
 }
 
 /// Reads our tables: their chains always, their sets and rules when `full`.

@@ -1,7 +1,8 @@
 //! A `NETLINK_NETFILTER` socket: sends a batch and reads its acknowledgements, or dumps objects.
 //!
 //! Every exchange has a deadline: the socket's receive timeout bounds each read, and a whole
-//! exchange gives up at [`TIMEOUT`] however the kernel's answers trickle in.
+//! exchange gives up at [`TIMEOUT`] — or at the caller's deadline, if that comes first — however
+//! the kernel's answers trickle in.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -15,6 +16,7 @@ use thiserror::Error;
 
 use super::encode::Batch;
 use crate::core::redirect::Family;
+use crate::kernel::deadline::Deadline;
 
 /// How long one exchange with the kernel may take (it answers in microseconds).
 pub const TIMEOUT: Duration = Duration::from_secs(2);
@@ -49,9 +51,19 @@ pub enum SocketError {
 pub struct NfSocket {
     sock: Socket,
     seq: u32,
+    /// No exchange goes on past this.
+    deadline: Option<Deadline>,
 }
 
 impl NfSocket {
+    /// Opens a socket in the calling thread's network namespace whose exchanges also end by
+    /// `deadline`.
+    pub fn open_until(deadline: Deadline) -> Result<NfSocket, SocketError> {
+        let mut s = NfSocket::open()?;
+        s.deadline = Some(deadline);
+        Ok(s)
+    }
+
     /// Opens a socket in the calling thread's network namespace.
     pub fn open() -> Result<NfSocket, SocketError> {
         let io = |what| move |source| SocketError::Io { what, source };
@@ -60,9 +72,9 @@ impl NfSocket {
         sock.connect(&SocketAddr::new(0, 0)).map_err(io("connect a netfilter netlink socket"))?;
         // Acknowledgements of errors carry only the header of the refused message, not all of it.
         sock.set_cap_ack(true).map_err(io("configure a netfilter netlink socket"))?;
-        set_timeout(&sock).map_err(io("set a netlink timeout"))?;
+        set_timeout(&sock, TIMEOUT).map_err(io("set a netlink timeout"))?;
         let seq = std::process::id().wrapping_mul(1000);
-        Ok(NfSocket { sock, seq })
+        Ok(NfSocket { sock, seq, deadline: None })
     }
 
     /// The sequence number to start a batch after (the batch takes numbers after it).
@@ -80,7 +92,7 @@ impl NfSocket {
             raise_sndbuf(&self.sock, bytes.len()).map_err(|source| SocketError::Io { what: WHAT, source })?;
         }
         self.sock.send(bytes, 0).map_err(|source| SocketError::Io { what: WHAT, source })?;
-        let deadline = Instant::now() + TIMEOUT;
+        let deadline = self.exchange_deadline();
         let mut buf = vec![0u8; 64 * 1024];
         let mut refused: Option<(u32, i32)> = None;
         loop {
@@ -124,7 +136,7 @@ impl NfSocket {
         let mut bytes = vec![0u8; m.buffer_len()];
         m.serialize(&mut bytes);
         self.sock.send(&bytes, 0).map_err(|source| SocketError::Io { what, source })?;
-        let deadline = Instant::now() + TIMEOUT;
+        let deadline = self.exchange_deadline();
         let mut buf = vec![0u8; 64 * 1024];
         let mut out = Vec::new();
         loop {
@@ -165,11 +177,23 @@ impl NfSocket {
         }
     }
 
+    /// When the exchange starting now must end.
+    fn exchange_deadline(&self) -> Instant {
+        let own = Instant::now() + TIMEOUT;
+        match self.deadline {
+            Some(d) => own.min(Instant::now() + d.remaining()),
+            None => own,
+        }
+    }
+
     fn recv(&self, buf: &mut [u8], deadline: Instant, what: &'static str) -> Result<usize, SocketError> {
         loop {
-            if Instant::now() >= deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err(SocketError::Timeout { what });
             }
+            // A read blocks no longer than what is left of the exchange.
+            set_timeout(&self.sock, left).map_err(|source| SocketError::Io { what, source })?;
             match self.sock.recv(&mut &mut buf[..], 0) {
                 Ok(n) => return Ok(n),
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
@@ -182,8 +206,12 @@ impl NfSocket {
     }
 }
 
-fn set_timeout(sock: &Socket) -> io::Result<()> {
-    let tv = libc::timeval { tv_sec: TIMEOUT.as_secs() as libc::time_t, tv_usec: 0 };
+fn set_timeout(sock: &Socket, timeout: Duration) -> io::Result<()> {
+    let timeout = timeout.max(Duration::from_micros(1));
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    };
     // Safety: `tv` is a valid timeval and its size is passed along; the descriptor is open.
     let rc = unsafe {
         libc::setsockopt(
