@@ -263,11 +263,11 @@ fn socket_error(ns: &Netns, source: SocketError) -> NftablesError {
 }
 
 impl Nftables {
-    /// Opens a netfilter socket in `ns` (from a thread that entered it, see
-    /// [`Netns::run_on_thread`]) whose exchanges end by the engine's deadline.
+    /// Opens a netfilter socket in `ns` ([`Netns::socket`]) whose exchanges end by the engine's
+    /// deadline.
     fn open(&self, ns: &Netns) -> Result<NfSocket, NftablesError> {
-        let deadline = self.deadline;
-        ns.run_on_thread(move || NfSocket::open_until(deadline))?.map_err(|e| socket_error(ns, e))
+        let fd = ns.socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_NETFILTER)?;
+        NfSocket::from_fd(fd, self.deadline).map_err(|e| socket_error(ns, e))
     }
 }
 

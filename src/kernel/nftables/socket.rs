@@ -5,7 +5,7 @@
 //! the kernel's answers trickle in.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
@@ -56,18 +56,26 @@ pub struct NfSocket {
 }
 
 impl NfSocket {
-    /// Opens a socket in the calling thread's network namespace whose exchanges also end by
-    /// `deadline`.
-    pub fn open_until(deadline: Deadline) -> Result<NfSocket, SocketError> {
-        let mut s = NfSocket::open()?;
+    /// Opens a socket in the calling thread's network namespace.
+    pub fn open() -> Result<NfSocket, SocketError> {
+        let sock = Socket::new(NETLINK_NETFILTER)
+            .map_err(|source| SocketError::Io { what: "open a netfilter netlink socket", source })?;
+        NfSocket::set_up(sock)
+    }
+
+    /// Makes a socket of a descriptor from `socket(AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER)`
+    /// (made in another namespace, see [`crate::kernel::netns::Netns::socket`]), whose exchanges
+    /// also end by `deadline`.
+    pub fn from_fd(fd: OwnedFd, deadline: Deadline) -> Result<NfSocket, SocketError> {
+        // Safety: `fd` is an open netlink socket owned by nothing else; the Socket takes it over.
+        let sock = unsafe { Socket::from_raw_fd(fd.into_raw_fd()) };
+        let mut s = NfSocket::set_up(sock)?;
         s.deadline = Some(deadline);
         Ok(s)
     }
 
-    /// Opens a socket in the calling thread's network namespace.
-    pub fn open() -> Result<NfSocket, SocketError> {
+    fn set_up(mut sock: Socket) -> Result<NfSocket, SocketError> {
         let io = |what| move |source| SocketError::Io { what, source };
-        let mut sock = Socket::new(NETLINK_NETFILTER).map_err(io("open a netfilter netlink socket"))?;
         sock.bind_auto().map_err(io("bind a netfilter netlink socket"))?;
         sock.connect(&SocketAddr::new(0, 0)).map_err(io("connect a netfilter netlink socket"))?;
         // Acknowledgements of errors carry only the header of the refused message, not all of it.
