@@ -266,7 +266,9 @@ impl Nftables {
     /// Opens a netfilter socket in `ns` ([`Netns::socket`]) whose exchanges end by the engine's
     /// deadline.
     fn open(&self, ns: &Netns) -> Result<NfSocket, NftablesError> {
-        let fd = ns.socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_NETFILTER)?;
+        let fd = ns
+            .socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_NETFILTER)?
+            .map_err(|source| socket_error(ns, SocketError::Io { what: "open a netfilter netlink socket", source }))?;
         NfSocket::from_fd(fd, self.deadline).map_err(|e| socket_error(ns, e))
     }
 }
