@@ -102,6 +102,8 @@ pub struct Batch {
     last_at: usize,
     /// The name of the tables the batch works on.
     table: &'static str,
+    /// The tables it creates are dormant (their base chains hook into nothing).
+    dormant: bool,
     /// The sequence number of the batch-begin message; the messages follow it.
     pub first_seq: u32,
     /// What each message does, by sequence number after `first_seq`.
@@ -114,11 +116,25 @@ impl Batch {
         Batch::on_table(TABLE, seq)
     }
 
-    /// A batch on tables named `table` (the kernel feature probe uses a name of its own).
+    /// A batch on tables named `table`.
     pub fn on_table(table: &'static str, seq: u32) -> Batch {
-        let mut b = Batch { bytes: Vec::with_capacity(4096), last_at: 0, table, first_seq: seq + 1, what: Vec::new() };
+        let mut b = Batch {
+            bytes: Vec::with_capacity(4096),
+            last_at: 0,
+            table,
+            dormant: false,
+            first_seq: seq + 1,
+            what: Vec::new(),
+        };
         b.control(ControlMessage::BatchBegin, seq + 1);
         b
+    }
+
+    /// A batch whose tables, named `table`, are created dormant: the kernel checks and loads
+    /// everything they use, but their base chains hook into nothing (the feature probe, which
+    /// runs in the host's namespace).
+    pub fn dormant(table: &'static str, seq: u32) -> Batch {
+        Batch { dormant: true, ..Batch::on_table(table, seq) }
     }
 
     /// The sequence number of the last message added.
@@ -145,6 +161,7 @@ impl Batch {
             bytes: self.acked_bytes(),
             last_at: self.last_at,
             table: self.table,
+            dormant: self.dormant,
             first_seq: self.first_seq,
             what: Vec::new(),
         };
@@ -200,13 +217,13 @@ impl Batch {
         let (fam, table) = (nft_family(family), self.table);
         self.push(
             family,
-            table_msg(table, NfTablesMessage::NewTable, false),
+            table_msg_plain(table, NfTablesMessage::NewTable),
             NLM_F_CREATE,
             format!("add table {fam} {table}"),
         );
         self.push(
             family,
-            table_msg(table, NfTablesMessage::DeleteTable, false),
+            table_msg_plain(table, NfTablesMessage::DeleteTable),
             0,
             format!("delete table {fam} {table}"),
         );
@@ -217,7 +234,7 @@ impl Batch {
         let (family, fam, table) = (t.family, nft_family(t.family), self.table);
         self.push(
             family,
-            table_msg(table, NfTablesMessage::NewTable, true),
+            table_msg(table, if self.dormant { TableFlags::Dormant } else { TableFlags::empty() }),
             NLM_F_CREATE | NLM_F_EXCL,
             format!("create table {fam} {table}"),
         );
@@ -302,13 +319,20 @@ pub fn comment_udata(text: &str) -> Vec<u8> {
     v
 }
 
-fn table_msg(table: &str, kind: fn(TableMessage) -> NfTablesMessage, with_comment: bool) -> NfTablesMessage {
-    let mut attributes = vec![TableAttribute::Name(table.into())];
-    if with_comment {
-        attributes.push(TableAttribute::Flags(TableFlags::default()));
-        attributes.push(TableAttribute::UserData(comment_udata(TABLE_COMMENT)));
-    }
-    kind(TableMessage { attributes })
+/// A table message naming the table only.
+fn table_msg_plain(table: &str, kind: fn(TableMessage) -> NfTablesMessage) -> NfTablesMessage {
+    kind(TableMessage { attributes: vec![TableAttribute::Name(table.into())] })
+}
+
+/// The message that creates a table, with its flags and our comment.
+fn table_msg(table: &str, flags: TableFlags) -> NfTablesMessage {
+    NfTablesMessage::NewTable(TableMessage {
+        attributes: vec![
+            TableAttribute::Name(table.into()),
+            TableAttribute::Flags(flags),
+            TableAttribute::UserData(comment_udata(TABLE_COMMENT)),
+        ],
+    })
 }
 
 fn chain_msg(table: &str, c: &NftChain) -> NfTablesMessage {

@@ -4,7 +4,9 @@
 //! `log`, interval sets, IPv6 NAT) is tried with a dry-run batch: a small table that uses it,
 //! sent without the batch's end message, so the kernel checks every message (loading the modules
 //! it needs, as it does for a real batch) and then commits nothing. The probe runs in the
-//! process's own namespace under a table name of its own, so it can never meet our real tables.
+//! process's own namespace under a table name of its own, so it can never meet our real tables,
+//! and its tables are dormant: their chains never hook into the namespace's traffic, not even for
+//! the moment the kernel holds the batch.
 //!
 //! A kernel with every feature is remembered under `/run/tproxy-cni` (tmpfs: a reboot clears it)
 //! with the boot's id, so later ADDs read one small file instead of probing. A kernel that lacks
@@ -177,7 +179,7 @@ pub fn probe() -> Result<Vec<Feature>, FeatureError> {
     let mut sock = NfSocket::open().map_err(FeatureError::Probe)?;
     let mut missing = Vec::new();
     for f in Feature::ALL {
-        let mut batch = Batch::on_table(PROBE_TABLE, sock.next_seq());
+        let mut batch = Batch::dormant(PROBE_TABLE, sock.next_seq());
         let mut ids = 0;
         batch.add_table(&f.probe(), &mut ids);
         match sock.send(&batch, &batch.dry_run_bytes()) {
