@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::support::apiserver;
-use crate::support::install::{BIN, Host, Installer, free_port, golden, http_status, wait_for};
+use crate::support::install::{BIN, Host, Installer, free_port, golden, http_status};
+use crate::support::wait_for;
 
 const PRIMARIES: [&str; 4] = ["10-bridge.conflist", "10-flannel.conf", "10-calico.conflist", "05-cilium.conflist"];
 

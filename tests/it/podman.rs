@@ -50,10 +50,6 @@ const KUMA_PROXY_UID: u32 = 5678;
 const ANY4: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 const ANY6: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
 
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
 /// A network namespace held open by the test: it lives as long as this value, whatever podman
 /// does with its own reference.
 struct HeldNs {
@@ -578,15 +574,6 @@ fn kuma(name: &str) -> PodFixture {
     PodFixture::new(NAMESPACE, name).annotation("kuma.io/sidecar-injected", "true").container("kuma-sidecar")
 }
 
-/// Waits (bounded) until `cond` holds.
-fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn mesh_containers_are_redirected_and_plain_ones_are_untouched() {
     if !privileged_with(TOOLS) {
@@ -704,7 +691,7 @@ fn stop_start_and_restart_remove_and_reapply_the_rules() {
     assert!(out.status.success(), "podman run job: {}", text(&out));
     let job = pm.inspect("job");
     assert_eq!(job.ns.all_ours("legacy"), installed);
-    eventually("the job's network teardown", Duration::from_secs(30), || !job.sandbox.exists());
+    wait_for(Duration::from_secs(30), "the job's network teardown", || !job.sandbox.exists());
     assert_eq!(pm.state("job"), "exited");
     assert_eq!(job.ns.all_ours("legacy"), Vec::<String>::new(), "rules left after the job ended");
     assert!(!lock(&job).exists());

@@ -291,18 +291,6 @@ impl Drop for Installer {
     }
 }
 
-/// Polls `cond` every 5 ms until it holds or `limit` passes; returns how long it took.
-pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()

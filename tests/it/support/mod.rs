@@ -140,13 +140,20 @@ pub fn unique(prefix: &str) -> String {
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{cmd:?} failed: {}", text(&out));
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `cond` every 5 ms until it holds or `limit` passes; returns how long it took.
+pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// A scratch directory removed on drop.
@@ -235,6 +242,36 @@ impl Netns {
         assert!(out.status.success(), "{tool}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Applies `rules` (restore input) in both families with `backend`.
+    pub fn plant(&self, backend: &str, rules: &str) {
+        self.restore(Fam::V4, backend, rules);
+        self.restore(Fam::V6, backend, rules);
+    }
+
+    /// Plants the foreign canary ([`NAT_CANARY`]) in both families.
+    pub fn plant_canary(&self, backend: &str) {
+        self.plant(backend, NAT_CANARY);
+    }
+
+    /// A new namespace holding the canary in `backend`'s tables, and its [`Netns::snapshot`].
+    pub fn with_canary(prefix: &str, backend: &str) -> (Netns, String) {
+        let ns = Netns::new(prefix);
+        ns.plant_canary(backend);
+        let before = ns.snapshot();
+        (ns, before)
+    }
+
+    /// How many times `::6/128` (Kuma's IPv6 inbound passthrough address) is on the loopback.
+    pub fn passthrough_v6(&self) -> usize {
+        // Run from a thread inside the namespace: cheaper than `ip netns exec`, and the crash tests
+        // ask often.
+        let out = in_netns(self, None, || {
+            Command::new("/usr/sbin/ip").args(["-6", "-o", "addr", "show", "dev", "lo"]).output()
+        })
+        .unwrap();
+        String::from_utf8_lossy(&out.stdout).matches(" ::6/128 ").count()
+    }
+
     /// Counts the rules carrying our ownership comment in one family.
     pub fn our_rule_count(&self, family: Fam, backend: &str) -> usize {
         self.save(family, backend)
@@ -258,6 +295,14 @@ impl Drop for Netns {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
+
+/// Foreign rules that must survive whatever the plugin does: a rule of someone else's in a built-in
+/// chain we also use, and a chain of their own, in nat.
+const NAT_CANARY: &str =
+    "*nat\n:CANARY - [0:0]\n-A OUTPUT -p tcp -m tcp --dport 9999 -j RETURN\n-A CANARY -j RETURN\nCOMMIT\n";
+
+/// The iptables backends, in the order tests go through them.
+pub const BACKENDS: [&str; 2] = ["nft", "legacy"];
 
 /// A network namespace that can be entered through a path: a test's own [`Netns`], or one a
 /// container runtime made (its bind mount, or `/proc/PID/ns/net`).
@@ -434,6 +479,52 @@ impl Drop for Network {
     }
 }
 
+/// The start every network test shares: the privileged guard, a [`Network`] whose tproxy-cni entry
+/// uses one backend, and pods holding a foreign canary whose snapshot the test compares against.
+/// Derefs to its network.
+pub struct Fixture {
+    /// The backend of the network's tproxy-cni entry (`iptables_mode`).
+    pub backend: &'static str,
+    pub net: Network,
+}
+
+impl Fixture {
+    /// A network on `backend` with `conf`'s keys added to the tproxy-cni entry; `None` when the
+    /// test cannot run here (see [`privileged`]: skipped outside CI, a failure in CI).
+    pub fn new(backend: &'static str, conf: serde_json::Value) -> Option<Fixture> {
+        privileged().then(|| Fixture::on(backend, &conf))
+    }
+
+    /// One fixture per backend, each made when the loop reaches it (the previous one is gone by
+    /// then); none when the test cannot run here.
+    pub fn backends(conf: serde_json::Value) -> impl Iterator<Item = Fixture> {
+        let run = privileged();
+        BACKENDS.into_iter().filter(move |_| run).map(move |backend| Fixture::on(backend, &conf))
+    }
+
+    fn on(backend: &'static str, conf: &serde_json::Value) -> Fixture {
+        let mut conf = conf.clone();
+        conf["iptables_mode"] = backend.into();
+        Fixture { backend, net: Network::new(conf) }
+    }
+
+    /// A pod not ADDed yet whose namespace holds the canary, and the namespace's snapshot.
+    pub fn canary_pod(&self, name: &str) -> (Pod<'_>, String) {
+        let pod = self.net.pod_unstarted(name);
+        pod.ns.plant_canary(self.backend);
+        let before = pod.ns.snapshot();
+        (pod, before)
+    }
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = Network;
+
+    fn deref(&self) -> &Network {
+        &self.net
+    }
+}
+
 /// A pod sandbox on a [`Network`]. Dropping it DELs it through the chain and removes its namespace.
 pub struct Pod<'n> {
     pub net: &'n Network,
@@ -477,6 +568,11 @@ impl Drop for Pod<'_> {
             let _ = self.net.cnidrv("del", &self.ns, &self.id, &self.cni_args(), None);
         }
     }
+}
+
+/// A finished command's stdout and stderr, for messages.
+pub fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 /// Calls the plugin binary directly (as a runtime would), with a CNI environment and stdin.
