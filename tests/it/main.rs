@@ -12,11 +12,13 @@
 
 mod support;
 
+mod admission_policy;
 mod adversarial;
 mod backend;
 mod concurrency;
 mod consul_traffic;
 mod crash;
+mod cri;
 mod golden;
 mod host;
 mod install;

@@ -6,6 +6,7 @@
 //! machine); every loop is bounded; every namespace, bridge and process is removed on drop.
 
 pub mod apiserver;
+pub mod cri;
 pub mod harden;
 pub mod install;
 
