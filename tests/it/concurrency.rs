@@ -76,6 +76,7 @@ fn sixty_four_pods_at_once_each_get_exactly_their_own_rules() {
     if !privileged() {
         return;
     }
+    let _load = busy();
     let mut canary = canary_rules();
     canary.sort();
     for backend in BACKENDS {

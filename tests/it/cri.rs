@@ -97,6 +97,7 @@ fn sandboxes_through_the_cri(engine: Engine) {
     if !privileged_with(TOOLS) {
         return;
     }
+    let _load = busy();
     let ctd = Containerd::start(engine, json!({}));
 
     // A pod with no annotations at all (containerd passes `null`), which plays the remote server;
@@ -218,6 +219,7 @@ fn with_an_api_server(engine: Engine) {
     if !privileged_with(TOOLS) {
         return;
     }
+    let _load = busy();
     let api = ApiServer::start();
     api.add_pod(PodFixture::consul(NAMESPACE, "web"));
     let ctd = Containerd::start(engine, json!({"kubeconfig": api.default_kubeconfig(), "api_timeout": "2s"}));

@@ -579,6 +579,7 @@ fn mesh_containers_are_redirected_and_plain_ones_are_untouched() {
     if !privileged_with(TOOLS) {
         return;
     }
+    let _load = busy();
     let pm = Podman::new(json!({"iptables_mode": "nft"}));
     pm.api.add_pod(PodFixture::new(NAMESPACE, "server").label("app", "server"));
     pm.api.add_pod(PodFixture::consul(NAMESPACE, "web"));
@@ -637,6 +638,7 @@ fn stop_start_and_restart_remove_and_reapply_the_rules() {
     if !privileged_with(TOOLS) {
         return;
     }
+    let _load = busy();
     // The legacy backend: each namespace also gets an xtables lock file, which DEL must remove.
     let pm = Podman::new(json!({"iptables_mode": "legacy"}));
     pm.api.add_pod(PodFixture::new(NAMESPACE, "server"));
@@ -703,6 +705,7 @@ fn a_failed_add_fails_the_container_with_our_message() {
     if !privileged_with(TOOLS) {
         return;
     }
+    let _load = busy();
     let pm = Podman::new(json!({"iptables_mode": "nft"}));
     let bad_config = r#"{"ProxyUserID":"5995","ProxyInboundPort":65536,"ProxyOutboundPort":15001}"#;
     pm.api.add_pod(

@@ -17,7 +17,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -129,6 +129,24 @@ pub fn in_own_process(module: &str, test: &str, deadline: Duration) -> bool {
     assert!(status.success(), "{name} failed in its own process ({status})");
     assert!(out.contains("test result: ok. 1 passed"), "{name} did not run in its own process");
     false
+}
+
+/// Tests that load the whole machine for a while (a container runtime with its disk work, 64
+/// plugins at once, a kill loop) and tests that give another process a deadline tight enough for
+/// that load to break (the installer re-chaining within a second) must not overlap. As test binaries
+/// of their own they never did; in the one binary [`busy`] and [`punctual`] keep them apart.
+static LOAD: RwLock<()> = RwLock::new(());
+
+/// Held by a test that loads the machine: any number of them run together, never beside a
+/// [`punctual`] one.
+pub fn busy() -> RwLockReadGuard<'static, ()> {
+    // A test that panicked while holding it poisoned nothing of ours: the lock guards no data.
+    LOAD.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held by a test whose deadlines a [`busy`] test's load could break: it runs with none of them.
+pub fn punctual() -> RwLockWriteGuard<'static, ()> {
+    LOAD.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A short name unique across this machine's concurrent test processes (interface names are
