@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use super::objects::StatusDetails;
+
 /// A kubeconfig that cannot be used, and which file it is.
 #[derive(Debug, Error)]
 #[error("kubeconfig {}: {problem}", path.display())]
@@ -116,9 +118,10 @@ pub enum Error {
     /// 403: authenticated, but RBAC does not allow the request.
     #[error("Kubernetes API server {server} refused {request} with 403 Forbidden: {message}")]
     Forbidden { server: String, request: String, message: String },
-    /// 404: the object does not exist.
+    /// 404: the object does not exist. `details` are those of the server's `Status`, when it sent
+    /// one that names the object (a 404 for a path the server does not serve names nothing).
     #[error("{request}: not found on Kubernetes API server {server}")]
-    NotFound { server: String, request: String },
+    NotFound { server: String, request: String, details: Option<StatusDetails> },
     /// The server's certificate is not signed by the CA the kubeconfig trusts (or does not name it).
     #[error(
         "the certificate of Kubernetes API server {server} is not trusted by the kubeconfig's certificate authority"
@@ -178,6 +181,19 @@ impl Error {
             Error::Kubeconfig(_) | Error::InvalidName { .. } => Class::Config,
             Error::Rejected { .. } | Error::Decode { .. } | Error::Request { .. } => Class::Rejected,
         }
+    }
+
+    /// Did the server say that this very object — `resource` (plural, e.g. `daemonsets`) named
+    /// `name` — does not exist? Only a 404 whose `Status` names the object counts: a 404 from a
+    /// proxy or for an API group the server does not serve proves nothing about the object.
+    pub fn is_missing(&self, resource: &str, name: &str) -> bool {
+        matches!(self, Error::NotFound { details: Some(d), .. }
+            if d.kind.as_deref() == Some(resource) && d.name.as_deref() == Some(name))
+    }
+
+    /// 410 Gone: a watch's resource version is too old (compacted away); list again.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, Error::Rejected { status: 410, .. })
     }
 
     /// Did the server refuse a write because the object changed underneath it (409, or 422 from a

@@ -2,8 +2,9 @@
 //!
 //! There is no API server binary to be had on a test machine, so this plays the part for what the
 //! plugin and the installer use: HTTPS with a test CA (rcgen), `Authorization: Bearer` checked
-//! (or a client certificate signed by the test CA), real Pod and Node JSON, `Status` objects for
-//! errors (401, 403, 404, 409, 422, 429, 5xx), merge-patch and JSON-patch, and faults on demand:
+//! (or a client certificate signed by the test CA), real Pod, Node and DaemonSet JSON (a DaemonSet
+//! can be read, listed by name and watched: a chunked stream of events, as the real server sends
+//! them), `Status` objects for errors (401, 403, 404, 409, 422, 429, 5xx), merge-patch and JSON-patch, and faults on demand:
 //! a delay, N error answers then success, a connection closed mid-response. Every request is
 //! recorded (method, path, content type, body, which token it carried) for tests to assert on.
 //!
@@ -118,6 +119,8 @@ pub struct PodFixture {
     pub labels: BTreeMap<String, String>,
     pub containers: Vec<String>,
     pub init_containers: Vec<String>,
+    /// The DaemonSet that controls the pod: (name, uid).
+    pub daemonset: Option<(String, String)>,
 }
 
 impl PodFixture {
@@ -129,7 +132,14 @@ impl PodFixture {
             labels: BTreeMap::new(),
             containers: vec!["app".into()],
             init_containers: Vec::new(),
+            daemonset: None,
         }
+    }
+
+    /// The pod belongs to the DaemonSet `name` with `uid` (its controller `ownerReference`).
+    pub fn owned_by_daemonset(mut self, name: &str, uid: &str) -> Self {
+        self.daemonset = Some((name.into(), uid.into()));
+        self
     }
 
     pub fn annotation(mut self, key: &str, value: &str) -> Self {
@@ -193,6 +203,10 @@ impl PodFixture {
         if !self.labels.is_empty() {
             metadata["labels"] = json!(self.labels);
         }
+        if let Some((name, uid)) = &self.daemonset {
+            metadata["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": name,
+                "uid": uid, "controller": true, "blockOwnerDeletion": true}]);
+        }
         json!({
             "kind": "Pod",
             "apiVersion": "v1",
@@ -251,6 +265,11 @@ struct State {
     tokens: Vec<String>,
     pods: BTreeMap<(String, String), Value>,
     nodes: BTreeMap<String, Value>,
+    daemonsets: BTreeMap<(String, String), Value>,
+    /// Every change to a DaemonSet, for watches: (resource version, event type, object).
+    ds_events: Vec<(u64, &'static str, Value)>,
+    /// Bumped by [`ApiServer::cut_watches`]: open watches see it and drop their connections.
+    watch_epoch: u64,
     queued: VecDeque<Fault>,
     sticky: Option<Fault>,
     patch_status: Option<u16>,
@@ -324,6 +343,9 @@ impl ApiServer {
                 tokens: vec![TOKEN.into()],
                 pods: BTreeMap::new(),
                 nodes: BTreeMap::new(),
+                daemonsets: BTreeMap::new(),
+                ds_events: Vec::new(),
+                watch_epoch: 0,
                 queued: VecDeque::new(),
                 sticky: None,
                 patch_status: None,
@@ -406,6 +428,72 @@ impl ApiServer {
     /// The node as the stand-in holds it now.
     pub fn node(&self, name: &str) -> Option<Value> {
         self.shared.lock().nodes.get(name).cloned()
+    }
+
+    /// Serves a DaemonSet (as `kubectl apply` creates it) and returns its UID.
+    pub fn add_daemonset(&self, namespace: &str, name: &str) -> String {
+        let mut st = self.shared.lock();
+        st.uid += 1;
+        st.resource_version += 1;
+        let uid = format!("d5e7a3b1-0000-4000-8000-{:012x}", st.uid);
+        let rv = st.resource_version;
+        let ds = daemonset_json(namespace, name, &uid, rv);
+        st.ds_events.push((rv, "ADDED", ds.clone()));
+        st.daemonsets.insert((namespace.into(), name.into()), ds);
+        uid
+    }
+
+    /// The DaemonSet as the stand-in holds it now.
+    pub fn daemonset(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.shared.lock().daemonsets.get(&(namespace.to_owned(), name.to_owned())).cloned()
+    }
+
+    /// A template change (a rolling update): the generation grows, the UID stays.
+    pub fn roll_daemonset(&self, namespace: &str, name: &str) {
+        self.change_daemonset(namespace, name, |ds| {
+            let g = ds["metadata"]["generation"].as_u64().unwrap_or(1) + 1;
+            ds["metadata"]["generation"] = g.into();
+            ds["metadata"]["annotations"]["deprecated.daemonset.template.generation"] = g.to_string().into();
+            ds["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"] =
+                format!("2026-11-21T10:{:02}:00Z", g % 60).into();
+        });
+    }
+
+    /// Deletes the DaemonSet as `kubectl delete` does. Background (the default cascade): the object
+    /// is gone at once, watches see DELETED. Foreground: it stays, with a `deletionTimestamp` and
+    /// the `foregroundDeletion` finalizer, until its pods are gone (here: until deleted again).
+    pub fn delete_daemonset(&self, namespace: &str, name: &str, foreground: bool) {
+        if foreground {
+            self.change_daemonset(namespace, name, |ds| {
+                ds["metadata"]["deletionTimestamp"] = "2026-11-21T10:30:00Z".into();
+                ds["metadata"]["deletionGracePeriodSeconds"] = 0.into();
+                ds["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
+            });
+            return;
+        }
+        let mut st = self.shared.lock();
+        st.resource_version += 1;
+        let rv = st.resource_version;
+        let mut ds = st.daemonsets.remove(&(namespace.to_owned(), name.to_owned())).expect("no such DaemonSet");
+        ds["metadata"]["resourceVersion"] = rv.to_string().into();
+        st.ds_events.push((rv, "DELETED", ds));
+    }
+
+    fn change_daemonset(&self, namespace: &str, name: &str, change: impl FnOnce(&mut Value)) {
+        let mut st = self.shared.lock();
+        st.resource_version += 1;
+        let rv = st.resource_version;
+        let ds = st.daemonsets.get_mut(&(namespace.to_owned(), name.to_owned())).expect("no such DaemonSet");
+        change(ds);
+        ds["metadata"]["resourceVersion"] = rv.to_string().into();
+        let ds = ds.clone();
+        st.ds_events.push((rv, "MODIFIED", ds));
+    }
+
+    /// Drops every open watch connection mid-stream (an API server restart, a load balancer's idle
+    /// timeout): clients must watch again from where they were.
+    pub fn cut_watches(&self) {
+        self.shared.lock().watch_epoch += 1;
     }
 
     /// Changes the node right after the next GET of a node has been answered: a concurrent writer.
@@ -526,9 +614,25 @@ struct Incoming {
 
 /// What to send back.
 enum Reply {
-    Answer { status: u16, headers: Vec<(String, String)>, body: String },
-    Cut { status: u16, body: String },
+    Answer {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+    },
+    Cut {
+        status: u16,
+        body: String,
+    },
     Hangup,
+    /// A watch: stream the DaemonSet events after `from` (resource version) for `name` in
+    /// `namespace` until `until`.
+    Watch {
+        namespace: String,
+        name: Option<String>,
+        from: u64,
+        initial: Vec<Value>,
+        until: Instant,
+    },
 }
 
 fn serve(stream: TcpStream, shared: Arc<Shared>, config: Arc<ServerConfig>) {
@@ -565,6 +669,11 @@ fn serve(stream: TcpStream, shared: Arc<Shared>, config: Arc<ServerConfig>) {
             Reply::Hangup => {
                 let _ = tls.sock.shutdown(Shutdown::Both);
                 return;
+            }
+            Reply::Watch { namespace, name, from, initial, until } => {
+                if !stream_watch(tls, &shared, &namespace, name.as_deref(), from, initial, until) {
+                    return;
+                }
             }
         }
         if req.headers.get("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
@@ -718,6 +827,15 @@ fn route(st: &mut State, req: &Incoming, bearer: Option<&str>, client_cert: bool
             pod_request(st, req, key)
         }
         ["api", "v1", "nodes", name] => node_request(st, req, (*name).to_owned()),
+        ["apis", "apps", "v1", "namespaces", ns, "daemonsets", name] if req.method == "GET" => {
+            match st.daemonsets.get(&((*ns).to_owned(), (*name).to_owned())) {
+                Some(ds) => ok(ds),
+                None => not_found("daemonsets", "apps", name),
+            }
+        }
+        ["apis", "apps", "v1", "namespaces", ns, "daemonsets"] if req.method == "GET" => {
+            daemonset_collection(st, req, ns)
+        }
         _ => status_reply(404, "the server could not find the requested resource", "NotFound"),
     }
 }
@@ -908,4 +1026,167 @@ fn parent_of<'a>(doc: &'a mut Value, path: &str) -> Result<(&'a mut Value, Strin
     let last = last.replace("~1", "/").replace("~0", "~");
     let parent = doc.pointer_mut(parent).ok_or(format!("doc is missing path: {path}"))?;
     Ok((parent, last))
+}
+
+/// A DaemonSet as the API server returns it, with the fields a real one has.
+fn daemonset_json(namespace: &str, name: &str, uid: &str, rv: u64) -> Value {
+    let labels = json!({"app.kubernetes.io/name": name});
+    json!({
+        "kind": "DaemonSet",
+        "apiVersion": "apps/v1",
+        "metadata": {
+            "name": name, "namespace": namespace, "uid": uid, "resourceVersion": rv.to_string(), "generation": 1,
+            "creationTimestamp": "2026-11-21T10:00:00Z", "labels": labels,
+            "annotations": {"deprecated.daemonset.template.generation": "1"},
+        },
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {}},
+                "spec": {"containers": [{"name": "install", "image": "tproxy-cni:0.1.0", "command": ["/tproxy-cni", "install"]}],
+                         "serviceAccountName": name, "hostNetwork": true, "tolerations": [{"operator": "Exists"}]},
+            },
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "revisionHistoryLimit": 10,
+        },
+        "status": {"currentNumberScheduled": 1, "desiredNumberScheduled": 1, "numberMisscheduled": 0,
+                   "numberReady": 1, "observedGeneration": 1, "updatedNumberScheduled": 1, "numberAvailable": 1},
+    })
+}
+
+/// A 404 for a missing object: a `Status` whose details name it, as the real server sends.
+fn not_found(resource: &str, group: &str, name: &str) -> Reply {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("{resource}.{group} \"{name}\" not found"), "reason": "NotFound",
+        "details": {"name": name, "group": group, "kind": resource}, "code": 404,
+    })
+    .to_string();
+    Reply::Answer { status: 404, headers: Vec::new(), body }
+}
+
+/// The query parameters of a request path, percent-decoded.
+fn query(path: &str) -> BTreeMap<String, String> {
+    let decode = |s: &str| -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            match (b[i], b.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())) {
+                (b'%', Some(v)) => {
+                    out.push(v);
+                    i += 3;
+                }
+                (c, _) => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let q = path.split_once('?').map(|(_, q)| q).unwrap_or("");
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect()
+}
+
+/// A list (or, with `watch=true`, a watch) of the DaemonSets in a namespace, optionally selected by
+/// `fieldSelector=metadata.name=NAME`.
+fn daemonset_collection(st: &mut State, req: &Incoming, ns: &str) -> Reply {
+    let q = query(&req.path);
+    let name = match q.get("fieldSelector").map(String::as_str) {
+        None | Some("") => None,
+        Some(sel) => match sel.strip_prefix("metadata.name=") {
+            Some(n) if !n.contains(',') => Some(n.to_owned()),
+            _ => return status_reply(400, &format!("unsupported field selector {sel:?}"), "BadRequest"),
+        },
+    };
+    let selected: Vec<Value> = st
+        .daemonsets
+        .iter()
+        .filter(|((n, d), _)| n == ns && name.as_ref().is_none_or(|want| want == d))
+        .map(|(_, v)| v.clone())
+        .collect();
+    if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        let seconds: u64 = q.get("timeoutSeconds").and_then(|t| t.parse().ok()).unwrap_or(1800);
+        let until = Instant::now() + Duration::from_secs(seconds);
+        let (from, initial) = match q.get("resourceVersion").map(String::as_str) {
+            // "Start at most recent": the current objects as ADDED, then what changes.
+            None | Some("") | Some("0") => (st.resource_version, selected),
+            Some(v) => match v.parse::<u64>() {
+                Ok(rv) => (rv, Vec::new()),
+                Err(_) => return status_reply(400, &format!("invalid resourceVersion {v:?}"), "BadRequest"),
+            },
+        };
+        return Reply::Watch { namespace: ns.to_owned(), name, from, initial, until };
+    }
+    ok(&json!({
+        "kind": "DaemonSetList",
+        "apiVersion": "apps/v1",
+        "metadata": {"resourceVersion": st.resource_version.to_string()},
+        "items": selected,
+    }))
+}
+
+/// Streams a watch as chunked JSON lines until its deadline (then ends it cleanly), until the
+/// stand-in stops, or until [`ApiServer::cut_watches`] (then drops the connection). Returns
+/// whether the connection can carry another request.
+fn stream_watch(
+    w: &mut StreamOwned<ServerConnection, TcpStream>,
+    shared: &Shared,
+    namespace: &str,
+    name: Option<&str>,
+    from: u64,
+    initial: Vec<Value>,
+    until: Instant,
+) -> bool {
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\
+                Audit-Id: 00000000-0000-0000-0000-000000000000\r\n\r\n";
+    let chunk = |w: &mut StreamOwned<ServerConnection, TcpStream>, ty: &str, obj: &Value| -> bool {
+        let line = format!("{}\n", json!({"type": ty, "object": obj}));
+        w.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes()).and_then(|_| w.flush()).is_ok()
+    };
+    if w.write_all(head.as_bytes()).and_then(|_| w.flush()).is_err() {
+        return false;
+    }
+    for obj in &initial {
+        if !chunk(w, "ADDED", obj) {
+            return false;
+        }
+    }
+    let epoch = shared.lock().watch_epoch;
+    let mut cursor = from;
+    loop {
+        let (events, cut) = {
+            let st = shared.lock();
+            let events: Vec<(u64, &'static str, Value)> = st
+                .ds_events
+                .iter()
+                .filter(|(rv, _, obj)| {
+                    *rv > cursor
+                        && obj["metadata"]["namespace"] == namespace
+                        && name.is_none_or(|n| obj["metadata"]["name"] == n)
+                })
+                .cloned()
+                .collect();
+            (events, st.watch_epoch != epoch)
+        };
+        if cut || shared.stop.load(Ordering::SeqCst) {
+            let _ = w.sock.shutdown(Shutdown::Both);
+            return false;
+        }
+        for (rv, ty, obj) in events {
+            if !chunk(w, ty, &obj) {
+                return false;
+            }
+            cursor = rv;
+        }
+        if Instant::now() >= until {
+            return w.write_all(b"0\r\n\r\n").and_then(|_| w.flush()).is_ok();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
