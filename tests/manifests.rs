@@ -1,9 +1,10 @@
 //! The installer's Kubernetes manifests parse as the objects they claim to be, with the properties
 //! the design needs: least-privilege RBAC, no privileged container, every flag they set known to the
-//! binary, every mount backed by a volume, a plugin configuration the plugin accepts. The Helm
-//! chart's templates cannot be rendered here (no helm binary can be installed from the package
-//! registries this project uses); its metadata and values are parsed, and every value a template
-//! names must exist.
+//! binary, every mount backed by a volume, a plugin configuration the plugin accepts, an admission
+//! policy bound to the manifests' own service account (tests/admission_policy.rs evaluates its
+//! expressions). The Helm chart's templates cannot be rendered here (no helm binary can be
+//! installed from the package registries this project uses); its metadata and values are parsed,
+//! and every value a template names must exist.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -69,6 +70,8 @@ fn kustomization_lists_exactly_the_manifests_and_each_is_a_known_kind() {
         ("RoleBinding", "rbac.authorization.k8s.io/v1", true),
         ("ConfigMap", "v1", true),
         ("DaemonSet", "apps/v1", true),
+        ("ValidatingAdmissionPolicy", "admissionregistration.k8s.io/v1", false),
+        ("ValidatingAdmissionPolicyBinding", "admissionregistration.k8s.io/v1", false),
     ];
     let objects = objects();
     assert_eq!(objects.len(), expected.len());
@@ -143,6 +146,24 @@ fn rbac_grants_exactly_the_least_verbs() {
     assert!(role.contains(r#"verbs: ["get", "list", "watch"]"#) && role.contains(r#"apiGroups: ["apps"]"#));
     let ds = fs::read_to_string(chart.join("daemonset.yaml")).unwrap();
     assert!(ds.contains("kind: DaemonSet\nmetadata:\n  name: {{ .Release.Name }}\n"), "the DaemonSet the Role names");
+}
+
+#[test]
+fn the_admission_policy_holds_the_manifests_service_account() {
+    let objects = objects();
+    let sa = one(&objects, "ServiceAccount");
+    let user =
+        format!("system:serviceaccount:{}:{}", str_at(&sa, "/metadata/namespace"), str_at(&sa, "/metadata/name"));
+    let policy = one(&objects, "ValidatingAdmissionPolicy");
+    let conditions = policy["spec"]["matchConditions"].as_array().unwrap();
+    assert_eq!(conditions.len(), 1);
+    assert_eq!(str_at(&conditions[0], "/expression").trim(), format!("request.userInfo.username == '{user}'"));
+    let binding = one(&objects, "ValidatingAdmissionPolicyBinding");
+    assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"]);
+    // The RBAC grants it polices are the ones the ClusterRole gives that account.
+    let rules = &policy["spec"]["matchConstraints"]["resourceRules"][0];
+    assert_eq!(rules["resources"], serde_json::json!(["pods", "pods/*", "nodes", "nodes/*"]));
+    assert_eq!(rules["operations"], serde_json::json!(["*"]));
 }
 
 /// Every key named `privileged` anywhere, and whether any is true.
@@ -284,11 +305,20 @@ fn the_helm_chart_parses_and_its_templates_name_only_existing_values() {
             .find_map(|l| l.strip_prefix("kind: "))
             .unwrap_or_else(|| panic!("{} declares no kind", path.display()));
         assert!(
-            ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap", "DaemonSet"]
-                .contains(&kind),
+            [
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+                "ConfigMap",
+                "DaemonSet",
+                "ValidatingAdmissionPolicy"
+            ]
+            .contains(&kind),
             "{kind}"
         );
         assert!(!text.contains("privileged: true"));
     }
-    assert_eq!(templates, 7);
+    assert_eq!(templates, 8);
 }

@@ -7,6 +7,9 @@
 //! them), `Status` objects for errors (401, 403, 404, 409, 422, 429, 5xx), merge-patch and JSON-patch, and faults on demand:
 //! a delay, N error answers then success, a connection closed mid-response. Every request is
 //! recorded (method, path, content type, body, which token it carried) for tests to assert on.
+//! A test can put validating admission in the write path ([`ApiServer::set_admission`]): every
+//! patch is then shown, before it is stored, as the API server shows an update to admission
+//! ([`AdmissionAttributes`]), and refused when the hook says so.
 //!
 //! It writes kubeconfig files that point at itself, exactly as an installer writes one on a node,
 //! with the CA as a file or as `-data`, a token inline or in a `tokenFile`, a client certificate,
@@ -119,6 +122,8 @@ pub struct PodFixture {
     pub labels: BTreeMap<String, String>,
     pub containers: Vec<String>,
     pub init_containers: Vec<String>,
+    /// `spec.nodeName`: `node-1` unless [`PodFixture::on_node`] says otherwise.
+    pub node_name: String,
     /// The DaemonSet that controls the pod: (name, uid).
     pub daemonset: Option<(String, String)>,
 }
@@ -132,8 +137,15 @@ impl PodFixture {
             labels: BTreeMap::new(),
             containers: vec!["app".into()],
             init_containers: Vec::new(),
+            node_name: "node-1".into(),
             daemonset: None,
         }
+    }
+
+    /// The pod is bound to this node.
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.node_name = node.into();
+        self
     }
 
     /// The pod belongs to the DaemonSet `name` with `uid` (its controller `ownerReference`).
@@ -183,7 +195,7 @@ impl PodFixture {
         };
         let mut spec = json!({
             "containers": containers(&self.containers),
-            "nodeName": "node-1",
+            "nodeName": self.node_name,
             "restartPolicy": "Always",
         });
         if !self.init_containers.is_empty() {
@@ -261,6 +273,83 @@ impl Default for KubeconfigSpec {
 /// A one-shot change to a stored node, made by a "concurrent writer".
 type NodeChange = Box<dyn FnOnce(&mut Value) + Send>;
 
+/// A patch as validating admission sees it on a real API server, where a PATCH is an `UPDATE` of
+/// the main resource (RBAC in this stand-in grants no subresource).
+#[derive(Debug, Clone)]
+pub struct AdmissionAttributes {
+    /// `pods` or `nodes`.
+    pub resource: &'static str,
+    /// The pod's namespace; `None` for a node.
+    pub namespace: Option<String>,
+    pub name: String,
+    /// The stored object ([`admission_view`] of it).
+    pub old_object: Value,
+    /// The object after the patch, as handed to validating admission ([`admission_view`]).
+    pub object: Value,
+    /// The bearer token the request carried (tests map it to a user).
+    pub bearer: Option<String>,
+}
+
+/// Why admission refused a write: the HTTP status, the `Status` reason and its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: String,
+    pub message: String,
+}
+
+/// Validating admission: `Err` refuses the write, which is then not stored.
+pub type Admission = Arc<dyn Fn(&AdmissionAttributes) -> Result<(), Refusal> + Send + Sync>;
+
+/// An object as the API server hands it to validating admission, from its JSON as stored (`old`
+/// is `None`) or as patched (`old` is the stored object): decoded into the Go type and converted
+/// back, so `null` members and the empty maps and lists of the `omitempty` fields our patches can
+/// empty (`metadata.annotations`, `metadata.labels`, `spec.taints`) are absent; for an update,
+/// `status` is the stored one (the pod and node strategies' `PrepareForUpdate` reset it on the
+/// main resource) and `metadata.managedFields` holds an entry for the writer (the field manager
+/// runs before admission).
+pub fn admission_view(object: &Value, old: Option<&Value>) -> Value {
+    fn drop_nulls(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                m.retain(|_, v| !v.is_null());
+                m.values_mut().for_each(drop_nulls);
+            }
+            Value::Array(a) => a.iter_mut().for_each(drop_nulls),
+            _ => {}
+        }
+    }
+    let mut view = object.clone();
+    drop_nulls(&mut view);
+    for (parent, key) in [("/metadata", "annotations"), ("/metadata", "labels"), ("/spec", "taints")] {
+        if let Some(Value::Object(m)) = view.pointer_mut(parent) {
+            let empty = match m.get(key) {
+                Some(Value::Object(o)) => o.is_empty(),
+                Some(Value::Array(a)) => a.is_empty(),
+                _ => false,
+            };
+            if empty {
+                m.remove(key);
+            }
+        }
+    }
+    if let Some(old) = old {
+        match old.get("status") {
+            Some(status) => view["status"] = status.clone(),
+            None => {
+                view.as_object_mut().map(|m| m.remove("status"));
+            }
+        }
+        let entry = json!({"manager": "tproxy-cni", "operation": "Update", "apiVersion": "v1",
+                           "time": "2026-11-21T10:05:00Z", "fieldsType": "FieldsV1", "fieldsV1": {}});
+        let mut entries: Vec<Value> = view["metadata"]["managedFields"].as_array().cloned().unwrap_or_default();
+        entries.retain(|e| e["manager"] != "tproxy-cni");
+        entries.push(entry);
+        view["metadata"]["managedFields"] = Value::from(entries);
+    }
+    view
+}
+
 struct State {
     tokens: Vec<String>,
     pods: BTreeMap<(String, String), Value>,
@@ -274,6 +363,7 @@ struct State {
     sticky: Option<Fault>,
     patch_status: Option<u16>,
     after_node_get: Option<NodeChange>,
+    admission: Option<Admission>,
     requests: Vec<Recorded>,
     resource_version: u64,
     uid: u64,
@@ -350,6 +440,7 @@ impl ApiServer {
                 sticky: None,
                 patch_status: None,
                 after_node_get: None,
+                admission: None,
                 requests: Vec::new(),
                 resource_version: 1000,
                 uid: 0,
@@ -504,6 +595,16 @@ impl ApiServer {
     /// Accept only this token from now on (a rotation: the old one is refused with 401).
     pub fn set_token(&self, token: &str) {
         self.shared.lock().tokens = vec![token.into()];
+    }
+
+    /// Accept this token as well as the ones accepted already.
+    pub fn add_token(&self, token: &str) {
+        self.shared.lock().tokens.push(token.into());
+    }
+
+    /// Puts validating admission in front of every patch (`None` removes it).
+    pub fn set_admission(&self, admission: Option<Admission>) {
+        self.shared.lock().admission = admission;
     }
 
     /// The next `times` requests meet `fault`, one each, before anything else.
@@ -824,9 +925,9 @@ fn route(st: &mut State, req: &Incoming, bearer: Option<&str>, client_cert: bool
     match segments.as_slice() {
         ["api", "v1", "namespaces", ns, "pods", name] => {
             let key = ((*ns).to_owned(), (*name).to_owned());
-            pod_request(st, req, key)
+            pod_request(st, req, key, bearer)
         }
-        ["api", "v1", "nodes", name] => node_request(st, req, (*name).to_owned()),
+        ["api", "v1", "nodes", name] => node_request(st, req, (*name).to_owned(), bearer),
         ["apis", "apps", "v1", "namespaces", ns, "daemonsets", name] if req.method == "GET" => {
             match st.daemonsets.get(&((*ns).to_owned(), (*name).to_owned())) {
                 Some(ds) => ok(ds),
@@ -840,7 +941,7 @@ fn route(st: &mut State, req: &Incoming, bearer: Option<&str>, client_cert: bool
     }
 }
 
-fn pod_request(st: &mut State, req: &Incoming, key: (String, String)) -> Reply {
+fn pod_request(st: &mut State, req: &Incoming, key: (String, String), bearer: Option<&str>) -> Reply {
     let not_found = |st: &State| {
         let _ = st;
         status_reply(404, &format!("pods \"{}\" not found", key.1), "NotFound")
@@ -859,14 +960,16 @@ fn pod_request(st: &mut State, req: &Incoming, key: (String, String)) -> Reply {
             }
             st.resource_version += 1;
             let rv = st.resource_version;
+            let admission = st.admission.clone();
             let pod = st.pods.get_mut(&key).expect("checked above");
-            patch_object(pod, req, rv, "pods", &key.1)
+            let target = Target { resource: "pods", namespace: Some(&key.0), name: &key.1 };
+            patch_object(pod, req, rv, target, admission.as_ref(), bearer)
         }
         _ => status_reply(405, "method not allowed", "MethodNotAllowed"),
     }
 }
 
-fn node_request(st: &mut State, req: &Incoming, name: String) -> Reply {
+fn node_request(st: &mut State, req: &Incoming, name: String, bearer: Option<&str>) -> Reply {
     match req.method.as_str() {
         "GET" => {
             let Some(node) = st.nodes.get(&name).cloned() else {
@@ -887,8 +990,10 @@ fn node_request(st: &mut State, req: &Incoming, name: String) -> Reply {
             }
             st.resource_version += 1;
             let rv = st.resource_version;
+            let admission = st.admission.clone();
+            let target = Target { resource: "nodes", namespace: None, name: &name };
             match st.nodes.get_mut(&name) {
-                Some(node) => patch_object(node, req, rv, "nodes", &name),
+                Some(node) => patch_object(node, req, rv, target, admission.as_ref(), bearer),
                 None => status_reply(404, &format!("nodes \"{name}\" not found"), "NotFound"),
             }
         }
@@ -900,8 +1005,24 @@ fn ok(obj: &Value) -> Reply {
     Reply::Answer { status: 200, headers: Vec::new(), body: obj.to_string() }
 }
 
-/// Applies a merge patch or a JSON patch to `obj`, all or nothing, as the API server does.
-fn patch_object(obj: &mut Value, req: &Incoming, rv: u64, resource: &str, name: &str) -> Reply {
+/// The object a patch is for.
+struct Target<'a> {
+    resource: &'static str,
+    namespace: Option<&'a str>,
+    name: &'a str,
+}
+
+/// Applies a merge patch or a JSON patch to `obj`, all or nothing, as the API server does, and
+/// stores the result if validating admission (when there is one) lets it through.
+fn patch_object(
+    obj: &mut Value,
+    req: &Incoming,
+    rv: u64,
+    target: Target<'_>,
+    admission: Option<&Admission>,
+    bearer: Option<&str>,
+) -> Reply {
+    let (resource, name) = (target.resource, target.name);
     let Ok(patch) = serde_json::from_slice::<Value>(&req.body) else {
         return status_reply(400, "the patch is not valid JSON", "BadRequest");
     };
@@ -939,9 +1060,38 @@ fn patch_object(obj: &mut Value, req: &Incoming, rv: u64, resource: &str, name: 
             );
         }
     }
+    if let Some(admit) = admission {
+        let attributes = AdmissionAttributes {
+            resource,
+            namespace: target.namespace.map(str::to_owned),
+            name: name.to_owned(),
+            old_object: admission_view(obj, None),
+            object: admission_view(&updated, Some(obj)),
+            bearer: bearer.map(str::to_owned),
+        };
+        if let Err(refusal) = admit(&attributes) {
+            return status_reply(refusal.status, &refusal.message, &refusal.reason);
+        }
+    }
     updated["metadata"]["resourceVersion"] = Value::from(rv.to_string());
     *obj = updated;
     ok(obj)
+}
+
+/// A patch applied to a copy of `obj` as this stand-in applies one it receives: `content_type`
+/// `application/merge-patch+json` or `application/json-patch+json`.
+pub fn apply_patch(obj: &Value, content_type: &str, patch: &Value) -> Result<Value, String> {
+    let mut updated = obj.clone();
+    match content_type {
+        "application/merge-patch+json" => merge(&mut updated, patch),
+        "application/json-patch+json" => {
+            for op in patch.as_array().ok_or("a JSON patch is a list of operations")? {
+                json_patch_op(&mut updated, op)?;
+            }
+        }
+        other => return Err(format!("unknown patch type {other}")),
+    }
+    Ok(updated)
 }
 
 /// RFC 7386.
