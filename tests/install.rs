@@ -1187,7 +1187,8 @@ fn auto_removes_the_install_when_the_daemonset_is_deleted() {
     ]);
 }
 
-/// `auto` keeps the install on a restart or an upgrade, and whenever it cannot tell: the API server
+/// `auto` keeps the install on a restart or an upgrade (a new DaemonSet adopting the pod included),
+/// and whenever it cannot tell: the API server
 /// unreachable, RBAC refusing the GET with the DaemonSet last seen in place (the pod's token dead
 /// after a forced deletion, the Role not applied), a 404 that names no object, no pod identity, a
 /// pod that no DaemonSet runs.
@@ -1211,6 +1212,22 @@ fn auto_keeps_the_install_on_a_restart_and_whenever_it_cannot_tell() {
             owned: true,
             identity: true,
             before: |c, _| c.server.roll_daemonset(NS, DS),
+            removed: false,
+            says: &["is in place (a restart or an upgrade)"],
+        },
+        Case {
+            name: "kubectl delete ds --cascade=orphan, then a new DaemonSet adopting this pod",
+            mode: "auto",
+            owned: true,
+            identity: true,
+            before: |c, inst| {
+                c.server.delete_daemonset(NS, DS, false);
+                c.server.add_pod(apiserver::PodFixture::new(NS, "tproxy-cni-x7k2p")); // orphaned
+                let uid = c.server.add_daemonset(NS, DS);
+                // The new DaemonSet's controller adopts the pod later than the watch sees it.
+                wait_for(Duration::from_secs(10), "the new one seen", || inst.log().contains("another object"));
+                c.server.add_pod(apiserver::PodFixture::new(NS, "tproxy-cni-x7k2p").owned_by_daemonset(DS, &uid));
+            },
             removed: false,
             says: &["is in place (a restart or an upgrade)"],
         },

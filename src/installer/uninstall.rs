@@ -350,23 +350,32 @@ impl Detector {
             },
         };
         let answer = self.client.get_daemonset(&owner.namespace, &owner.name);
-        if let Some(seen) = seen_from(&owner.name, &answer) {
-            return judge(&owner, &seen);
-        }
+        let fresh = seen_from(&owner.name, &answer);
         let why = answer.err().map(|e| crate::text::chain(&e)).unwrap_or_default();
-        let seen = self.known().seen.clone();
-        match seen {
-            Some((seen, at)) => match judge(&owner, &seen) {
-                Verdict::Uninstall(how) => Verdict::Uninstall(format!(
-                    "{how} (seen by the watch {} ms ago; now: {why})",
-                    at.elapsed().as_millis()
-                )),
-                Verdict::Keep(how) => Verdict::Keep(format!(
-                    "{how} as last seen by the watch {} s ago, and it cannot be read now ({why})",
-                    at.elapsed().as_secs()
-                )),
+        let watched = self.known().seen.clone();
+        let (seen, age) = match (fresh, watched) {
+            (Some(seen), _) => (seen, None),
+            (None, Some((seen, at))) => (seen, Some(at.elapsed())),
+            (None, None) => return Verdict::Keep(format!("cannot tell an uninstall from a restart: {why}")),
+        };
+        // Another DaemonSet of that name may have adopted this pod (after `--cascade=orphan`): the
+        // pod's controller is then that one.
+        let owner = match &seen {
+            Seen::Present { uid, .. } if *uid != owner.uid => match self.client.get_pod(&self.namespace, &self.pod) {
+                Ok(pod) => owner_of(&pod).filter(|o| o.uid == *uid).unwrap_or(owner),
+                Err(_) => owner,
             },
-            None => Verdict::Keep(format!("cannot tell an uninstall from a restart: {why}")),
+            _ => owner,
+        };
+        match (judge(&owner, &seen), age) {
+            (verdict, None) => verdict,
+            (Verdict::Uninstall(how), Some(age)) => {
+                Verdict::Uninstall(format!("{how} (seen by the watch {} ms ago; now: {why})", age.as_millis()))
+            }
+            (Verdict::Keep(how), Some(age)) => Verdict::Keep(format!(
+                "{how} as last seen by the watch {} s ago, and it cannot be read now ({why})",
+                age.as_secs()
+            )),
         }
     }
 }
