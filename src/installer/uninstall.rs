@@ -31,7 +31,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::kube::{self, Client, DaemonSet, WatchEvent};
+use crate::kube::{self, Client, PartialObjectMetadata, WatchEvent};
 
 /// What to do with the install when the installer exits (on SIGTERM or SIGINT) while it owns it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -81,7 +81,7 @@ pub enum Seen {
 }
 
 impl Seen {
-    fn of(ds: &DaemonSet) -> Seen {
+    fn of(ds: &PartialObjectMetadata) -> Seen {
         Seen::Present {
             uid: ds.metadata.uid.clone().unwrap_or_default(),
             deleting: ds.metadata.deletion_timestamp.is_some(),
@@ -117,7 +117,7 @@ pub fn judge(owner: &Owner, seen: &Seen) -> Verdict {
 
 /// What the answer to a GET of the owner says, if it says anything: an error other than a 404
 /// naming the DaemonSet (the API server down, our credentials revoked, a proxy's 404) says nothing.
-pub fn seen_from(owner_name: &str, answer: &Result<DaemonSet, kube::Error>) -> Option<Seen> {
+pub fn seen_from(owner_name: &str, answer: &Result<PartialObjectMetadata, kube::Error>) -> Option<Seen> {
     match answer {
         Ok(ds) => Some(Seen::of(ds)),
         Err(e) if e.is_missing("daemonsets", owner_name) => Some(Seen::Absent),
@@ -393,7 +393,7 @@ mod tests {
         Owner { namespace: "kube-system".into(), name: "tproxy-cni".into(), uid: "u-1".into() }
     }
 
-    fn ds(json: &str) -> DaemonSet {
+    fn ds(json: &str) -> PartialObjectMetadata {
         serde_json::from_str(json).unwrap()
     }
 
@@ -410,7 +410,9 @@ mod tests {
 
     #[test]
     fn a_get_answer_says_something_only_when_it_names_the_object() {
-        let alive = ds(r#"{"kind":"DaemonSet","metadata":{"name":"tproxy-cni","uid":"u-1","generation":7}}"#);
+        let alive = ds(
+            r#"{"kind":"PartialObjectMetadata","apiVersion":"meta.k8s.io/v1","metadata":{"name":"tproxy-cni","uid":"u-1","generation":7}}"#,
+        );
         assert_eq!(seen_from("tproxy-cni", &Ok(alive)), Some(Seen::Present { uid: "u-1".into(), deleting: false }));
         let deleting = ds(
             r#"{"metadata":{"name":"tproxy-cni","uid":"u-1","deletionTimestamp":"2026-11-21T10:00:00Z","finalizers":["foregroundDeletion"]}}"#,

@@ -22,7 +22,9 @@ use ureq::tls::{Certificate, ClientCert as UreqClientCert, RootCerts, TlsConfig,
 
 use super::error::{Cause, Error, KubeconfigError};
 use super::kubeconfig::{Kubeconfig, Secret, TokenSource, Trust, resolve_path};
-use super::objects::{DaemonSet, DaemonSetList, JsonPatchOp, Node, Patch, Pod, Status, WatchEvent};
+use super::objects::{
+    JsonPatchOp, Node, PartialObjectMetadata, PartialObjectMetadataList, Patch, Pod, Status, WatchEvent,
+};
 
 /// The deadline of one lookup when the configuration does not say otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,9 +61,17 @@ impl std::fmt::Debug for Client {
 }
 
 enum Method {
-    Get,
+    /// A GET accepting this media type.
+    Get(&'static str),
     Patch(Patch),
 }
+
+/// The media type of a whole object.
+const JSON: &str = "application/json";
+/// An object's metadata only (as metadata informers ask): no spec, no status.
+const METADATA: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
+/// A list's items, metadata only.
+const METADATA_LIST: &str = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1";
 
 /// One request, and how to name it in messages.
 struct Request {
@@ -133,7 +143,7 @@ impl Client {
         check_name("namespace", namespace)?;
         check_name("pod name", name)?;
         let req = Request {
-            method: Method::Get,
+            method: Method::Get(JSON),
             path: format!("/api/v1/namespaces/{namespace}/pods/{name}"),
             what: format!("GET pod {namespace}/{name}"),
         };
@@ -157,8 +167,11 @@ impl Client {
     /// Reads a node.
     pub fn get_node(&self, name: &str) -> Result<Node, Error> {
         check_name("node name", name)?;
-        let req =
-            Request { method: Method::Get, path: format!("/api/v1/nodes/{name}"), what: format!("GET node {name}") };
+        let req = Request {
+            method: Method::Get(JSON),
+            path: format!("/api/v1/nodes/{name}"),
+            what: format!("GET node {name}"),
+        };
         self.decode(&req, self.send(&req)?, "Node")
     }
 
@@ -215,48 +228,54 @@ impl Client {
         }
     }
 
-    /// Reads a DaemonSet.
-    pub fn get_daemonset(&self, namespace: &str, name: &str) -> Result<DaemonSet, Error> {
+    /// Reads a DaemonSet's metadata (its spec and status are not sent: they are large and change
+    /// with every rollout step).
+    pub fn get_daemonset(&self, namespace: &str, name: &str) -> Result<PartialObjectMetadata, Error> {
         check_name("namespace", namespace)?;
         check_name("DaemonSet name", name)?;
         let req = Request {
-            method: Method::Get,
+            method: Method::Get(METADATA),
             path: format!("/apis/apps/v1/namespaces/{namespace}/daemonsets/{name}"),
             what: format!("GET daemonset {namespace}/{name}"),
         };
-        self.decode(&req, self.send(&req)?, "DaemonSet")
+        self.decode(&req, self.send(&req)?, "PartialObjectMetadata")
     }
 
     /// Lists the DaemonSet named `name` (a list selected by `metadata.name`, which RBAC authorises
-    /// with `resourceNames`): the object if it exists, and the list's resource version, from which
-    /// [`Client::watch_daemonset`] sees every later change.
-    pub fn list_daemonset(&self, namespace: &str, name: &str) -> Result<(Option<DaemonSet>, String), Error> {
+    /// with `resourceNames`), metadata only: the object if it exists, and the list's resource
+    /// version, from which [`Client::watch_daemonset`] sees every later change.
+    pub fn list_daemonset(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(Option<PartialObjectMetadata>, String), Error> {
         check_name("namespace", namespace)?;
         check_name("DaemonSet name", name)?;
         let req = Request {
-            method: Method::Get,
+            method: Method::Get(METADATA_LIST),
             path: format!("/apis/apps/v1/namespaces/{namespace}/daemonsets?fieldSelector=metadata.name%3D{name}"),
             what: format!("LIST daemonset {namespace}/{name}"),
         };
-        let list: DaemonSetList = self.decode(&req, self.send(&req)?, "DaemonSetList")?;
+        let list: PartialObjectMetadataList = self.decode(&req, self.send(&req)?, "PartialObjectMetadataList")?;
         let version = list.metadata.resource_version.unwrap_or_default();
         Ok((list.items.into_iter().find(|d| d.metadata.name == name), version))
     }
 
-    /// Watches the DaemonSet named `name` from `resource_version` on. The server ends the watch
-    /// after about `duration`; the client gives up [`WATCH_SLACK`] later if it has not. One
-    /// attempt: the caller decides when to try again.
+    /// Watches the DaemonSet named `name` from `resource_version` on, metadata only (a status
+    /// change still sends an event, of about a kilobyte). The server ends the watch after about
+    /// `duration`; the client gives up [`WATCH_SLACK`] later if it has not. One attempt: the caller
+    /// decides when to try again.
     pub fn watch_daemonset(
         &self,
         namespace: &str,
         name: &str,
         resource_version: &str,
         duration: Duration,
-    ) -> Result<Watch<DaemonSet>, Error> {
+    ) -> Result<Watch<PartialObjectMetadata>, Error> {
         check_name("namespace", namespace)?;
         check_name("DaemonSet name", name)?;
         let req = Request {
-            method: Method::Get,
+            method: Method::Get(METADATA),
             path: format!(
                 "/apis/apps/v1/namespaces/{namespace}/daemonsets?fieldSelector=metadata.name%3D{name}&watch=true\
                  &allowWatchBookmarks=true&resourceVersion={}&timeoutSeconds={}",
@@ -277,7 +296,7 @@ impl Client {
             server: self.server.clone(),
             what: req.what,
             limit,
-            kind: "DaemonSet",
+            kind: "PartialObjectMetadata",
             _object: PhantomData,
         })
     }
@@ -364,9 +383,9 @@ impl Client {
         let url = format!("{}{}", self.server, req.path);
         let bearer = token.as_ref().map(|t| format!("Bearer {}", t.expose()));
         let sent = match &req.method {
-            Method::Get => {
+            Method::Get(accept) => {
                 let mut r = self.agent.get(&url).config().timeout_global(Some(remaining)).build();
-                r = r.header("Accept", "application/json");
+                r = r.header("Accept", *accept);
                 if let Some(b) = &bearer {
                     r = r.header("Authorization", b);
                 }
@@ -466,13 +485,13 @@ impl HasKind for Node {
     }
 }
 
-impl HasKind for DaemonSet {
+impl HasKind for PartialObjectMetadata {
     fn kind(&self) -> Option<&str> {
         self.kind.as_deref()
     }
 }
 
-impl HasKind for DaemonSetList {
+impl HasKind for PartialObjectMetadataList {
     fn kind(&self) -> Option<&str> {
         self.kind.as_deref()
     }

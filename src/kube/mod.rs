@@ -25,6 +25,6 @@ pub use client::{Client, DEFAULT_TIMEOUT, WATCH_SLACK, Watch, is_valid_name};
 pub use error::{Cause, Class, Error, KubeconfigError, Problem};
 pub use kubeconfig::{Kubeconfig, Secret};
 pub use objects::{
-    Container, DaemonSet, DaemonSetList, JsonPatchOp, ListMeta, Node, NodeSpec, ObjectMeta, OwnerReference, Patch, Pod,
-    PodSpec, StatusDetails, Taint, WatchEvent, json_pointer_escape,
+    Container, JsonPatchOp, ListMeta, Node, NodeSpec, ObjectMeta, OwnerReference, PartialObjectMetadata,
+    PartialObjectMetadataList, Patch, Pod, PodSpec, StatusDetails, Taint, WatchEvent, json_pointer_escape,
 };

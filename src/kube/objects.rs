@@ -137,11 +137,11 @@ pub struct Node {
     pub spec: NodeSpec,
 }
 
-/// A DaemonSet, as far as the installer cares: which one it is (its UID) and whether it is being
-/// deleted. Its spec is not read.
+/// An object's metadata without its spec or status, as the API server sends it when asked for
+/// `as=PartialObjectMetadata`: which object it is (its UID), whether it is being deleted.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct DaemonSet {
-    /// `"DaemonSet"` when the server says (checked on decoding).
+pub struct PartialObjectMetadata {
+    /// `"PartialObjectMetadata"` when the server says (checked on decoding).
     #[serde(default)]
     pub kind: Option<String>,
     pub metadata: ObjectMeta,
@@ -155,16 +155,16 @@ pub struct ListMeta {
     pub resource_version: Option<String>,
 }
 
-/// A list of DaemonSets.
+/// A list of objects' metadata (`as=PartialObjectMetadataList`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct DaemonSetList {
-    /// `"DaemonSetList"` when the server says (checked on decoding).
+pub struct PartialObjectMetadataList {
+    /// `"PartialObjectMetadataList"` when the server says (checked on decoding).
     #[serde(default)]
     pub kind: Option<String>,
     #[serde(default)]
     pub metadata: ListMeta,
     #[serde(default, deserialize_with = "null_default")]
-    pub items: Vec<DaemonSet>,
+    pub items: Vec<PartialObjectMetadata>,
 }
 
 /// One event of a watch, as the API server streams it (one JSON object per line).

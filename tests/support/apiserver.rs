@@ -725,15 +725,20 @@ enum Reply {
         body: String,
     },
     Hangup,
-    /// A watch: stream the DaemonSet events after `from` (resource version) for `name` in
-    /// `namespace` until `until`.
-    Watch {
-        namespace: String,
-        name: Option<String>,
-        from: u64,
-        initial: Vec<Value>,
-        until: Instant,
-    },
+    /// A watch of DaemonSets.
+    Watch(WatchSpec),
+}
+
+/// A watch to stream: the DaemonSet events after `from` (a resource version) for `name` (or every
+/// name) in `namespace`, after the `initial` objects, until `until`; `metadata`: as
+/// `PartialObjectMetadata`.
+struct WatchSpec {
+    namespace: String,
+    name: Option<String>,
+    from: u64,
+    initial: Vec<Value>,
+    until: Instant,
+    metadata: bool,
 }
 
 fn serve(stream: TcpStream, shared: Arc<Shared>, config: Arc<ServerConfig>) {
@@ -771,8 +776,8 @@ fn serve(stream: TcpStream, shared: Arc<Shared>, config: Arc<ServerConfig>) {
                 let _ = tls.sock.shutdown(Shutdown::Both);
                 return;
             }
-            Reply::Watch { namespace, name, from, initial, until } => {
-                if !stream_watch(tls, &shared, &namespace, name.as_deref(), from, initial, until) {
+            Reply::Watch(spec) => {
+                if !stream_watch(tls, &shared, spec) {
                     return;
                 }
             }
@@ -836,6 +841,7 @@ fn reason(status: u16) -> &'static str {
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
+        406 => "Not Acceptable",
         405 => "Method Not Allowed",
         409 => "Conflict",
         415 => "Unsupported Media Type",
@@ -929,7 +935,12 @@ fn route(st: &mut State, req: &Incoming, bearer: Option<&str>, client_cert: bool
         }
         ["api", "v1", "nodes", name] => node_request(st, req, (*name).to_owned(), bearer),
         ["apis", "apps", "v1", "namespaces", ns, "daemonsets", name] if req.method == "GET" => {
+            let metadata = match view(req, "PartialObjectMetadata") {
+                Ok(m) => m,
+                Err(reply) => return reply,
+            };
             match st.daemonsets.get(&((*ns).to_owned(), (*name).to_owned())) {
+                Some(ds) if metadata => ok(&partial(ds)),
                 Some(ds) => ok(ds),
                 None => not_found("daemonsets", "apps", name),
             }
@@ -1243,10 +1254,47 @@ fn query(path: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Whether the client asked for metadata only (`Accept: application/json;as=KIND;g=meta.k8s.io;v=v1`,
+/// as metadata informers do) or for whole objects; a 406 for a representation not served here.
+fn view(req: &Incoming, kind: &str) -> Result<bool, Reply> {
+    let accept = req.headers.get("accept").map(String::as_str).unwrap_or("application/json");
+    let mut whole = false;
+    for media in accept.split(',').map(str::trim) {
+        let mut params = media.split(';').map(str::trim);
+        if !matches!(params.next(), Some("application/json" | "*/*")) {
+            continue;
+        }
+        let params: Vec<&str> = params.collect();
+        if params.is_empty() {
+            whole = true;
+        } else if params.contains(&format!("as={kind}").as_str())
+            && params.contains(&"g=meta.k8s.io")
+            && params.contains(&"v=v1")
+        {
+            return Ok(true);
+        }
+    }
+    if whole {
+        Ok(false)
+    } else {
+        Err(status_reply(406, &format!("only application/json and as={kind} are served"), "NotAcceptable"))
+    }
+}
+
+/// An object's metadata only, as the API server sends a `PartialObjectMetadata`.
+fn partial(obj: &Value) -> Value {
+    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]})
+}
+
 /// A list (or, with `watch=true`, a watch) of the DaemonSets in a namespace, optionally selected by
-/// `fieldSelector=metadata.name=NAME`.
+/// `fieldSelector=metadata.name=NAME`, whole or metadata only.
 fn daemonset_collection(st: &mut State, req: &Incoming, ns: &str) -> Reply {
     let q = query(&req.path);
+    let watch = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let metadata = match view(req, if watch { "PartialObjectMetadata" } else { "PartialObjectMetadataList" }) {
+        Ok(m) => m,
+        Err(reply) => return reply,
+    };
     let name = match q.get("fieldSelector").map(String::as_str) {
         None | Some("") => None,
         Some(sel) => match sel.strip_prefix("metadata.name=") {
@@ -1258,9 +1306,9 @@ fn daemonset_collection(st: &mut State, req: &Incoming, ns: &str) -> Reply {
         .daemonsets
         .iter()
         .filter(|((n, d), _)| n == ns && name.as_ref().is_none_or(|want| want == d))
-        .map(|(_, v)| v.clone())
+        .map(|(_, v)| if metadata { partial(v) } else { v.clone() })
         .collect();
-    if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+    if watch {
         let seconds: u64 = q.get("timeoutSeconds").and_then(|t| t.parse().ok()).unwrap_or(1800);
         let until = Instant::now() + Duration::from_secs(seconds);
         let (from, initial) = match q.get("resourceVersion").map(String::as_str) {
@@ -1271,28 +1319,24 @@ fn daemonset_collection(st: &mut State, req: &Incoming, ns: &str) -> Reply {
                 Err(_) => return status_reply(400, &format!("invalid resourceVersion {v:?}"), "BadRequest"),
             },
         };
-        return Reply::Watch { namespace: ns.to_owned(), name, from, initial, until };
+        return Reply::Watch(WatchSpec { namespace: ns.to_owned(), name, from, initial, until, metadata });
     }
+    let (kind, api_version) =
+        if metadata { ("PartialObjectMetadataList", "meta.k8s.io/v1") } else { ("DaemonSetList", "apps/v1") };
     ok(&json!({
-        "kind": "DaemonSetList",
-        "apiVersion": "apps/v1",
+        "kind": kind,
+        "apiVersion": api_version,
         "metadata": {"resourceVersion": st.resource_version.to_string()},
         "items": selected,
     }))
 }
 
-/// Streams a watch as chunked JSON lines until its deadline (then ends it cleanly), until the
+/// Streams a watch (of whole objects, or of their metadata) as chunked JSON lines until its deadline (then ends it cleanly), until the
 /// stand-in stops, or until [`ApiServer::cut_watches`] (then drops the connection). Returns
 /// whether the connection can carry another request.
-fn stream_watch(
-    w: &mut StreamOwned<ServerConnection, TcpStream>,
-    shared: &Shared,
-    namespace: &str,
-    name: Option<&str>,
-    from: u64,
-    initial: Vec<Value>,
-    until: Instant,
-) -> bool {
+fn stream_watch(w: &mut StreamOwned<ServerConnection, TcpStream>, shared: &Shared, spec: WatchSpec) -> bool {
+    let WatchSpec { namespace, name, from, initial, until, metadata } = spec;
+    let name = name.as_deref();
     let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\
                 Audit-Id: 00000000-0000-0000-0000-000000000000\r\n\r\n";
     let chunk = |w: &mut StreamOwned<ServerConnection, TcpStream>, ty: &str, obj: &Value| -> bool {
@@ -1329,6 +1373,7 @@ fn stream_watch(
             return false;
         }
         for (rv, ty, obj) in events {
+            let obj = if metadata { partial(&obj) } else { obj };
             if !chunk(w, ty, &obj) {
                 return false;
             }
