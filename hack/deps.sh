@@ -8,9 +8,13 @@
 #   g++                         libFuzzer (built by the fuzz crate's libfuzzer-sys)
 #   podman, runc, busybox-static            the container runtime of tests/podman.rs (its CNI backend,
 #                                           runc; the busybox rootfs its image is imported from)
+#   containerd                  containerd 1.6 and its CRI plugin (and ctr), the runtime of tests/cri.rs;
+#                               the test starts a private instance itself (a system one is never used)
+#   libc6-dev                   libc.a, for the static pause program tests/cri.rs builds (gcc comes with g++)
+#   protobuf-compiler           protoc, for the k8s-cri dev-dependency's build script (tests/cri.rs's CRI client)
 set -euo pipefail
 pkgs=(iptables nftables iproute2 util-linux containernetworking-plugins golang-go golang-github-appc-cni-dev systemd g++
-  podman runc busybox-static)
+  podman runc busybox-static containerd libc6-dev protobuf-compiler)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
