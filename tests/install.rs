@@ -1,7 +1,9 @@
 //! The installer as a real process against temporary directories standing in for the host paths:
 //! chaining into each golden primary configuration, re-runs, the `.conf` conversion, unknown keys,
 //! uninstall byte for byte, the watch under 200 rewrites, overlapping installers during an upgrade,
-//! token rotation, readiness, and refusal of bad input.
+//! token rotation, readiness, refusal of bad input; and restarts that never open a window: mesh
+//! pods ADDed through libcni while the installer is killed and restarted, and `--cleanup-on-exit`
+//! telling an uninstall from a restart against the stand-in API server's DaemonSet.
 
 #[path = "support/install.rs"]
 mod support;
