@@ -969,9 +969,9 @@ fn restarts_crashes_and_upgrades_never_open_a_window_and_only_an_uninstall_remov
     traffic.more(2);
     c.pod("tproxy-cni-bbbbb");
     inst = c.start(plugin, "tproxy-cni-bbbbb", "auto", &["--generation", "2"]);
-    wait_for(Duration::from_secs(10), "the new pod ready", || c.host.ready_file().exists());
+    wait_for(Duration::from_secs(30), "the new pod ready", || c.host.ready_file().exists());
     gaps.push((t, std::time::Instant::now()));
-    wait_for(Duration::from_secs(10), "its watch", || inst.log().contains("watching it"));
+    wait_for(Duration::from_secs(30), "its watch", || inst.log().contains("watching it"));
     std::thread::sleep(Duration::from_millis(300));
 
     // 4. The API server unreachable at SIGTERM (and the open watch cut): nothing can be told.
@@ -999,7 +999,7 @@ fn restarts_crashes_and_upgrades_never_open_a_window_and_only_an_uninstall_remov
     // 6. The uninstall: `kubectl delete ds` (background cascade) removes the DaemonSet, then the
     //    pod gets SIGTERM.
     c.server.delete_daemonset(NS, DS, false);
-    wait_for(Duration::from_secs(5), "the watch to see it", || inst.log().contains("will be removed on exit"));
+    wait_for(Duration::from_secs(30), "the watch to see it", || inst.log().contains("will be removed on exit"));
     let uninstall = std::time::Instant::now();
     let (status, log) = stop(inst);
     assert!(status.success(), "{log}");
@@ -1059,7 +1059,7 @@ fn nothing(_: &Cluster, _: &support::Installer) {}
 /// Waits until the installer's watch has seen the DaemonSet's removal or deletion.
 fn watch_saw_it(c: &Cluster, inst: &support::Installer) {
     let _ = c;
-    wait_for(Duration::from_secs(10), "the watch to see the deletion", || {
+    wait_for(Duration::from_secs(30), "the watch to see the deletion", || {
         inst.log().contains("the install will be removed on exit")
     });
 }
@@ -1081,7 +1081,7 @@ fn run_cases(cases: &[Case]) {
         } else {
             let extra: &[&str] = if case.identity { &[] } else { &["--pod-name", "", "--pod-namespace", ""] };
             let i = c.start(&plugin, pod, case.mode, extra);
-            wait_for(Duration::from_secs(10), "ready", || c.host.ready_file().exists());
+            wait_for(Duration::from_secs(30), "ready", || c.host.ready_file().exists());
             i
         };
         (case.before)(&c, &inst);
@@ -1179,7 +1179,7 @@ fn auto_removes_the_install_when_the_daemonset_is_deleted() {
                 let watches = c.watches();
                 c.server.cut_watches();
                 c.server.delete_daemonset(NS, DS, false);
-                wait_for(Duration::from_secs(10), "the watch resumed", || c.watches() > watches);
+                wait_for(Duration::from_secs(30), "the watch resumed", || c.watches() > watches);
                 watch_saw_it(c, inst);
                 c.server.set_fault(Some(apiserver::Fault::Status(403)));
             },
@@ -1227,7 +1227,7 @@ fn auto_keeps_the_install_on_a_restart_and_whenever_it_cannot_tell() {
                 c.server.add_pod(apiserver::PodFixture::new(NS, "tproxy-cni-x7k2p")); // orphaned
                 let uid = c.server.add_daemonset(NS, DS);
                 // The new DaemonSet's controller adopts the pod later than the watch sees it.
-                wait_for(Duration::from_secs(10), "the new one seen", || inst.log().contains("another object"));
+                wait_for(Duration::from_secs(30), "the new one seen", || inst.log().contains("another object"));
                 c.server.add_pod(apiserver::PodFixture::new(NS, "tproxy-cni-x7k2p").owned_by_daemonset(DS, &uid));
             },
             removed: false,
@@ -1291,7 +1291,7 @@ fn auto_keeps_the_install_on_a_restart_and_whenever_it_cannot_tell() {
             identity: true,
             before: |c, inst| {
                 let _ = c;
-                wait_for(Duration::from_secs(10), "the warning", || inst.log().contains("is not run by a DaemonSet"));
+                wait_for(Duration::from_secs(30), "the warning", || inst.log().contains("is not run by a DaemonSet"));
             },
             removed: false,
             says: &["leaving the install in place (pod kube-system/tproxy-cni-x7k2p is not run by a DaemonSet)"],
