@@ -8,7 +8,9 @@
 //!   cargo bench --bench cni_add            (hack/bench.sh builds and runs it)
 //!   BENCH_RUNS=200 (default) runs per row; BENCH_QUICK=1 for a smoke run.
 
-#[path = "../tests/support/apiserver.rs"]
+// The API-server stand-in of the integration tests; the benchmark uses part of it.
+#[allow(dead_code)]
+#[path = "../tests/it/support/apiserver.rs"]
 mod apiserver;
 
 use std::fs::File;

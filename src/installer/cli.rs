@@ -1,17 +1,20 @@
 //! `tproxy-cni install`: the installer's command line, read once here and handed down as
 //! [`crate::installer::Settings`].
 
-use std::net::SocketAddr;
+use std::io;
+use std::net::{AddrParseError, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
 use serde_json::{Map, Value};
+use thiserror::Error;
 
+use crate::installer::taint::InvalidTaintKey;
 use crate::installer::uninstall::{CleanupOnExit, Detector};
-use crate::installer::{self as install, Settings};
-use crate::kube::{Client, Kubeconfig};
+use crate::installer::{self as install, InstallError, Settings};
+use crate::kube::{Client, Kubeconfig, KubeconfigError};
 
 /// Install the plugin on this node and keep it installed until SIGTERM: the DaemonSet's command.
 ///
@@ -100,18 +103,84 @@ pub struct InstallArgs {
     log_level: log::LevelFilter,
 }
 
+/// Why the installer did not start, or stopped.
+#[derive(Debug, Error)]
+enum StartError {
+    #[error(transparent)]
+    Args(#[from] ArgsError),
+    #[error(transparent)]
+    Install(#[from] InstallError),
+}
+
+/// Arguments that cannot become the installer's [`Settings`]. Flag values are shown with Rust's
+/// escapes (`{:?}`), so a newline in an environment variable stays on the message's one line.
+#[derive(Debug, Error)]
+pub enum ArgsError {
+    #[error("no API server address: set --api-server (or run in a pod, where KUBERNETES_SERVICE_HOST is set)")]
+    NoApiServer,
+    #[error("--api-server {url:?} is not usable: {why}")]
+    ApiServer { url: String, why: &'static str },
+    #[error("cannot find this executable: set --source-binary")]
+    CurrentExe(#[source] io::Error),
+    #[error("cannot read --plugin-config {}", .path.display())]
+    ReadPluginConfig {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("--plugin-config {} is not valid JSON", .path.display())]
+    PluginConfigJson {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("--plugin-config {} must hold a JSON object", .0.display())]
+    PluginConfigNotAnObject(PathBuf),
+    #[error("--probe-addr {value:?} is not an address:port")]
+    ProbeAddr {
+        value: String,
+        #[source]
+        source: AddrParseError,
+    },
+    #[error("--startup-taint")]
+    TaintKey(#[source] InvalidTaintKey),
+    #[error("--startup-taint needs --node-name (NODE_NAME from the downward API)")]
+    TaintWithoutNode,
+    #[error("--resync-interval must be at least 100ms")]
+    ResyncTooShort,
+    #[error("--startup-taint needs the pod's service account")]
+    ServiceAccount(#[source] KubeconfigError),
+    #[error(
+        "--cleanup-on-exit=auto needs the pod's service account to tell an uninstall from a restart (or set \
+         --cleanup-on-exit to true or false)"
+    )]
+    DetectorServiceAccount(#[source] KubeconfigError),
+    #[error("--pod-namespace {namespace:?} / --pod-name {name:?} cannot be a Kubernetes pod's")]
+    PodName { namespace: String, name: String },
+}
+
+/// A flag value that is not a log level.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{0:?} is not one of error, warn, info, debug, trace")]
+pub struct InvalidLevel(String);
+
+/// A flag value that is not a duration such as `500ms`, `10s`, `2m`.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{0:?} is not a duration such as 500ms, 10s, 2m")]
+pub struct InvalidDuration(String);
+
 /// Runs the installer; the process exit code.
 pub fn main(args: InstallArgs) -> ExitCode {
     crate::log::init(args.log_level);
-    let result = settings(args).and_then(|(s, pod)| {
+    let result = settings(args).map_err(StartError::from).and_then(|(s, pod)| {
         let client = node_client(&s)?;
         let detector = detector(&s, pod)?;
-        install::run(s, client, detector).map_err(|e| crate::text::chain(&e))
+        Ok(install::run(s, client, detector)?)
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(msg) => {
-            eprintln!("tproxy-cni install: {msg}");
+        Err(e) => {
+            eprintln!("tproxy-cni install: {}", crate::text::chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -119,24 +188,17 @@ pub fn main(args: InstallArgs) -> ExitCode {
 
 /// Validates the arguments into settings (and the pod's namespace and name, when both are known);
 /// no host file is touched here.
-fn settings(a: InstallArgs) -> Result<(Settings, Option<(String, String)>), String> {
+fn settings(a: InstallArgs) -> Result<(Settings, Option<(String, String)>), ArgsError> {
     let api_server = match (a.api_server, a.kubernetes_service_host) {
         (Some(url), _) => url,
         (None, Some(host)) => crate::installer::kubeconfig::server_url(&host, a.kubernetes_service_port.unwrap_or(443)),
-        (None, None) => {
-            return Err(
-                "no API server address: set --api-server (or run in a pod, where KUBERNETES_SERVICE_HOST is set)"
-                    .into(),
-            );
-        }
+        (None, None) => return Err(ArgsError::NoApiServer),
     };
     let api_server = crate::kube::kubeconfig::parse_server(&api_server)
-        .map_err(|why| format!("--api-server {api_server:?} is not usable: {why}"))?;
+        .map_err(|why| ArgsError::ApiServer { url: api_server.clone(), why })?;
     let source_binary = match a.source_binary {
         Some(p) => p,
-        None => {
-            std::env::current_exe().map_err(|e| format!("cannot find this executable ({e}): set --source-binary"))?
-        }
+        None => std::env::current_exe().map_err(ArgsError::CurrentExe)?,
     };
     let plugin_settings = match &a.plugin_config {
         Some(p) => load_plugin_settings(p)?,
@@ -144,20 +206,20 @@ fn settings(a: InstallArgs) -> Result<(Settings, Option<(String, String)>), Stri
     };
     let probe_addr = match a.probe_addr.as_str() {
         "off" | "" => None,
-        s => Some(s.parse::<SocketAddr>().map_err(|e| format!("--probe-addr {s:?} is not an address:port ({e})"))?),
+        s => Some(s.parse::<SocketAddr>().map_err(|source| ArgsError::ProbeAddr { value: s.to_owned(), source })?),
     };
     if let Some(key) = &a.startup_taint {
-        crate::installer::taint::validate_key(key)?;
+        crate::installer::taint::validate_key(key).map_err(ArgsError::TaintKey)?;
         if a.node_name.as_deref().is_none_or(str::is_empty) {
-            return Err("--startup-taint needs --node-name (NODE_NAME from the downward API)".into());
+            return Err(ArgsError::TaintWithoutNode);
         }
     }
     if a.resync_interval < Duration::from_millis(100) {
-        return Err("--resync-interval must be at least 100ms".into());
+        return Err(ArgsError::ResyncTooShort);
     }
     let (pod_namespace, pod_name) = (a.pod_namespace.filter(|s| !s.is_empty()), a.pod_name.filter(|s| !s.is_empty()));
     let identity = match (pod_namespace.as_deref(), pod_name.as_deref()) {
-        (Some(ns), Some(name)) if !ns.is_empty() && !name.is_empty() => Some((ns.to_owned(), name.to_owned())),
+        (Some(ns), Some(name)) => Some((ns.to_owned(), name.to_owned())),
         _ => None,
     };
     let pod = match (pod_namespace, pod_name) {
@@ -189,72 +251,64 @@ fn settings(a: InstallArgs) -> Result<(Settings, Option<(String, String)>), Stri
 
 /// The API client that removes the start-up taint, when one is configured: the installer pod's own
 /// service account, talking to the API server the plugin is given.
-fn node_client(s: &Settings) -> Result<Option<Client>, String> {
+fn node_client(s: &Settings) -> Result<Option<Client>, ArgsError> {
     if s.startup_taint.is_none() {
         return Ok(None);
     }
-    let mut config = Kubeconfig::in_cluster("127.0.0.1", "443", &s.service_account_dir)
-        .map_err(|e| format!("--startup-taint needs the pod's service account: {}", crate::text::chain(&e)))?;
+    let mut config =
+        Kubeconfig::in_cluster("127.0.0.1", "443", &s.service_account_dir).map_err(ArgsError::ServiceAccount)?;
     config.server = s.api_server.clone();
     Ok(Some(Client::new(config, crate::kube::DEFAULT_TIMEOUT)))
 }
 
 /// The uninstall detector, for `--cleanup-on-exit=auto` in a pod: the installer pod's own service
 /// account, talking to the API server the plugin is given.
-fn detector(s: &Settings, pod: Option<(String, String)>) -> Result<Option<Detector>, String> {
+fn detector(s: &Settings, pod: Option<(String, String)>) -> Result<Option<Detector>, ArgsError> {
     let (CleanupOnExit::Auto, Some((namespace, name))) = (s.cleanup_on_exit, pod) else { return Ok(None) };
     if !crate::kube::is_valid_name(&namespace) || !crate::kube::is_valid_name(&name) {
-        return Err(format!(
-            "--pod-namespace {} / --pod-name {} is not a Kubernetes pod's",
-            crate::text::Quoted::new(&namespace),
-            crate::text::Quoted::new(&name)
-        ));
+        return Err(ArgsError::PodName { namespace, name });
     }
-    let mut config = Kubeconfig::in_cluster("127.0.0.1", "443", &s.service_account_dir).map_err(|e| {
-        format!(
-            "--cleanup-on-exit=auto needs the pod's service account to tell an uninstall from a restart \
-             (or set --cleanup-on-exit to true or false): {}",
-            crate::text::chain(&e)
-        )
-    })?;
+    let mut config = Kubeconfig::in_cluster("127.0.0.1", "443", &s.service_account_dir)
+        .map_err(ArgsError::DetectorServiceAccount)?;
     config.server = s.api_server.clone();
     Ok(Some(Detector::new(Client::new(config, crate::kube::DEFAULT_TIMEOUT), namespace, name)))
 }
 
 /// Reads the plugin settings: a JSON object (an empty file means none).
-fn load_plugin_settings(path: &Path) -> Result<Map<String, Value>, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("cannot read --plugin-config {}: {e}", path.display()))?;
+fn load_plugin_settings(path: &Path) -> Result<Map<String, Value>, ArgsError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ArgsError::ReadPluginConfig { path: path.to_owned(), source })?;
     if text.trim().is_empty() {
         return Ok(Map::new());
     }
     match serde_json::from_str::<Value>(&text) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(format!("--plugin-config {} must hold a JSON object", path.display())),
-        Err(e) => Err(format!("--plugin-config {} is not valid JSON: {e}", path.display())),
+        Ok(_) => Err(ArgsError::PluginConfigNotAnObject(path.to_owned())),
+        Err(source) => Err(ArgsError::PluginConfigJson { path: path.to_owned(), source }),
     }
 }
 
 /// Parses a log level name.
-fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+fn parse_level(s: &str) -> Result<log::LevelFilter, InvalidLevel> {
     match s.parse::<log::LevelFilter>() {
         Ok(l) if l != log::LevelFilter::Off => Ok(l),
-        _ => Err(format!("{s:?} is not one of error, warn, info, debug, trace")),
+        _ => Err(InvalidLevel(s.to_owned())),
     }
 }
 
 /// Parses `500ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, InvalidDuration> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration such as 500ms, 10s, 2m"))?;
+    let invalid = || InvalidDuration(s.to_owned());
+    let n: u64 = num.parse().map_err(|_| invalid())?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "" | "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("{s:?} is not a duration such as 500ms, 10s, 2m")),
+        _ => Err(invalid()),
     }
 }
 

@@ -37,9 +37,9 @@ use thiserror::Error;
 
 use self::binary::{BinaryError, Plugin};
 use self::conflist::{ChainError, Scan, Shape};
-use self::kubeconfig::{Credentials, KubeconfigError};
+use self::kubeconfig::{Credentials, CredentialsError};
 use self::owner::{Decision, Identity, InstallState, LifeLock, Marker, StateDir};
-use self::ready::{Heartbeat, ReadyFile};
+use self::ready::{Heartbeat, NotReady, ReadyFile};
 use self::taint::NodeApi;
 use self::undo::{Record, UndoError, UndoErrors, UndoLog};
 use self::uninstall::{CleanupOnExit, Detector, Verdict};
@@ -102,10 +102,19 @@ pub struct Settings {
     pub cleanup_on_exit: CleanupOnExit,
 }
 
+/// Why the installer cannot install, or could not finish removing what it installed.
 #[derive(Debug, Error)]
 pub enum InstallError {
-    #[error("{0}")]
-    Setting(String),
+    #[error(
+        "plugin setting {0:?} is set by the installer and cannot be given (remove it from the plugin configuration)"
+    )]
+    ReservedSetting(&'static str),
+    #[error("plugin configuration rejected by the plugin")]
+    RejectedSettings(#[source] crate::plugin::config::ConfigError),
+    #[error("--startup-taint needs --node-name (NODE_NAME from the downward API)")]
+    TaintWithoutNode,
+    #[error("--startup-taint needs an API client")]
+    TaintWithoutClient,
     #[error("{what} {path} does not exist or is not a directory: {hint}")]
     MissingDir { what: &'static str, path: PathBuf, hint: &'static str },
     #[error(transparent)]
@@ -141,7 +150,7 @@ pub enum InstallError {
         source: io::Error,
     },
     #[error(transparent)]
-    Kubeconfig(#[from] KubeconfigError),
+    Credentials(#[from] CredentialsError),
     #[error(transparent)]
     Chain(#[from] ChainError),
     #[error(transparent)]
@@ -153,9 +162,7 @@ pub enum InstallError {
 /// Builds our conflist entry from the plugin settings, and checks that the plugin accepts it.
 pub fn plugin_entry(settings: &Map<String, Value>, kubeconfig: &Path) -> Result<Value, InstallError> {
     if let Some(k) = RESERVED_KEYS.iter().find(|k| settings.contains_key(**k)) {
-        return Err(InstallError::Setting(format!(
-            "plugin setting {k:?} is set by the installer and cannot be given (remove it from the plugin configuration)"
-        )));
+        return Err(InstallError::ReservedSetting(k));
     }
     let mut entry = Map::new();
     entry.insert("type".into(), conflist::PLUGIN_TYPE.into());
@@ -170,7 +177,7 @@ pub fn plugin_entry(settings: &Map<String, Value>, kubeconfig: &Path) -> Result<
     let mut probe = entry.clone();
     probe.insert("cniVersion".into(), "1.0.0".into());
     crate::plugin::config::NetConf::parse(Value::Object(probe).to_string().as_bytes())
-        .map_err(|e| InstallError::Setting(format!("plugin configuration rejected by the plugin: {e}")))?;
+        .map_err(InstallError::RejectedSettings)?;
     Ok(Value::Object(entry))
 }
 
@@ -243,12 +250,10 @@ pub fn run<A: NodeApi>(
     let host_kubeconfig = settings.host_kubeconfig.clone().unwrap_or_else(|| kubeconfig.clone());
     let entry = Arc::new(plugin_entry(&settings.plugin_settings, &host_kubeconfig)?);
     if settings.startup_taint.is_some() && settings.node_name.is_none() {
-        return Err(InstallError::Setting(
-            "--startup-taint needs --node-name (NODE_NAME from the downward API)".into(),
-        ));
+        return Err(InstallError::TaintWithoutNode);
     }
     if settings.startup_taint.is_some() && node_api.is_none() {
-        return Err(InstallError::Setting("--startup-taint needs an API client".into()));
+        return Err(InstallError::TaintWithoutClient);
     }
     let plugin = Arc::new(Plugin::load(&settings.source_binary)?);
     let creds = Arc::new(Credentials {
@@ -392,18 +397,18 @@ fn readiness_check(layout: Layout, plugin: Arc<Plugin>, entry: Arc<Value>, creds
     Arc::new(move || {
         match plugin.in_place(&layout.binary) {
             Ok(true) => {}
-            Ok(false) => return Err(format!("the plugin binary {} is missing or not ours", layout.binary.display())),
-            Err(e) => return Err(format!("cannot check {}: {e}", layout.binary.display())),
+            Ok(false) => return Err(NotReady::BinaryMissing(layout.binary.clone())),
+            Err(source) => return Err(NotReady::BinaryUnreadable { path: layout.binary.clone(), source }),
         }
         if !creds.in_place() {
-            return Err(format!("the kubeconfig {} or its token is missing or stale", creds.kubeconfig.display()));
+            return Err(NotReady::Credentials(creds.kubeconfig.clone()));
         }
         match conflist::scan(&layout.conf_dir, SystemTime::now()) {
             Ok(Scan::Found(p)) if p.shape == Shape::List && conflist::has_entry(&p.doc, &entry) => Ok(()),
-            Ok(Scan::Found(p)) => Err(format!("{} does not end with our entry", p.path.display())),
-            Ok(Scan::Nothing) => Err(format!("no network configuration in {} yet", layout.conf_dir.display())),
-            Ok(Scan::Unsettled(p)) => Err(format!("{} is being written", p.display())),
-            Err(e) => Err(format!("cannot read {}: {e}", layout.conf_dir.display())),
+            Ok(Scan::Found(p)) => Err(NotReady::NotOurEntry(p.path)),
+            Ok(Scan::Nothing) => Err(NotReady::NoConfiguration(layout.conf_dir.clone())),
+            Ok(Scan::Unsettled(p)) => Err(NotReady::Unsettled(p)),
+            Err(source) => Err(NotReady::ConfDir { path: layout.conf_dir.clone(), source }),
         }
     })
 }
@@ -744,6 +749,8 @@ mod tests {
         let e = plugin_entry(&json!({"type": "x"}).as_object().unwrap().clone(), kc).unwrap_err();
         assert!(e.to_string().contains(r#"plugin setting "type" is set by the installer"#), "{e}");
         let e = plugin_entry(&json!({"iptables_mode": "xt"}).as_object().unwrap().clone(), kc).unwrap_err();
-        assert!(e.to_string().contains("iptables_mode \"xt\" is not one of auto, nft, legacy"), "{e}");
+        assert!(matches!(e, InstallError::RejectedSettings(_)), "{e}");
+        let e = crate::text::chain(&e);
+        assert!(e.contains("rejected by the plugin: iptables_mode \"xt\" is not one of auto, nft, legacy"), "{e}");
     }
 }

@@ -115,12 +115,13 @@ pub fn judge(owner: &Owner, seen: &Seen) -> Verdict {
     }
 }
 
-/// What the answer to a GET of the owner says, if it says anything: an error other than a 404
-/// naming the DaemonSet (the API server down, our credentials revoked, a proxy's 404) says nothing.
-pub fn seen_from(owner_name: &str, answer: &Result<PartialObjectMetadata, kube::Error>) -> Option<Seen> {
+/// What the answer to a GET of the owner says, if it says anything: an error other than the API
+/// server's 404 naming the DaemonSet ([`kube::Error::NotFound`]) — the API server down, our
+/// credentials revoked, a proxy's 404 ([`kube::Error::NotFoundElsewhere`]) — says nothing.
+pub fn seen_from(answer: &Result<PartialObjectMetadata, kube::Error>) -> Option<Seen> {
     match answer {
         Ok(ds) => Some(Seen::of(ds)),
-        Err(e) if e.is_missing("daemonsets", owner_name) => Some(Seen::Absent),
+        Err(kube::Error::NotFound { .. }) => Some(Seen::Absent),
         Err(_) => None,
     }
 }
@@ -350,7 +351,7 @@ impl Detector {
             },
         };
         let answer = self.client.get_daemonset(&owner.namespace, &owner.name);
-        let fresh = seen_from(&owner.name, &answer);
+        let fresh = seen_from(&answer);
         let why = answer.err().map(|e| crate::text::chain(&e)).unwrap_or_default();
         let watched = self.known().seen.clone();
         let (seen, age) = match (fresh, watched) {
@@ -413,25 +414,21 @@ mod tests {
         let alive = ds(
             r#"{"kind":"PartialObjectMetadata","apiVersion":"meta.k8s.io/v1","metadata":{"name":"tproxy-cni","uid":"u-1","generation":7}}"#,
         );
-        assert_eq!(seen_from("tproxy-cni", &Ok(alive)), Some(Seen::Present { uid: "u-1".into(), deleting: false }));
+        assert_eq!(seen_from(&Ok(alive)), Some(Seen::Present { uid: "u-1".into(), deleting: false }));
         let deleting = ds(
             r#"{"metadata":{"name":"tproxy-cni","uid":"u-1","deletionTimestamp":"2026-11-21T10:00:00Z","finalizers":["foregroundDeletion"]}}"#,
         );
-        assert_eq!(seen_from("tproxy-cni", &Ok(deleting)), Some(Seen::Present { uid: "u-1".into(), deleting: true }));
-        let missing = |details| kube::Error::NotFound { server: "s".into(), request: "r".into(), details };
-        let named = Some(kube::StatusDetails {
-            name: Some("tproxy-cni".into()),
-            group: Some("apps".into()),
-            kind: Some("daemonsets".into()),
-        });
-        assert_eq!(seen_from("tproxy-cni", &Err(missing(named.clone()))), Some(Seen::Absent));
-        // A 404 that names nothing (a path not served, a proxy) or something else proves nothing.
-        assert_eq!(seen_from("tproxy-cni", &Err(missing(None))), None);
-        assert_eq!(seen_from("other", &Err(missing(named))), None);
+        assert_eq!(seen_from(&Ok(deleting)), Some(Seen::Present { uid: "u-1".into(), deleting: true }));
+        // The client returns NotFound only for the API server's Status naming the object asked for.
+        let missing = kube::Error::NotFound { server: "s".into(), request: "r".into() };
+        assert_eq!(seen_from(&Err(missing)), Some(Seen::Absent));
+        // A 404 that names nothing (a path not served, a proxy) proves nothing; nor does a refusal.
+        let elsewhere = kube::Error::NotFoundElsewhere { server: "s".into(), request: "r".into(), answer: "a".into() };
+        assert_eq!(seen_from(&Err(elsewhere)), None);
         let refused = kube::Error::Forbidden { server: "s".into(), request: "r".into(), message: "m".into() };
-        assert_eq!(seen_from("tproxy-cni", &Err(refused)), None);
+        assert_eq!(seen_from(&Err(refused)), None);
         let gone = kube::Error::Unauthorized { server: "s".into(), request: "r".into() };
-        assert_eq!(seen_from("tproxy-cni", &Err(gone)), None);
+        assert_eq!(seen_from(&Err(gone)), None);
     }
 
     #[test]

@@ -78,6 +78,8 @@ struct Request {
     method: Method,
     path: String,
     what: String,
+    /// The resource and object asked for, which a 404 must name to mean "no such object".
+    object: (&'static str, String),
 }
 
 /// Why one attempt failed: worth another try, or final.
@@ -146,6 +148,7 @@ impl Client {
             method: Method::Get(JSON),
             path: format!("/api/v1/namespaces/{namespace}/pods/{name}"),
             what: format!("GET pod {namespace}/{name}"),
+            object: ("pods", name.to_owned()),
         };
         self.decode(&req, self.send(&req)?, "Pod")
     }
@@ -160,6 +163,7 @@ impl Client {
             method: Method::Patch(patch),
             path: format!("/api/v1/namespaces/{namespace}/pods/{name}"),
             what: format!("PATCH pod {namespace}/{name} annotation {key}={value}"),
+            object: ("pods", name.to_owned()),
         };
         self.decode(&req, self.send(&req)?, "Pod")
     }
@@ -171,6 +175,7 @@ impl Client {
             method: Method::Get(JSON),
             path: format!("/api/v1/nodes/{name}"),
             what: format!("GET node {name}"),
+            object: ("nodes", name.to_owned()),
         };
         self.decode(&req, self.send(&req)?, "Node")
     }
@@ -185,6 +190,7 @@ impl Client {
             method: Method::Patch(patch),
             path: format!("/api/v1/nodes/{name}"),
             what: format!("PATCH node {name}"),
+            object: ("nodes", name.to_owned()),
         };
         self.decode(&req, self.send(&req)?, "Node")
     }
@@ -237,6 +243,7 @@ impl Client {
             method: Method::Get(METADATA),
             path: format!("/apis/apps/v1/namespaces/{namespace}/daemonsets/{name}"),
             what: format!("GET daemonset {namespace}/{name}"),
+            object: ("daemonsets", name.to_owned()),
         };
         self.decode(&req, self.send(&req)?, "PartialObjectMetadata")
     }
@@ -255,6 +262,7 @@ impl Client {
             method: Method::Get(METADATA_LIST),
             path: format!("/apis/apps/v1/namespaces/{namespace}/daemonsets?fieldSelector=metadata.name%3D{name}"),
             what: format!("LIST daemonset {namespace}/{name}"),
+            object: ("daemonsets", name.to_owned()),
         };
         let list: PartialObjectMetadataList = self.decode(&req, self.send(&req)?, "PartialObjectMetadataList")?;
         let version = list.metadata.resource_version.unwrap_or_default();
@@ -283,6 +291,7 @@ impl Client {
                 duration.as_secs().max(1)
             ),
             what: format!("WATCH daemonset {namespace}/{name}"),
+            object: ("daemonsets", name.to_owned()),
         };
         let limit = duration + WATCH_SLACK;
         let (token, mut response) = self.open(&req, limit).map_err(|f| self.give_up(&req, f, limit))?;
@@ -420,13 +429,14 @@ impl Client {
             403 => {
                 Failure::Final(Error::Forbidden { server: server(), request: request(), message: message(body, token) })
             }
-            404 => {
-                let details = serde_json::from_slice::<Status>(body)
-                    .ok()
-                    .filter(|s| s.kind.as_deref() == Some("Status") && s.reason.as_deref() == Some("NotFound"))
-                    .and_then(|s| s.details);
-                Failure::Final(Error::NotFound { server: server(), request: request(), details })
+            404 if names_missing_object(body, &req.object) => {
+                Failure::Final(Error::NotFound { server: server(), request: request() })
             }
+            404 => Failure::Final(Error::NotFoundElsewhere {
+                server: server(),
+                request: request(),
+                answer: message(body, token),
+            }),
             429 | 500..=599 => {
                 Failure::Retry { cause: Cause::Status { status, message: message(body, token) }, retry_after }
             }
@@ -643,6 +653,19 @@ fn message(body: &[u8], token: Option<&Secret>) -> String {
     text
 }
 
+/// Is `body` the `Status` the API server sends when the object asked for does not exist? It says
+/// `reason: NotFound` and names the resource and the object in `details` (apimachinery's
+/// `NewNotFound`). A path the server does not serve gets `NotFound` without those details, or plain
+/// text; a proxy's 404 is anything at all: neither says the object is missing.
+fn names_missing_object(body: &[u8], (resource, name): &(&'static str, String)) -> bool {
+    let Ok(s) = serde_json::from_slice::<Status>(body) else { return false };
+    let details = s.details.unwrap_or_default();
+    s.kind.as_deref() == Some("Status")
+        && s.reason.as_deref() == Some("NotFound")
+        && details.kind.as_deref() == Some(*resource)
+        && details.name.as_deref().is_none_or(|n| n == name)
+}
+
 /// Kubernetes names that can appear in a URL path: DNS-1123 subdomains (which include labels).
 /// Anything else (a `/`, `..`, upper case) cannot name a real object, and must not reach a URL.
 fn check_name(what: &'static str, value: &str) -> Result<(), Error> {
@@ -720,5 +743,23 @@ mod tests {
         let m = message(long.as_bytes(), None);
         assert!(m.len() <= MAX_MESSAGE + '…'.len_utf8() && m.ends_with('…'));
         assert_eq!(message(b"<html>\n oops </html>", None), "<html> oops </html>");
+    }
+
+    #[test]
+    fn only_a_status_naming_the_object_means_it_does_not_exist() {
+        let pod = ("pods", "web-0".to_owned());
+        let missing = br#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"pods \"web-0\" not found","reason":"NotFound","details":{"name":"web-0","kind":"pods"},"code":404}"#;
+        assert!(names_missing_object(missing, &pod));
+        // What the API server answers for a path it does not serve: NotFound, but about no object.
+        let no_path = br#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"the server could not find the requested resource","reason":"NotFound","details":{},"code":404}"#;
+        assert!(!names_missing_object(no_path, &pod));
+        assert!(!names_missing_object(b"404 page not found", &pod));
+        assert!(!names_missing_object(b"<html><body>Not Found</body></html>", &pod));
+        let other_object = br#"{"kind":"Status","reason":"NotFound","details":{"name":"web-1","kind":"pods"}}"#;
+        assert!(!names_missing_object(other_object, &pod));
+        let other_kind = br#"{"kind":"Status","reason":"NotFound","details":{"name":"web-0","kind":"nodes"}}"#;
+        assert!(!names_missing_object(other_kind, &pod));
+        let not_status = br#"{"kind":"Pod","reason":"NotFound","details":{"name":"web-0","kind":"pods"}}"#;
+        assert!(!names_missing_object(not_status, &pod));
     }
 }

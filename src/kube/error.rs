@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use super::objects::StatusDetails;
-
 /// A kubeconfig that cannot be used, and which file it is.
 #[derive(Debug, Error)]
 #[error("kubeconfig {}: {problem}", path.display())]
@@ -118,10 +116,17 @@ pub enum Error {
     /// 403: authenticated, but RBAC does not allow the request.
     #[error("Kubernetes API server {server} refused {request} with 403 Forbidden: {message}")]
     Forbidden { server: String, request: String, message: String },
-    /// 404: the object does not exist. `details` are those of the server's `Status`, when it sent
-    /// one that names the object (a 404 for a path the server does not serve names nothing).
+    /// 404 with the `Status` the API server sends for a missing object (`reason: NotFound`, naming
+    /// the resource and the object): the object does not exist.
     #[error("{request}: not found on Kubernetes API server {server}")]
-    NotFound { server: String, request: String, details: Option<StatusDetails> },
+    NotFound { server: String, request: String },
+    /// 404 without that `Status`: a wrong server path, or something in front of the API server
+    /// answering for it. It says nothing about the object.
+    #[error(
+        "Kubernetes API server {server} answered {request} with 404 but not with the Status the API server sends \
+         for a missing object ({answer}): check the kubeconfig's server URL (no path; no proxy in front)"
+    )]
+    NotFoundElsewhere { server: String, request: String, answer: String },
     /// The server's certificate is not signed by the CA the kubeconfig trusts (or does not name it).
     #[error(
         "the certificate of Kubernetes API server {server} is not trusted by the kubeconfig's certificate authority"
@@ -176,19 +181,14 @@ impl Error {
     pub fn class(&self) -> Class {
         match self {
             Error::Unavailable { .. } => Class::Transient,
-            Error::Unauthorized { .. } | Error::Forbidden { .. } | Error::Untrusted { .. } => Class::Access,
+            Error::Unauthorized { .. }
+            | Error::Forbidden { .. }
+            | Error::Untrusted { .. }
+            | Error::NotFoundElsewhere { .. } => Class::Access,
             Error::NotFound { .. } => Class::NotFound,
             Error::Kubeconfig(_) | Error::InvalidName { .. } => Class::Config,
             Error::Rejected { .. } | Error::Decode { .. } | Error::Request { .. } => Class::Rejected,
         }
-    }
-
-    /// Did the server say that this very object — `resource` (plural, e.g. `daemonsets`) named
-    /// `name` — does not exist? Only a 404 whose `Status` names the object counts: a 404 from a
-    /// proxy or for an API group the server does not serve proves nothing about the object.
-    pub fn is_missing(&self, resource: &str, name: &str) -> bool {
-        matches!(self, Error::NotFound { details: Some(d), .. }
-            if d.kind.as_deref() == Some(resource) && d.name.as_deref() == Some(name))
     }
 
     /// 410 Gone: a watch's resource version is too old (compacted away); list again.

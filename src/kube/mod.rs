@@ -26,5 +26,5 @@ pub use error::{Cause, Class, Error, KubeconfigError, Problem};
 pub use kubeconfig::{Kubeconfig, Secret};
 pub use objects::{
     Container, JsonPatchOp, ListMeta, Node, NodeSpec, ObjectMeta, OwnerReference, PartialObjectMetadata,
-    PartialObjectMetadataList, Patch, Pod, PodSpec, StatusDetails, Taint, WatchEvent, json_pointer_escape,
+    PartialObjectMetadataList, Patch, Pod, PodSpec, Taint, WatchEvent, json_pointer_escape,
 };

@@ -186,19 +186,6 @@ pub enum WatchEvent<T> {
     },
 }
 
-/// `details` of a `Status`: which object a failure is about. A 404 about a missing object names
-/// it here; a 404 for a path the server does not serve does not.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub struct StatusDetails {
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
-    pub group: Option<String>,
-    /// The resource, plural (e.g. `daemonsets`).
-    #[serde(default)]
-    pub kind: Option<String>,
-}
-
 /// One operation of a JSON patch (RFC 6902).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -258,10 +245,22 @@ pub(crate) struct Status {
     pub message: Option<String>,
     #[serde(default)]
     pub reason: Option<String>,
+    /// The HTTP status, in a watch's `ERROR` event (410 when its resource version is too old).
     #[serde(default)]
     pub code: Option<u16>,
+    /// What the status is about: for `NotFound`, the resource (`pods`) and the object's name.
     #[serde(default)]
     pub details: Option<StatusDetails>,
+}
+
+/// `Status.details`.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct StatusDetails {
+    /// The resource, as the API server names it in the URL (`pods`, `nodes`).
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// Escapes a map key for a JSON pointer (RFC 6901): `~` → `~0`, `/` → `~1`.

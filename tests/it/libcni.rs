@@ -1,0 +1,208 @@
+//! The podman scenarios (`tests/podman.rs`) once more through libcni itself (`cnidrv`), the way
+//! containerd and CRI-O drive a conflist — with CHECK, which podman never calls, and with the
+//! annotations given as capability args as well as served by the API-server stand-in. What
+//! `consul_traffic.rs`, `kube_chain.rs` and `lifecycle.rs` already show is not repeated here; this
+//! adds a sandbox's whole life as a runtime lives it (ADD, CHECK, DEL, a new sandbox for the same
+//! container), ADD failures as libcni reports them and the DEL a runtime sends after one, CHECK
+//! against annotations that changed after ADD, and that nothing of ours — rule, cached result, IP
+//! reservation, lock file — outlives DEL.
+//!
+//! Needs root (skipped on a laptop without it, a failure in CI).
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::process::Output;
+
+use crate::support::apiserver::{ApiServer, PodFixture};
+use crate::support::*;
+use serde_json::{Value, json};
+
+const PROXY_UID: u32 = 5995;
+const REDIRECT_CONFIG: &str = "consul.hashicorp.com/redirect-traffic-config";
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn config(inbound: u16) -> Value {
+    json!({"ProxyUserID": PROXY_UID.to_string(), "ProxyInboundPort": inbound, "ProxyOutboundPort": 15001})
+}
+
+/// Every chain and rule of ours in the namespace, both families.
+fn ours(ns: &Netns, backend: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    for family in [Fam::V4, Fam::V6] {
+        v.extend(
+            ns.save(family, backend)
+                .lines()
+                .filter(|l| l.contains("CONSUL_") || l.contains("--comment tproxy-cni"))
+                .map(|l| format!("{} {l}", family.tool())),
+        );
+    }
+    v
+}
+
+/// What of a sandbox outlives it on the node: libcni's cached result, the address host-local
+/// reserved, the legacy backend's lock file.
+struct Traces {
+    cache: PathBuf,
+    ipam: PathBuf,
+    lock: PathBuf,
+}
+
+impl Traces {
+    fn of(net: &Network, container_id: &str, ns: &Netns) -> Traces {
+        let meta = fs::metadata(ns.path()).unwrap();
+        Traces {
+            cache: net.dir.path().join("cache/results").join(format!("{}-{container_id}-eth0", net.bridge)),
+            ipam: net.dir.path().join("ipam").join(&net.bridge),
+            lock: PathBuf::from(format!("/run/tproxy-cni/xtables/{}-{}.lock", meta.dev(), meta.ino())),
+        }
+    }
+
+    /// The addresses host-local holds for this network.
+    fn reserved(&self) -> Vec<String> {
+        fs::read_dir(&self.ipam)
+            .map(|d| {
+                d.flatten()
+                    .map(|f| f.file_name().to_string_lossy().into_owned())
+                    .filter(|f| f != "lock" && !f.starts_with("last_reserved_ip"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[test]
+fn a_sandbox_life_add_check_del_and_a_new_sandbox_for_the_same_container() {
+    if !privileged() {
+        return;
+    }
+    for backend in ["nft", "legacy"] {
+        let net = Network::new(json!({"iptables_mode": backend}));
+        let server = net.pod("server", None);
+        let s4 = server.addr(Fam::V4);
+        let _server = Responder::tcp(&server.ns, sa(std::net::Ipv4Addr::UNSPECIFIED, 8080), "server");
+        let annotations = consul_pod(config(20000), &[]);
+        let id = unique("life");
+        let args =
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID={id}");
+
+        // The first sandbox, and the one the runtime makes when the container is restarted: the
+        // same container ID, a new namespace.
+        let mut installed = None;
+        for round in ["first", "restarted"] {
+            let ns = Netns::new("tpl");
+            let traces = Traces::of(&net, &id, &ns);
+            let out = net.cnidrv("add", &ns, &id, &args, Some(&annotations));
+            assert!(out.status.success(), "{backend} {round} ADD: {}", text(&out));
+            assert!(traces.cache.exists(), "libcni caches the result");
+            assert_eq!(traces.reserved().len(), 4, "{backend} {round}: the server's and web's, both families");
+            let now = ours(&ns, backend);
+            assert!(!now.is_empty());
+            // Each sandbox gets exactly the same rules.
+            assert_eq!(installed.get_or_insert_with(|| now.clone()), &now, "{backend} {round}");
+            assert_eq!(traces.lock.exists(), backend == "legacy", "{backend}: a lock file per namespace, legacy only");
+
+            let out = net.cnidrv("check", &ns, &id, &args, Some(&annotations));
+            assert!(out.status.success(), "{backend} {round} CHECK: {}", text(&out));
+            {
+                let _proxy = Responder::tcp(&ns, sa(std::net::Ipv4Addr::UNSPECIFIED, 15001), "outbound");
+                assert_eq!(dial(&ns, None, sa(s4, 8080)), Ok(format!("outbound {s4}:8080")), "{backend} {round}");
+                assert_eq!(who(&dial(&ns, Some(PROXY_UID), sa(s4, 8080))), "server", "{backend} {round}");
+            }
+
+            // DEL, the namespace still there: our rules, the cached result, the address and the
+            // lock file go; the namespace keeps nothing of ours.
+            let out = net.cnidrv("del", &ns, &id, &args, Some(&annotations));
+            assert!(out.status.success(), "{backend} {round} DEL: {}", text(&out));
+            assert_eq!(ours(&ns, backend), Vec::<String>::new(), "{backend} {round}: rules left after DEL");
+            assert!(!traces.cache.exists(), "{backend} {round}: cached result left after DEL");
+            assert!(!traces.lock.exists(), "{backend} {round}: lock file left after DEL");
+            assert_eq!(traces.reserved().len(), 2, "{backend} {round}: only the server's addresses remain");
+            // A runtime repeats DEL (after a restart of its own, say): still fine.
+            let out = net.cnidrv("del", &ns, &id, &args, Some(&annotations));
+            assert!(out.status.success(), "{backend} {round} second DEL: {}", text(&out));
+        }
+    }
+}
+
+#[test]
+fn a_failed_add_reaches_the_runtime_in_our_words_and_its_del_cleans_up() {
+    if !privileged() {
+        return;
+    }
+    let api = ApiServer::start();
+    let mut bad = config(20000);
+    bad["ProxyInboundPort"] = json!(65536);
+    api.add_pod(PodFixture::consul("default", "served-broken").annotation(REDIRECT_CONFIG, &bad.to_string()));
+    let net =
+        Network::new(json!({"iptables_mode": "nft", "kubeconfig": api.default_kubeconfig(), "api_timeout": "2s"}));
+    // The same list without the capability: libcni passes no annotations, the pod is looked up.
+    let lookup = Network::new(
+        json!({"iptables_mode": "nft", "kubeconfig": api.default_kubeconfig(), "api_timeout": "2s", "capabilities": {}}),
+    );
+    let server = net.pod("server", Some(&json!({})));
+
+    // The same impossible configuration, once as capability args and once served by the API server.
+    let capability = consul_pod(bad.clone(), &[]);
+    for (name, net, annotations) in [("capability-broken", &net, Some(&capability)), ("served-broken", &lookup, None)] {
+        let pod = net.pod_unstarted(name);
+        let traces = Traces::of(net, &pod.id, &pod.ns);
+        let out = pod.add(annotations);
+        assert!(!out.status.success(), "{name}: ADD must fail");
+        let msg = text(&out);
+        assert!(msg.contains(r#"plugin type="tproxy-cni" failed (add)"#), "{name}: {msg}");
+        assert!(msg.contains(r#"ProxyInboundPort "65536" is out of range"#), "{name}: {msg}");
+        // bridge had attached the pod before us; we touched nothing.
+        assert_eq!(pod.ns.snapshot(), Netns::new("tpe").snapshot(), "{name}: no netfilter state in the pod");
+        // The runtime then sends DEL, which releases what the chain had set up.
+        let out = pod.del(annotations);
+        assert!(out.status.success(), "{name} DEL: {}", text(&out));
+        assert!(!traces.cache.exists());
+        let server_addresses = if name == "served-broken" { 0 } else { 2 };
+        assert_eq!(traces.reserved().len(), server_addresses, "{name}: only the server's addresses remain");
+    }
+    drop(server);
+}
+
+#[test]
+fn check_follows_the_annotations_as_they_are_now() {
+    if !privileged() {
+        return;
+    }
+    let api = ApiServer::start();
+    api.add_pod(PodFixture::consul("default", "served"));
+    let net =
+        Network::new(json!({"iptables_mode": "nft", "kubeconfig": api.default_kubeconfig(), "api_timeout": "2s"}));
+
+    // Annotations as capability args: CHECK with other annotations than ADD had names the rules
+    // that differ; with the same ones it passes again.
+    let before = consul_pod(config(20000), &[]);
+    let after = consul_pod(config(21000), &[]);
+    let pod = net.pod("capability", Some(&before));
+    let out = pod.check(Some(&after));
+    assert!(!out.status.success(), "CHECK against changed annotations must fail");
+    let msg = text(&out);
+    assert!(msg.contains("difference(s) from the expected rules"), "{msg}");
+    assert!(msg.contains("--to-ports 21000") && msg.contains("--to-ports 20000"), "{msg}");
+    let out = pod.check(Some(&before));
+    assert!(out.status.success(), "CHECK: {}", text(&out));
+
+    // Annotations from the API server (the list without the capability, so libcni passes none):
+    // CHECK asks again, so a pod changed since ADD is noticed.
+    let lookup = Network::new(
+        json!({"iptables_mode": "nft", "kubeconfig": api.default_kubeconfig(), "api_timeout": "2s", "capabilities": {}}),
+    );
+    let served = lookup.pod("served", None);
+    let out = served.check(None);
+    assert!(out.status.success(), "CHECK: {}", text(&out));
+    api.add_pod(PodFixture::consul("default", "served").annotation(REDIRECT_CONFIG, &config(21000).to_string()));
+    let out = served.check(None);
+    assert!(!out.status.success(), "CHECK against the changed pod must fail");
+    let msg = text(&out);
+    assert!(msg.contains("--to-ports 21000") && msg.contains("--to-ports 20000"), "{msg}");
+    let gets = api.requests().iter().filter(|r| r.method == "GET" && r.path.ends_with("/pods/served")).count();
+    assert_eq!(gets, 3, "one GET per ADD and CHECK");
+}
