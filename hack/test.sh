@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs the Debian packages it needs, checks formatting and
-# lints (the fuzz crate's too), runs the demo, a short run of every fuzz target, then every unit and
-# integration test (real namespaces, real iptables, real traffic, the real CNI chain through libcni).
+# lints (the fuzz crate's too) and every dependency's licence, bans and source (cargo deny), runs
+# the demo, a short run of every fuzz target, then every unit and integration test (real
+# namespaces, real iptables, real traffic, the real CNI chain through libcni).
 #
 # Usage: sudo hack/test.sh [extra cargo test arguments]
 set -euo pipefail
@@ -15,6 +16,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy -q --all-targets -- -D warnings
 (cd fuzz && cargo clippy -q --all-targets -- -D warnings)
+echo "== cargo deny check licenses bans sources (deny.toml; docs/dependencies.md#licences)"
+cargo deny check licenses bans sources
+cargo deny --manifest-path fuzz/Cargo.toml --config deny.toml check licenses bans sources
 echo "== demo (hack/demo.sh)"
 if ! bash hack/demo.sh > target/demo.log 2>&1; then
   cat target/demo.log

@@ -6,13 +6,14 @@
 //! become exit statuses here.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{self, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use thiserror::Error;
 
-use crate::core::mesh::{self, PodNetwork};
+use crate::core::mesh::{self, AnnotationError, PodNetwork};
 use crate::core::rules;
 use crate::host::{Report, redirect, uninstall, validate};
 use crate::installer::cli as install;
@@ -92,8 +93,8 @@ pub fn main() -> ExitCode {
             print!("{out}");
             ExitCode::SUCCESS
         }
-        Err(msg) => {
-            eprintln!("tproxy-cni: {msg}");
+        Err(e) => {
+            eprintln!("tproxy-cni: {}", chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -140,15 +141,31 @@ fn validate_command(args: &validate::ValidateArgs) -> ExitCode {
     }
 }
 
-fn render(file: Option<PathBuf>, pod_ipv6: bool) -> Result<String, String> {
+/// Why `render` printed nothing.
+#[derive(Debug, Error)]
+enum RenderError {
+    #[error("cannot read {}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read stdin")]
+    Stdin(#[source] io::Error),
+    #[error("annotations must be a JSON object of strings")]
+    Json(#[source] serde_json::Error),
+    #[error(transparent)]
+    Annotation(#[from] AnnotationError),
+}
+
+fn render(file: Option<PathBuf>, pod_ipv6: bool) -> Result<String, RenderError> {
     let text = match file.as_deref() {
         None => read_stdin()?,
         Some(p) if p.as_os_str() == "-" => read_stdin()?,
-        Some(p) => std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?,
+        Some(p) => std::fs::read_to_string(p).map_err(|source| RenderError::Read { path: p.to_owned(), source })?,
     };
-    let annotations: BTreeMap<String, String> =
-        serde_json::from_str(&text).map_err(|e| format!("annotations must be a JSON object of strings: {e}"))?;
-    match mesh::classify(&annotations, PodNetwork { has_ipv6: pod_ipv6 }).map_err(|e| e.to_string())? {
+    let annotations: BTreeMap<String, String> = serde_json::from_str(&text).map_err(RenderError::Json)?;
+    match mesh::classify(&annotations, PodNetwork { has_ipv6: pod_ipv6 })? {
         Some(r) => Ok(rules::render_all(&rules::build(&r))),
         None => {
             eprintln!("tproxy-cni: these annotations put the pod in no mesh: nothing would be applied");
@@ -157,8 +174,8 @@ fn render(file: Option<PathBuf>, pod_ipv6: bool) -> Result<String, String> {
     }
 }
 
-fn read_stdin() -> Result<String, String> {
+fn read_stdin() -> Result<String, RenderError> {
     let mut s = String::new();
-    std::io::stdin().read_to_string(&mut s).map_err(|e| format!("cannot read stdin: {e}"))?;
+    io::stdin().read_to_string(&mut s).map_err(RenderError::Stdin)?;
     Ok(s)
 }

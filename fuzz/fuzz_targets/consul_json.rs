@@ -5,9 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tproxy_cni::core::mesh::consul::{self, DUAL_STACK, INJECT_STATUS, REDIRECT_CONFIG, TPROXY_STATUS};
-use tproxy_cni::core::mesh::{Annotations, PodNetwork};
-use tproxy_cni::core::redirect::Redirect;
+use tproxy_cni::core::mesh::consul::{DUAL_STACK, INJECT_STATUS, REDIRECT_CONFIG, TPROXY_STATUS};
+use tproxy_cni::core::mesh::{self, Annotations, PodNetwork};
 use tproxy_cni_fuzz::{check_message, check_outcome, check_redirect};
 
 fuzz_target!(|data: &[u8]| {
@@ -24,13 +23,13 @@ fuzz_target!(|data: &[u8]| {
         2 => drop(a.insert(DUAL_STACK.into(), "false".into())),
         _ => drop(a.insert(DUAL_STACK.into(), "TRUE ".into())),
     }
-    let outcome = consul::redirect(&a, net).map(|r| r.map(Redirect::Consul));
+    let outcome = mesh::classify(&a, net);
     check_outcome(&outcome);
     if let Ok(r) = &outcome {
         assert!(r.is_some(), "an injected transparent-proxy pod is Consul's");
     }
-    match consul::from_json(json, net) {
-        Ok(r) => check_redirect(&Redirect::Consul(r)),
+    match mesh::nomad(json, net) {
+        Ok(r) => check_redirect(&r),
         Err(e) => check_message(&e.to_string()),
     }
 });

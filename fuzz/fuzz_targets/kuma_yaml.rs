@@ -4,10 +4,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use tproxy_cni::core::mesh::kuma::{
-    self, CNCF_NETWORKS, KUMA_CNI_NETWORK, SIDECAR_CONTAINER, SIDECAR_INJECTED, TPROXY_CONFIG,
+    CNCF_NETWORKS, KUMA_CNI_NETWORK, SIDECAR_CONTAINER, SIDECAR_INJECTED, TPROXY_CONFIG,
 };
-use tproxy_cni::core::mesh::{Annotations, PodContainers, PodNetwork};
-use tproxy_cni::core::redirect::Redirect;
+use tproxy_cni::core::mesh::{self, Annotations, PodContainers, PodNetwork};
 use tproxy_cni_fuzz::check_outcome;
 
 fuzz_target!(|data: &[u8]| {
@@ -17,10 +16,10 @@ fuzz_target!(|data: &[u8]| {
     a.insert(TPROXY_CONFIG.into(), yaml.into());
     // With the pod spec (the API path), and from annotations alone with and without Multus' list.
     let spec = PodContainers { containers: vec!["app".into(), SIDECAR_CONTAINER.into()], init_containers: vec![] };
-    check_outcome(&kuma::redirect(&a, Some(&spec), PodNetwork::default()).map(|r| r.map(Redirect::Kuma)));
-    check_outcome(&kuma::redirect(&a, None, PodNetwork { has_ipv6: true }).map(|r| r.map(Redirect::Kuma)));
+    check_outcome(&mesh::classify_pod(&a, Some(&spec), PodNetwork::default()));
+    check_outcome(&mesh::classify_pod(&a, None, PodNetwork { has_ipv6: true }));
     a.insert(CNCF_NETWORKS.into(), KUMA_CNI_NETWORK.into());
-    let outcome = kuma::redirect(&a, None, PodNetwork::default()).map(|r| r.map(Redirect::Kuma));
+    let outcome = mesh::classify(&a, PodNetwork::default());
     check_outcome(&outcome);
     if let Ok(r) = &outcome {
         assert!(r.is_some(), "a CNI-mode Kuma pod is ours");

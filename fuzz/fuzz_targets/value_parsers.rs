@@ -88,7 +88,7 @@ fuzz_target!(|data: &[u8]| {
                     assert!((1..=15).contains(&slots), "{slots} multiport slots");
                 }
             }
-            Err(e) => check_message(&e),
+            Err(e) => check_message(&e.to_string()),
         },
         _ => match parse_duration(s) {
             Ok(d) => assert!(d.as_secs_f64() < 1e12),

@@ -9,6 +9,8 @@
 //! aliases, anchors, depth: `mesh::kuma`), and files a kubeconfig names are read up to a size.
 //! `docs/reliability.md` lists them with the reasoning behind each number.
 
+use thiserror::Error;
+
 use crate::core::redirect::ValueError;
 
 /// The most bytes of one mesh annotation we read. The webhooks write a few hundred bytes; a list
@@ -33,13 +35,29 @@ pub const MAX_QUOTED_MESSAGE_BYTES: usize = 200;
 /// The most bytes of the one-line message of a CNI error result.
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
 
+/// An annotation value longer than [`MAX_ANNOTATION_BYTES`].
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("is {bytes} bytes long, more than the limit of {MAX_ANNOTATION_BYTES} bytes (see docs/reliability.md)")]
+pub struct TooLong {
+    /// How long the value is.
+    pub bytes: usize,
+}
+
+/// A redirect whose busiest family would get more than [`MAX_RULES_PER_FAMILY`] rules.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error(
+    "asks for {rules} rules per address family, more than the limit of {MAX_RULES_PER_FAMILY}: \
+     shorten the exclusion lists (a CIDR that covers several ranges is one rule)"
+)]
+pub struct TooManyRules {
+    /// How many rules the busiest family would get.
+    pub rules: usize,
+}
+
 /// Refuses an annotation value longer than [`MAX_ANNOTATION_BYTES`]; the error says by how much.
-pub fn annotation_size(value: &str) -> Result<(), String> {
+pub fn annotation_size(value: &str) -> Result<(), TooLong> {
     if value.len() > MAX_ANNOTATION_BYTES {
-        return Err(format!(
-            "is {} bytes long, more than the limit of {MAX_ANNOTATION_BYTES} bytes (see docs/reliability.md)",
-            value.len()
-        ));
+        return Err(TooLong { bytes: value.len() });
     }
     Ok(())
 }
@@ -52,13 +70,11 @@ pub fn list_entries(what: &'static str, entries: usize) -> Result<(), ValueError
     Ok(())
 }
 
-/// Refuses a redirect whose busiest family would get more than [`MAX_RULES_PER_FAMILY`] rules.
-pub fn rules_per_family(rules: usize) -> Result<(), String> {
+/// Refuses a rule count over [`MAX_RULES_PER_FAMILY`]. Only `core::mesh` calls it, on every
+/// redirect it hands out (see `core::mesh`'s module documentation).
+pub fn rules_per_family(rules: usize) -> Result<(), TooManyRules> {
     if rules > MAX_RULES_PER_FAMILY {
-        return Err(format!(
-            "asks for {rules} rules per address family, more than the limit of {MAX_RULES_PER_FAMILY}: \
-             shorten the exclusion lists (a CIDR that covers several ranges is one rule)"
-        ));
+        return Err(TooManyRules { rules });
     }
     Ok(())
 }
@@ -71,11 +87,14 @@ mod tests {
     fn each_limit_lets_its_maximum_through_and_refuses_one_more() {
         assert!(annotation_size(&"x".repeat(MAX_ANNOTATION_BYTES)).is_ok());
         let e = annotation_size(&"x".repeat(MAX_ANNOTATION_BYTES + 1)).unwrap_err();
-        assert!(e.contains("65537 bytes long, more than the limit of 65536"), "{e}");
+        assert_eq!(e, TooLong { bytes: 65537 });
+        assert!(e.to_string().contains("65537 bytes long, more than the limit of 65536"), "{e}");
         assert!(list_entries("ports", MAX_LIST_ENTRIES).is_ok());
         let e = list_entries("ExcludeInboundPorts", MAX_LIST_ENTRIES + 1).unwrap_err().to_string();
         assert_eq!(e, "ExcludeInboundPorts has 1025 entries, more than the limit of 1024");
         assert!(rules_per_family(MAX_RULES_PER_FAMILY).is_ok());
-        assert!(rules_per_family(MAX_RULES_PER_FAMILY + 1).unwrap_err().contains("4097 rules"));
+        let e = rules_per_family(MAX_RULES_PER_FAMILY + 1).unwrap_err();
+        assert_eq!(e, TooManyRules { rules: 4097 });
+        assert!(e.to_string().contains("asks for 4097 rules per address family"), "{e}");
     }
 }

@@ -1,6 +1,7 @@
 //! `tproxy-cni redirect`: install a mesh's transparent-proxy redirect on a host or VM (or in any
 //! network namespace), through the same engine as the CNI plugin: flags or a mesh's configuration
-//! file → the dialect's validated constructor → `rules::build` → `Netfilter::apply`.
+//! file → the validated constructor (`core::mesh::consul_host` or `kuma_host`: the dialect's checks,
+//! then the rule budget, as for a pod) → `rules::build` → `Netfilter::apply`.
 //!
 //! The mesh is the one whose flags are given: Consul's (`consul connect redirect-traffic`'s, or
 //! `--consul-config`) or Kuma's (`kumactl install transparent-proxy`'s, or `--kuma-config`).
@@ -17,13 +18,15 @@ use super::Report;
 use super::namespace::NamespaceArgs;
 use super::ssh::{self, Session, SshConnection};
 use super::user::{User, UserError, Users};
-use crate::core::mesh::consul::{self, Settings, Spelling};
-use crate::core::mesh::{AnnotationError, PodNetwork, kuma};
+use crate::core::mesh::consul::{self, Settings, SettingsError, Spelling};
+use crate::core::mesh::kuma::{self, TproxyConfigError};
+use crate::core::mesh::{self, PodNetwork};
 use crate::core::redirect::{
     Cidrs, Port, PortRange, Redirect, ValueError, parse_cidr, parse_ip, parse_port, parse_port_range,
 };
 use crate::core::rules;
-use crate::kernel::netfilter::{NetfilterError, PlanError};
+use crate::kernel::deadline::Deadline;
+use crate::kernel::netfilter::{DEFAULT_BUDGET, NetfilterError, PlanError};
 use crate::kernel::netlink::{self, NetlinkError};
 use crate::kernel::netns::{Netns, NetnsError};
 
@@ -204,10 +207,14 @@ pub enum RedirectError {
     Consul {
         from: String,
         #[source]
-        source: consul::ConfigError,
+        source: SettingsError,
     },
-    #[error("{from}: {reason}", reason = .source.reason)]
-    Kuma { from: String, source: AnnotationError },
+    #[error("{from}")]
+    Kuma {
+        from: String,
+        #[source]
+        source: TproxyConfigError,
+    },
     #[error("{flag}")]
     User {
         flag: &'static str,
@@ -246,11 +253,12 @@ impl RedirectArgs {
 /// `SSH_CONNECTION`, read at the command line's edge.
 pub fn run(args: &RedirectArgs, ssh_connection: Option<&str>) -> Result<Report, RedirectError> {
     let ns = args.namespace.open()?;
+    let deadline = Deadline::after(DEFAULT_BUDGET);
     let net = PodNetwork { has_ipv6: has_ipv6(&ns).map_err(RedirectError::Interfaces)? };
     let (redirect, source) =
         if args.kuma.given() { kuma_redirect(&args.kuma, net)? } else { consul_redirect(&args.consul, net)? };
     // Everything below up to `apply` only reads: a refusal or a dry run changes nothing.
-    let (redirect, address_missing) = netlink::inspect(&ns, redirect)?;
+    let (redirect, address_missing) = netlink::inspect(&ns, redirect, deadline)?;
     let sets = rules::build(&redirect);
     if !args.force {
         ssh_guard(&ns, &redirect, &source, ssh_connection)?;
@@ -265,13 +273,11 @@ pub fn run(args: &RedirectArgs, ssh_connection: Option<&str>) -> Result<Report, 
         }
         return Ok(Report::out(out));
     }
-    let prepared = netlink::prepare(&ns, redirect)?;
-    nf.apply(&ns, &sets)?;
+    let prepared = netlink::prepare(&ns, redirect, deadline)?;
+    let applied = nf.apply(&ns, &sets)?;
     // Kuma's `::6` after the rules, as in ADD: an interrupted command never leaves the address alone.
-    if let Err(e) = prepared.add_address(&ns) {
-        if let Err(undo) = nf.remove(&ns) {
-            log::warn!("cannot remove the rules after failing to add the loopback address: {undo}");
-        }
+    if let Err(e) = prepared.add_address(&ns, deadline) {
+        nf.undo(&ns, applied);
         return Err(e.into());
     }
     let families: Vec<&str> = sets.iter().map(|s| s.family.name()).collect();
@@ -371,13 +377,13 @@ fn kuma_redirect(f: &KumaFlags, net: PodNetwork) -> Result<(Redirect, Source), R
         None => "invalid flags".to_owned(),
     };
     let redirect =
-        kuma::host_redirect(yaml.as_deref(), &flags, net).map_err(|source| RedirectError::Kuma { from, source })?;
+        mesh::kuma_host(yaml.as_deref(), &flags, net).map_err(|source| RedirectError::Kuma { from, source })?;
     // The exclusion goes where the inbound port list comes from (a flag replaces the file's).
     let source = match &f.kuma_config {
         Some(p) if f.exclude_inbound_ports.is_empty() => Source::KumaFile(p.clone()),
         _ => Source::KumaFlags,
     };
-    Ok((Redirect::Kuma(redirect), source))
+    Ok((redirect, source))
 }
 
 /// Consul's redirect from flags or from its JSON, through the dialect's one validated constructor.
@@ -388,8 +394,8 @@ fn consul_redirect(f: &ConsulFlags, net: PodNetwork) -> Result<(Redirect, Source
         let invalid = |source| RedirectError::Consul { from: from.clone(), source };
         let settings = Settings { dual_stack: f.dual_stack, ..consul::parse_config(&text).map_err(invalid)? };
         let spelling = Spelling { dual_stack: CONSUL_FLAGS.dual_stack, ..Spelling::JSON };
-        let redirect = settings.validate(net, &spelling).map_err(invalid)?;
-        return Ok((Redirect::Consul(redirect), Source::ConsulFile(path.clone())));
+        let redirect = mesh::consul_host(settings, &spelling, net).map_err(invalid)?;
+        return Ok((redirect, Source::ConsulFile(path.clone())));
     }
     let user_err = |flag| move |source| RedirectError::User { flag, source };
     let mut exclude_outbound_cidrs = Cidrs::default();
@@ -410,10 +416,9 @@ fn consul_redirect(f: &ConsulFlags, net: PodNetwork) -> Result<(Redirect, Source
         dns_port: f.consul_dns_port,
         dual_stack: f.dual_stack,
     };
-    let redirect = settings
-        .validate(net, &CONSUL_FLAGS)
+    let redirect = mesh::consul_host(settings, &CONSUL_FLAGS, net)
         .map_err(|source| RedirectError::Consul { from: "invalid flags".into(), source })?;
-    Ok((Redirect::Consul(redirect), Source::ConsulFlags))
+    Ok((redirect, Source::ConsulFlags))
 }
 
 fn read_config(path: &Path) -> Result<String, RedirectError> {

@@ -209,7 +209,7 @@ mod tests {
             exclude_inbound_ports: exclude_inbound.iter().map(|p| parse_port_range(p, "p").unwrap()).collect(),
             ..Settings::default()
         };
-        Redirect::Consul(settings.validate(PodNetwork { has_ipv6: ipv6 }, &consul::Spelling::JSON).unwrap())
+        crate::core::mesh::consul_host(settings, &consul::Spelling::JSON, PodNetwork { has_ipv6: ipv6 }).unwrap()
     }
 
     #[test]
@@ -247,8 +247,7 @@ mod tests {
     }
 
     fn kuma(yaml: &str) -> Redirect {
-        let r = crate::core::mesh::kuma::host_redirect(Some(yaml), &Default::default(), PodNetwork { has_ipv6: true });
-        Redirect::Kuma(r.unwrap())
+        crate::core::mesh::kuma_host(Some(yaml), &Default::default(), PodNetwork { has_ipv6: true }).unwrap()
     }
 
     #[test]

@@ -14,7 +14,8 @@ use super::Report;
 use super::namespace::NamespaceArgs;
 use crate::core::redirect::{Family, KUMA_INBOUND_PASSTHROUGH_V6};
 use crate::core::rules::kuma;
-use crate::kernel::netfilter::{NetfilterError, PlanError};
+use crate::kernel::deadline::Deadline;
+use crate::kernel::netfilter::{DEFAULT_BUDGET, NetfilterError, PlanError};
 use crate::kernel::netlink::{self, NetlinkError};
 use crate::kernel::netns::NetnsError;
 
@@ -67,7 +68,7 @@ pub fn run(args: &UninstallArgs) -> Result<Report, UninstallError> {
         return Ok(Report::out(out));
     }
     nf.execute(&ns, &plan)?;
-    netlink::release(&ns, &removed)?;
+    netlink::release(&ns, &removed, Deadline::after(DEFAULT_BUDGET))?;
     let what: Vec<String> = plan
         .steps
         .iter()

@@ -101,18 +101,27 @@ fn port(s: &str) -> Result<Port, ValueError> {
     parse_port(s, "port")
 }
 
+/// A `--timeout` that is not a duration from 1 ms to 1 hour.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DurationError {
+    #[error("{0:?} is not a duration such as 500ms, 5s or 1m")]
+    Syntax(String),
+    #[error("{0:?} is out of range (1ms to 1h)")]
+    Range(String),
+}
+
 /// A duration: a number with `ms`, `s` or `m`, or a bare number of seconds; 1 ms to 1 hour.
-fn duration(s: &str) -> Result<Duration, String> {
+fn duration(s: &str) -> Result<Duration, DurationError> {
     let (digits, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |at| s.split_at(at));
-    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a duration such as 500ms, 5s or 1m"))?;
+    let n: u64 = digits.parse().map_err(|_| DurationError::Syntax(s.to_owned()))?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
-        _ => return Err(format!("{s:?} is not a duration such as 500ms, 5s or 1m")),
+        _ => return Err(DurationError::Syntax(s.to_owned())),
     };
     if d.is_zero() || d > Duration::from_secs(3600) {
-        return Err(format!("{s:?} is out of range (1ms to 1h)"));
+        return Err(DurationError::Range(s.to_owned()));
     }
     Ok(d)
 }
@@ -120,8 +129,12 @@ fn duration(s: &str) -> Result<Duration, String> {
 /// Why validate did not pass. [`ValidateError::exit_code`] maps each to its exit status.
 #[derive(Debug, Error)]
 pub enum ValidateError {
-    #[error("redirect missing: {0}")]
-    Missing(String),
+    #[error("redirect missing: the connection to {target} {how}")]
+    Missing {
+        target: SocketAddr,
+        #[source]
+        how: Missing,
+    },
     #[error("no answer within {timeout:?} from {target}: the probe most likely left unredirected and was dropped")]
     Timeout { target: SocketAddr, timeout: Duration },
     #[error("cannot listen on {addr} ({hint})")]
@@ -146,11 +159,30 @@ pub enum ValidateError {
     Socket(#[source] io::Error),
 }
 
+/// What the probe's connection met instead of validate's listener reached through the redirect.
+#[derive(Debug, Error)]
+pub enum Missing {
+    #[error("was refused: nothing listens where it went (no redirect, or a redirect to another port)")]
+    Refused,
+    #[error("failed")]
+    Failed(#[source] io::Error),
+    #[error("reached something that is not validate's listener (it did not take the probe)")]
+    NotTaken(#[source] io::Error),
+    #[error("reached something that is not validate's listener (no answer)")]
+    NoAnswer(#[source] io::Error),
+    #[error("reached something that is not validate's listener (it answered {0})")]
+    Stranger(crate::text::Quoted),
+    #[error("reached validate's listener with original destination {0}: another rule rewrote it")]
+    Rewritten(SocketAddr),
+    #[error("reached validate's listener without any address translation")]
+    Untranslated,
+}
+
 impl ValidateError {
     /// The exit status that reports this failure.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ValidateError::Missing(_) => EXIT_REDIRECT_MISSING,
+            ValidateError::Missing { .. } => EXIT_REDIRECT_MISSING,
             ValidateError::Timeout { .. } => EXIT_TIMEOUT,
             ValidateError::Bind { .. } => EXIT_CANNOT_BIND,
             ValidateError::NoRoute { .. } => EXIT_NO_ROUTE,
@@ -301,44 +333,30 @@ fn exchange(
         return Err(match e.kind() {
             io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => timed_out(),
             io::ErrorKind::NetworkUnreachable => ValidateError::NoRoute { target, source: e },
-            io::ErrorKind::ConnectionRefused => ValidateError::Missing(format!(
-                "the connection to {target} was refused: nothing listens where it went (no redirect, or a redirect \
-                 to another port)"
-            )),
-            _ => ValidateError::Missing(format!("the connection to {target} failed: {e}")),
+            io::ErrorKind::ConnectionRefused => ValidateError::Missing { target, how: Missing::Refused },
+            _ => ValidateError::Missing { target, how: Missing::Failed(e) },
         });
     }
     let conn: TcpStream = probe.into();
     let left = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()).ok_or_else(timed_out)?;
     conn.set_read_timeout(Some(left)).map_err(ValidateError::Socket)?;
-    let silent = |what: &str| {
-        ValidateError::Missing(format!(
-            "the connection to {target} reached something that is not validate's listener ({what})"
-        ))
-    };
-    (&conn).write_all(format!("{token}\n").as_bytes()).map_err(|e| silent(&e.to_string()))?;
-    read_line(&conn).map_err(|e| silent(&format!("no answer: {e}")))
+    let missing = |how| ValidateError::Missing { target, how };
+    (&conn).write_all(format!("{token}\n").as_bytes()).map_err(|e| missing(Missing::NotTaken(e)))?;
+    read_line(&conn).map_err(|e| missing(Missing::NoAnswer(e)))
 }
 
 /// The reply must carry our token and the target as the original destination.
 fn verify(reply: &str, token: &str, target: SocketAddr) -> Result<(), ValidateError> {
     let mut words = reply.split_whitespace();
     let (got_token, got_dst) = (words.next(), words.next());
+    let missing = |how| Err(ValidateError::Missing { target, how });
     if got_token != Some(token) {
-        let shown = crate::text::Quoted::new(reply.trim_end());
-        return Err(ValidateError::Missing(format!(
-            "the connection to {target} reached something that is not validate's listener (it answered {shown})"
-        )));
+        return missing(Missing::Stranger(crate::text::Quoted::new(reply.trim_end())));
     }
     match got_dst.map(str::parse::<SocketAddr>) {
         Some(Ok(dst)) if dst == target => Ok(()),
-        Some(Ok(dst)) => Err(ValidateError::Missing(format!(
-            "the connection to {target} reached validate's listener with original destination {dst}: another rule \
-             rewrote it"
-        ))),
-        _ => Err(ValidateError::Missing(format!(
-            "the connection to {target} reached validate's listener without any address translation"
-        ))),
+        Some(Ok(dst)) => missing(Missing::Rewritten(dst)),
+        _ => missing(Missing::Untranslated),
     }
 }
 
@@ -379,14 +397,17 @@ mod tests {
     fn a_reply_must_carry_the_token_and_the_target() {
         let t: SocketAddr = "192.0.2.1:80".parse().unwrap();
         assert!(verify("abc 192.0.2.1:80\n", "abc", t).is_ok());
-        assert!(
-            matches!(verify("abc 192.0.2.2:80\n", "abc", t), Err(ValidateError::Missing(m)) if m.contains("another rule"))
-        );
-        assert!(
-            matches!(verify("abc -\n", "abc", t), Err(ValidateError::Missing(m)) if m.contains("without any address translation"))
-        );
-        assert!(
-            matches!(verify("HTTP/1.1 400\r\n", "abc", t), Err(ValidateError::Missing(m)) if m.contains("not validate's listener"))
+        let how = |reply: &str| match verify(reply, "abc", t) {
+            Err(ValidateError::Missing { target, how }) if target == t => how,
+            other => panic!("{reply:?}: {other:?}"),
+        };
+        assert!(matches!(how("abc 192.0.2.2:80\n"), Missing::Rewritten(dst) if dst.to_string() == "192.0.2.2:80"));
+        assert!(matches!(how("abc -\n"), Missing::Untranslated));
+        let stranger = verify("HTTP/1.1 400\r\n", "abc", t).unwrap_err().to_string();
+        assert_eq!(
+            stranger,
+            "redirect missing: the connection to 192.0.2.1:80 reached something that is not validate's listener \
+             (it answered \"HTTP/1.1 400\")"
         );
     }
 

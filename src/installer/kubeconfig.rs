@@ -24,8 +24,10 @@ pub const KUBECONFIG_NAME: &str = "ZZZ-tproxy-cni-kubeconfig";
 /// The token copy's file name in the CNI conf dir.
 pub const TOKEN_NAME: &str = "ZZZ-tproxy-cni-token";
 
+/// Why the plugin's credentials (the token copy and the kubeconfig naming it) cannot be brought up
+/// to date. (A kubeconfig the plugin cannot *read* is a [`crate::kube::KubeconfigError`].)
 #[derive(Debug, Error)]
-pub enum KubeconfigError {
+pub enum CredentialsError {
     #[error("cannot read the service-account {what} {path} (is a token mounted into the installer pod?)")]
     ServiceAccount {
         what: &'static str,
@@ -68,14 +70,14 @@ pub struct Synced {
 impl Credentials {
     /// Brings the token copy and the kubeconfig up to date, writing only what differs.
     /// `before_create` runs before each file is first created (to record it in the undo log).
-    pub fn sync(&self, mut before_create: impl FnMut(&Path) -> io::Result<()>) -> Result<Synced, KubeconfigError> {
+    pub fn sync(&self, mut before_create: impl FnMut(&Path) -> io::Result<()>) -> Result<Synced, CredentialsError> {
         let sa = |name: &str, what| {
             let path = self.service_account_dir.join(name);
-            fs::read(&path).map_err(|source| KubeconfigError::ServiceAccount { what, path, source })
+            fs::read(&path).map_err(|source| CredentialsError::ServiceAccount { what, path, source })
         };
         let token = sa("token", "token")?;
         if token.iter().all(u8::is_ascii_whitespace) {
-            return Err(KubeconfigError::EmptyToken(self.service_account_dir.join("token")));
+            return Err(CredentialsError::EmptyToken(self.service_account_dir.join("token")));
         }
         let ca = sa("ca.crt", "CA certificate")?;
         let kubeconfig = render(&self.server, &ca, &self.host_token);
@@ -100,8 +102,8 @@ impl Credentials {
         path: &Path,
         bytes: &[u8],
         before_create: &mut impl FnMut(&Path) -> io::Result<()>,
-    ) -> Result<bool, KubeconfigError> {
-        let werr = |source| KubeconfigError::Write { path: path.to_path_buf(), source };
+    ) -> Result<bool, CredentialsError> {
+        let werr = |source| CredentialsError::Write { path: path.to_path_buf(), source };
         if atomic::read_optional(path).map_err(werr)?.as_deref() == Some(bytes) {
             return Ok(false);
         }
@@ -223,6 +225,6 @@ mod tests {
         assert_eq!(c.sync(|_| Ok(())).unwrap(), Synced { token: true, kubeconfig: false });
         assert_eq!(fs::read(&c.token).unwrap(), b"t2");
         fs::write(d.join("sa/token"), b" \n").unwrap();
-        assert!(matches!(c.sync(|_| Ok(())), Err(KubeconfigError::EmptyToken(_))));
+        assert!(matches!(c.sync(|_| Ok(())), Err(CredentialsError::EmptyToken(_))));
     }
 }

@@ -3,11 +3,14 @@
 //! It puts the plugin binary in the host's CNI bin dir, writes the plugin's kubeconfig and token
 //! copy, chains our entry into the network configuration the runtime uses, and keeps all of it in
 //! place: a directory watch (with a periodic resync as a safety net) re-injects the entry when the
-//! primary CNI rewrites its file, and the token copy follows kubelet's token rotation. On SIGTERM or
-//! SIGINT it removes exactly what it installed, from its undo log — unless a newer installer on the
-//! same node has taken over (see [`owner`]). Readiness is served on `/readyz` and as a file.
+//! primary CNI rewrites its file, and the token copy follows kubelet's token rotation. Restarts,
+//! crashes and upgrades leave all of it in place, so pods that start meanwhile are still redirected
+//! (or fail); only an uninstall — the DaemonSet deleted, told apart by [`uninstall`] — makes it
+//! remove exactly what it installed, from its undo log, and only if no newer installer on the same
+//! node has taken over (see [`owner`]). Readiness is served on `/readyz` and as a file.
 //!
-//! Everything is synchronous: one thread waits on inotify and a signalfd, one serves probes.
+//! Everything is synchronous: one thread waits on inotify and a signalfd, one serves probes, and
+//! one keeps a watch on the installer's DaemonSet.
 
 pub mod atomic;
 pub mod binary;
@@ -18,6 +21,7 @@ pub mod owner;
 pub mod ready;
 pub mod taint;
 pub mod undo;
+pub mod uninstall;
 pub mod watch;
 
 use std::collections::VecDeque;
@@ -33,11 +37,12 @@ use thiserror::Error;
 
 use self::binary::{BinaryError, Plugin};
 use self::conflist::{ChainError, Scan, Shape};
-use self::kubeconfig::{Credentials, KubeconfigError};
+use self::kubeconfig::{Credentials, CredentialsError};
 use self::owner::{Decision, Identity, InstallState, LifeLock, Marker, StateDir};
-use self::ready::{Heartbeat, ReadyFile};
+use self::ready::{Heartbeat, NotReady, ReadyFile};
 use self::taint::NodeApi;
 use self::undo::{Record, UndoError, UndoErrors, UndoLog};
+use self::uninstall::{CleanupOnExit, Detector, Verdict};
 use self::watch::Watcher;
 use crate::plugin::config::POD_ANNOTATIONS_CAPABILITY;
 
@@ -92,14 +97,24 @@ pub struct Settings {
     pub ready_file: Option<PathBuf>,
     /// The periodic resync interval (the safety net under the directory watch).
     pub resync: Duration,
-    /// Remove the install on exit (when we still own it).
-    pub cleanup_on_exit: bool,
+    /// Whether to remove the install on exit (when we still own it): only on an uninstall, always,
+    /// or never.
+    pub cleanup_on_exit: CleanupOnExit,
 }
 
+/// Why the installer cannot install, or could not finish removing what it installed.
 #[derive(Debug, Error)]
 pub enum InstallError {
-    #[error("{0}")]
-    Setting(String),
+    #[error(
+        "plugin setting {0:?} is set by the installer and cannot be given (remove it from the plugin configuration)"
+    )]
+    ReservedSetting(&'static str),
+    #[error("plugin configuration rejected by the plugin")]
+    RejectedSettings(#[source] crate::plugin::config::ConfigError),
+    #[error("--startup-taint needs --node-name (NODE_NAME from the downward API)")]
+    TaintWithoutNode,
+    #[error("--startup-taint needs an API client")]
+    TaintWithoutClient,
     #[error("{what} {path} does not exist or is not a directory: {hint}")]
     MissingDir { what: &'static str, path: PathBuf, hint: &'static str },
     #[error(transparent)]
@@ -135,7 +150,7 @@ pub enum InstallError {
         source: io::Error,
     },
     #[error(transparent)]
-    Kubeconfig(#[from] KubeconfigError),
+    Credentials(#[from] CredentialsError),
     #[error(transparent)]
     Chain(#[from] ChainError),
     #[error(transparent)]
@@ -147,9 +162,7 @@ pub enum InstallError {
 /// Builds our conflist entry from the plugin settings, and checks that the plugin accepts it.
 pub fn plugin_entry(settings: &Map<String, Value>, kubeconfig: &Path) -> Result<Value, InstallError> {
     if let Some(k) = RESERVED_KEYS.iter().find(|k| settings.contains_key(**k)) {
-        return Err(InstallError::Setting(format!(
-            "plugin setting {k:?} is set by the installer and cannot be given (remove it from the plugin configuration)"
-        )));
+        return Err(InstallError::ReservedSetting(k));
     }
     let mut entry = Map::new();
     entry.insert("type".into(), conflist::PLUGIN_TYPE.into());
@@ -164,7 +177,7 @@ pub fn plugin_entry(settings: &Map<String, Value>, kubeconfig: &Path) -> Result<
     let mut probe = entry.clone();
     probe.insert("cniVersion".into(), "1.0.0".into());
     crate::plugin::config::NetConf::parse(Value::Object(probe).to_string().as_bytes())
-        .map_err(|e| InstallError::Setting(format!("plugin configuration rejected by the plugin: {e}")))?;
+        .map_err(InstallError::RejectedSettings)?;
     Ok(Value::Object(entry))
 }
 
@@ -211,8 +224,12 @@ struct Installer<A> {
 }
 
 /// Runs the installer until SIGTERM or SIGINT. `node_api` removes the start-up taint when the settings
-/// name one.
-pub fn run<A: NodeApi>(settings: Settings, node_api: Option<A>) -> Result<(), InstallError> {
+/// name one; `detector` tells an uninstall from a restart when cleanup on exit is `auto`.
+pub fn run<A: NodeApi>(
+    settings: Settings,
+    node_api: Option<A>,
+    detector: Option<Detector>,
+) -> Result<(), InstallError> {
     // Everything that can be refused is checked before anything on the host changes.
     let layout = Layout {
         binary: settings.cni_bin_dir.join(conflist::PLUGIN_TYPE),
@@ -233,12 +250,10 @@ pub fn run<A: NodeApi>(settings: Settings, node_api: Option<A>) -> Result<(), In
     let host_kubeconfig = settings.host_kubeconfig.clone().unwrap_or_else(|| kubeconfig.clone());
     let entry = Arc::new(plugin_entry(&settings.plugin_settings, &host_kubeconfig)?);
     if settings.startup_taint.is_some() && settings.node_name.is_none() {
-        return Err(InstallError::Setting(
-            "--startup-taint needs --node-name (NODE_NAME from the downward API)".into(),
-        ));
+        return Err(InstallError::TaintWithoutNode);
     }
     if settings.startup_taint.is_some() && node_api.is_none() {
-        return Err(InstallError::Setting("--startup-taint needs an API client".into()));
+        return Err(InstallError::TaintWithoutClient);
     }
     let plugin = Arc::new(Plugin::load(&settings.source_binary)?);
     let creds = Arc::new(Credentials {
@@ -270,6 +285,21 @@ pub fn run<A: NodeApi>(settings: Settings, node_api: Option<A>) -> Result<(), In
         state.root().display(),
         binary::hex(&plugin.checksum)
     );
+
+    let detector = match (settings.cleanup_on_exit, detector) {
+        (CleanupOnExit::Auto, Some(d)) => {
+            d.spawn().map_err(|e| InstallError::Watch { path: layout.conf_dir.clone(), source: e })?;
+            Some(d)
+        }
+        (CleanupOnExit::Auto, None) => {
+            log::warn!(
+                "--cleanup-on-exit=auto without the pod's name and namespace (POD_NAME, POD_NAMESPACE) cannot tell an \
+                 uninstall from a restart: the install will be left in place on exit"
+            );
+            None
+        }
+        _ => None,
+    };
 
     let heartbeat = Arc::new(Heartbeat::default());
     heartbeat.beat();
@@ -347,7 +377,7 @@ pub fn run<A: NodeApi>(settings: Settings, node_api: Option<A>) -> Result<(), In
     };
     log::info!("signal {signal} received: shutting down");
     set_ready(&mut ready_file, false);
-    let result = inst.shutdown();
+    let result = inst.shutdown(detector.as_ref());
     life.release();
     result
 }
@@ -367,18 +397,18 @@ fn readiness_check(layout: Layout, plugin: Arc<Plugin>, entry: Arc<Value>, creds
     Arc::new(move || {
         match plugin.in_place(&layout.binary) {
             Ok(true) => {}
-            Ok(false) => return Err(format!("the plugin binary {} is missing or not ours", layout.binary.display())),
-            Err(e) => return Err(format!("cannot check {}: {e}", layout.binary.display())),
+            Ok(false) => return Err(NotReady::BinaryMissing(layout.binary.clone())),
+            Err(source) => return Err(NotReady::BinaryUnreadable { path: layout.binary.clone(), source }),
         }
         if !creds.in_place() {
-            return Err(format!("the kubeconfig {} or its token is missing or stale", creds.kubeconfig.display()));
+            return Err(NotReady::Credentials(creds.kubeconfig.clone()));
         }
         match conflist::scan(&layout.conf_dir, SystemTime::now()) {
             Ok(Scan::Found(p)) if p.shape == Shape::List && conflist::has_entry(&p.doc, &entry) => Ok(()),
-            Ok(Scan::Found(p)) => Err(format!("{} does not end with our entry", p.path.display())),
-            Ok(Scan::Nothing) => Err(format!("no network configuration in {} yet", layout.conf_dir.display())),
-            Ok(Scan::Unsettled(p)) => Err(format!("{} is being written", p.display())),
-            Err(e) => Err(format!("cannot read {}: {e}", layout.conf_dir.display())),
+            Ok(Scan::Found(p)) => Err(NotReady::NotOurEntry(p.path)),
+            Ok(Scan::Nothing) => Err(NotReady::NoConfiguration(layout.conf_dir.clone())),
+            Ok(Scan::Unsettled(p)) => Err(NotReady::Unsettled(p)),
+            Err(source) => Err(NotReady::ConfDir { path: layout.conf_dir.clone(), source }),
         }
     })
 }
@@ -633,8 +663,22 @@ impl<A: NodeApi> Installer<A> {
         self.taint = taint::step(self.taint, Instant::now(), api, node, key);
     }
 
-    /// On exit: remove the install if we still own it and cleanup is on; otherwise leave it.
-    fn shutdown(&mut self) -> Result<(), InstallError> {
+    /// On exit: remove the install if we still own it and this is an uninstall (or cleanup is
+    /// forced); otherwise leave it in place, so that pods starting meanwhile are still redirected.
+    fn shutdown(&mut self, detector: Option<&Detector>) -> Result<(), InstallError> {
+        // Asked before taking the state lock: the API call may take seconds, and a newcomer's
+        // install must not wait for it.
+        let verdict = match self.settings.cleanup_on_exit {
+            CleanupOnExit::Always => Verdict::Uninstall("--cleanup-on-exit=true".into()),
+            CleanupOnExit::Never => Verdict::Keep("--cleanup-on-exit=false".into()),
+            CleanupOnExit::Auto if !self.owner => Verdict::Keep("this installer does not own the install".into()),
+            CleanupOnExit::Auto => match detector {
+                Some(d) => d.verdict(),
+                None => {
+                    Verdict::Keep("cannot tell an uninstall from a restart without the pod's name and namespace".into())
+                }
+            },
+        };
         let serr = |e| InstallError::State { path: self.settings.state_dir.clone(), source: e };
         let _lock = self.state.lock().map_err(serr)?;
         let marker = self.state.marker().map_err(serr)?;
@@ -650,9 +694,15 @@ impl<A: NodeApi> Installer<A> {
             }
             return Ok(());
         }
-        if !self.settings.cleanup_on_exit {
-            log::info!("cleanup on exit is off: leaving the install in place");
-            return Ok(());
+        match verdict {
+            Verdict::Keep(why) => {
+                log::info!(
+                    "leaving the install in place ({why}): pods that start before the next installer runs are still \
+                     redirected, or fail"
+                );
+                return Ok(());
+            }
+            Verdict::Uninstall(why) => log::info!("uninstalling: {why}"),
         }
         log::info!("removing the install");
         let result = undo::undo_all(&self.undo);
@@ -699,6 +749,8 @@ mod tests {
         let e = plugin_entry(&json!({"type": "x"}).as_object().unwrap().clone(), kc).unwrap_err();
         assert!(e.to_string().contains(r#"plugin setting "type" is set by the installer"#), "{e}");
         let e = plugin_entry(&json!({"iptables_mode": "xt"}).as_object().unwrap().clone(), kc).unwrap_err();
-        assert!(e.to_string().contains("iptables_mode \"xt\" is not one of auto, nft, legacy"), "{e}");
+        assert!(matches!(e, InstallError::RejectedSettings(_)), "{e}");
+        let e = crate::text::chain(&e);
+        assert!(e.contains("rejected by the plugin: iptables_mode \"xt\" is not one of auto, nft, legacy"), "{e}");
     }
 }

@@ -14,10 +14,40 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use thiserror::Error;
+
 use super::atomic;
 
 /// A readiness check: `Ok` when ready, else what is missing.
-pub type Check = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+pub type Check = Arc<dyn Fn() -> Result<(), NotReady> + Send + Sync>;
+
+/// Which of the three parts (binary, kubeconfig, conflist entry) is not in place, as `/readyz`
+/// says it.
+#[derive(Debug, Error)]
+pub enum NotReady {
+    #[error("the plugin binary {} is missing or not ours", .0.display())]
+    BinaryMissing(PathBuf),
+    #[error("cannot check {}", .path.display())]
+    BinaryUnreadable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the kubeconfig {} or its token is missing or stale", .0.display())]
+    Credentials(PathBuf),
+    #[error("{} does not end with our entry", .0.display())]
+    NotOurEntry(PathBuf),
+    #[error("no network configuration in {} yet", .0.display())]
+    NoConfiguration(PathBuf),
+    #[error("{} is being written", .0.display())]
+    Unsettled(PathBuf),
+    #[error("cannot read {}", .path.display())]
+    ConfDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
 
 /// The main loop's heartbeat, read by `/livez`.
 #[derive(Debug, Default)]
@@ -124,7 +154,7 @@ fn answer(stream: TcpStream, check: &Check, heartbeat: &Heartbeat, stale_after: 
     let (status, body) = match (method, path) {
         ("GET" | "HEAD", "/readyz") => match check() {
             Ok(()) => ("200 OK", "ready\n".to_owned()),
-            Err(why) => ("503 Service Unavailable", format!("not ready: {why}\n")),
+            Err(why) => ("503 Service Unavailable", format!("not ready: {}\n", crate::text::chain(&why))),
         },
         ("GET" | "HEAD", "/livez") if heartbeat.age() <= stale_after => ("200 OK", "alive\n".to_owned()),
         ("GET" | "HEAD", "/livez") => {
@@ -194,15 +224,16 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let ready = Arc::new(AtomicBool::new(false));
         let r = ready.clone();
-        let check: Check =
-            Arc::new(move || if r.load(Ordering::SeqCst) { Ok(()) } else { Err("no conflist entry".into()) });
+        let check: Check = Arc::new(move || {
+            if r.load(Ordering::SeqCst) { Ok(()) } else { Err(NotReady::NoConfiguration("/etc/cni/net.d".into())) }
+        });
         let hb = Arc::new(Heartbeat::default());
         hb.beat();
         let serving = Arc::new(AtomicBool::new(true));
         serve(addr, Some(listener), serving.clone(), check, hb, Duration::from_secs(60));
         let resp = get(addr, "/readyz");
         assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
-        assert!(resp.ends_with("not ready: no conflist entry\n"), "{resp}");
+        assert!(resp.ends_with("not ready: no network configuration in /etc/cni/net.d yet\n"), "{resp}");
         ready.store(true, Ordering::SeqCst);
         assert!(get(addr, "/readyz").starts_with("HTTP/1.1 200 OK"));
         assert!(get(addr, "/livez").starts_with("HTTP/1.1 200 OK"));

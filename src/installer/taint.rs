@@ -12,6 +12,8 @@
 
 use std::time::{Duration, Instant};
 
+use thiserror::Error;
+
 /// The start-up taint's default key.
 pub const DEFAULT_KEY: &str = "tproxy-cni.io/not-ready";
 
@@ -92,8 +94,15 @@ pub fn step<A: NodeApi>(progress: Progress, now: Instant, api: &A, node: &str, k
     }
 }
 
+/// A taint key the API server would refuse.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("taint key {key:?} is not a qualified name (e.g. {DEFAULT_KEY})")]
+pub struct InvalidTaintKey {
+    pub key: String,
+}
+
 /// Checks a taint key as the API server would (a qualified name: optional DNS prefix, `/`, name).
-pub fn validate_key(key: &str) -> Result<(), String> {
+pub fn validate_key(key: &str) -> Result<(), InvalidTaintKey> {
     let (prefix, name) = match key.rsplit_once('/') {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
@@ -114,11 +123,7 @@ pub fn validate_key(key: &str) -> Result<(), String> {
                     && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
             })
     });
-    if name_ok && prefix_ok {
-        Ok(())
-    } else {
-        Err(format!("taint key {key:?} is not a qualified name (e.g. {DEFAULT_KEY})"))
-    }
+    if name_ok && prefix_ok { Ok(()) } else { Err(InvalidTaintKey { key: key.to_owned() }) }
 }
 
 #[cfg(test)]

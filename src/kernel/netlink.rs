@@ -10,6 +10,10 @@
 //! The socket is created on a short-lived thread that entered the pod's namespace
 //! ([`Netns::run_on_thread`]); a netlink socket stays bound to the namespace it was created in,
 //! so everything after that runs on the calling thread, which never leaves the host namespace.
+//!
+//! Every exchange is bounded by the caller's [`Deadline`]: each send and receive waits at most
+//! what is left of it (`SO_SNDTIMEO`, `SO_RCVTIMEO`), and a kernel that stays silent past it ends
+//! the call with [`NetlinkError::TimedOut`].
 
 use std::io;
 use std::net::Ipv6Addr;
@@ -19,13 +23,12 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::core::redirect::{Family, KUMA_INBOUND_PASSTHROUGH_V6, Redirect};
+use crate::kernel::deadline::Deadline;
 use crate::kernel::netfilter::Removed;
 use crate::kernel::netns::{Netns, NetnsError};
 
 /// The loopback's interface index: the kernel creates `lo` first in every namespace, as index 1.
 const LOOPBACK_IFINDEX: u32 = 1;
-/// How long we wait for the kernel's answer before giving up (it answers in microseconds).
-const TIMEOUT: Duration = Duration::from_secs(2);
 
 const NLMSG_HDRLEN: usize = 16;
 const NLMSG_DONE: u16 = libc::NLMSG_DONE as u16;
@@ -44,17 +47,22 @@ pub enum NetlinkError {
     },
     #[error("cannot {what} in the pod's network namespace: malformed netlink answer")]
     Malformed { what: &'static str },
+    /// The kernel did not answer within the deadline.
+    #[error("cannot {what} in the pod's network namespace: no answer from the kernel within {} ms", .budget.as_millis())]
+    TimedOut { what: &'static str, budget: Duration },
 }
 
 /// A `NETLINK_ROUTE` socket bound to a pod's network namespace.
 pub struct RouteSocket {
     fd: OwnedFd,
     seq: u32,
+    deadline: Deadline,
 }
 
 impl RouteSocket {
-    /// Opens a socket in `ns`, from a thread that entered it and ends right after.
-    pub fn open_in(ns: &Netns) -> Result<RouteSocket, NetlinkError> {
+    /// Opens a socket in `ns`, from a thread that entered it and ends right after; every exchange
+    /// on it must end by `deadline`.
+    pub fn open_in(ns: &Netns, deadline: Deadline) -> Result<RouteSocket, NetlinkError> {
         let fd = ns.run_on_thread(|| {
             // Safety: plain socket(2) call; the result is checked before use.
             let fd =
@@ -66,13 +74,26 @@ impl RouteSocket {
             Ok(unsafe { OwnedFd::from_raw_fd(fd) })
         })?;
         let fd = fd.map_err(|source| NetlinkError::Io { what: "open a netlink socket", source })?;
-        let tv = libc::timeval { tv_sec: TIMEOUT.as_secs() as libc::time_t, tv_usec: 0 };
+        Ok(RouteSocket { fd, seq: 0, deadline })
+    }
+
+    /// Lets the next send or receive wait at most what is left of the deadline.
+    fn bound(&self, option: libc::c_int, what: &'static str) -> Result<(), NetlinkError> {
+        let left = self.deadline.remaining();
+        if left.is_zero() {
+            return Err(NetlinkError::TimedOut { what, budget: self.deadline.budget() });
+        }
+        // A zero timeval means "wait forever": never ask for less than a microsecond.
+        let tv = libc::timeval {
+            tv_sec: left.as_secs() as libc::time_t,
+            tv_usec: libc::suseconds_t::from(left.subsec_micros().max(1)),
+        };
         // Safety: `tv` is a valid timeval and its size is passed along; the descriptor is open.
         let rc = unsafe {
             libc::setsockopt(
-                fd.as_raw_fd(),
+                self.fd.as_raw_fd(),
                 libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
+                option,
                 (&tv as *const libc::timeval).cast(),
                 std::mem::size_of::<libc::timeval>() as libc::socklen_t,
             )
@@ -80,7 +101,15 @@ impl RouteSocket {
         if rc != 0 {
             return Err(NetlinkError::Io { what: "set a netlink timeout", source: io::Error::last_os_error() });
         }
-        Ok(RouteSocket { fd, seq: 0 })
+        Ok(())
+    }
+
+    /// A failed send or receive: a timeout when the socket gave up waiting.
+    fn failed(&self, what: &'static str, source: io::Error) -> NetlinkError {
+        match source.raw_os_error() {
+            Some(libc::EAGAIN) => NetlinkError::TimedOut { what, budget: self.deadline.budget() },
+            _ => NetlinkError::Io { what, source },
+        }
     }
 
     /// Every IPv6 address in the namespace, with its interface index.
@@ -172,6 +201,7 @@ impl RouteSocket {
     }
 
     fn send(&self, msg: &[u8], what: &'static str) -> Result<(), NetlinkError> {
+        self.bound(libc::SO_SNDTIMEO, what)?;
         // Safety: an all-zero sockaddr_nl is valid; it addresses the kernel (port id 0).
         let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
@@ -187,16 +217,17 @@ impl RouteSocket {
             )
         };
         if n < 0 {
-            return Err(NetlinkError::Io { what, source: io::Error::last_os_error() });
+            return Err(self.failed(what, io::Error::last_os_error()));
         }
         Ok(())
     }
 
     fn recv(&self, buf: &mut [u8], what: &'static str) -> Result<usize, NetlinkError> {
+        self.bound(libc::SO_RCVTIMEO, what)?;
         // Safety: `buf` is valid for writes of its length; the descriptor is open.
         let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
-            return Err(NetlinkError::Io { what, source: io::Error::last_os_error() });
+            return Err(self.failed(what, io::Error::last_os_error()));
         }
         Ok(n as usize)
     }
@@ -266,21 +297,28 @@ pub struct Prepared {
 
 /// Decides the IPv6 pass, reading the namespace's addresses; changes nothing. Costs nothing (no
 /// socket) for redirects that do not depend on the namespace.
-pub fn prepare(ns: &Netns, redirect: Redirect) -> Result<Prepared, NetlinkError> {
+pub fn prepare(ns: &Netns, redirect: Redirect, deadline: Deadline) -> Result<Prepared, NetlinkError> {
     if !redirect.ipv6_follows_netns() {
         return Ok(Prepared { redirect });
     }
-    let mut sock = RouteSocket::open_in(ns)?;
+    let mut sock = RouteSocket::open_in(ns, deadline)?;
     Ok(Prepared { redirect: resolve_ipv6(&mut sock, redirect)? })
+}
+
+/// Does the namespace have any IPv6 address besides `::1`? (Link-local ones count: traffic to
+/// link-local peers would bypass a proxy as well as any other.)
+pub fn has_ipv6(ns: &Netns, deadline: Deadline) -> Result<bool, NetlinkError> {
+    let mut sock = RouteSocket::open_in(ns, deadline)?;
+    Ok(sock.ipv6_addresses()?.iter().any(|(_, a)| *a != Ipv6Addr::LOCALHOST))
 }
 
 impl Prepared {
     /// Adds the loopback address the IPv6 pass needs (Kuma's `::6`), if any, after the rules are
     /// installed: an ADD killed before this point leaves rules, which DEL removes together with
     /// the address, never an address without the rules that account for it.
-    pub fn add_address(&self, ns: &Netns) -> Result<(), NetlinkError> {
+    pub fn add_address(&self, ns: &Netns, deadline: Deadline) -> Result<(), NetlinkError> {
         let Some(addr) = self.redirect.ipv6_passthrough_address() else { return Ok(()) };
-        if RouteSocket::open_in(ns)?.add_loopback_address(addr)? {
+        if RouteSocket::open_in(ns, deadline)?.add_loopback_address(addr)? {
             log::debug!("added {addr}/128 to lo");
         } else {
             log::debug!("{addr}/128 is already on lo");
@@ -291,11 +329,11 @@ impl Prepared {
 
 /// CHECK's view: the redirect with its IPv6 pass decided as ADD decided it, and the differences
 /// in the namespace's addresses (a missing `::6`), as CHECK mismatch lines.
-pub fn inspect(ns: &Netns, redirect: Redirect) -> Result<(Redirect, Vec<String>), NetlinkError> {
+pub fn inspect(ns: &Netns, redirect: Redirect, deadline: Deadline) -> Result<(Redirect, Vec<String>), NetlinkError> {
     if !redirect.ipv6_follows_netns() && redirect.ipv6_passthrough_address().is_none() {
         return Ok((redirect, Vec::new()));
     }
-    let mut sock = RouteSocket::open_in(ns)?;
+    let mut sock = RouteSocket::open_in(ns, deadline)?;
     let redirect = resolve_ipv6(&mut sock, redirect)?;
     let mut diffs = Vec::new();
     if let Some(addr) = redirect.ipv6_passthrough_address() {
@@ -309,11 +347,11 @@ pub fn inspect(ns: &Netns, redirect: Redirect) -> Result<(Redirect, Vec<String>)
 
 /// Removes Kuma's loopback address when DEL removed a Kuma IPv6 pass of ours (it exists only for
 /// that pass; nothing else of the pod's is touched).
-pub fn release(ns: &Netns, removed: &Removed) -> Result<(), NetlinkError> {
+pub fn release(ns: &Netns, removed: &Removed, deadline: Deadline) -> Result<(), NetlinkError> {
     if !removed.had_chain(Family::V6, crate::core::rules::kuma::INBOUND.0) {
         return Ok(());
     }
-    if RouteSocket::open_in(ns)?.del_loopback_address(KUMA_INBOUND_PASSTHROUGH_V6)? {
+    if RouteSocket::open_in(ns, deadline)?.del_loopback_address(KUMA_INBOUND_PASSTHROUGH_V6)? {
         log::debug!("removed {KUMA_INBOUND_PASSTHROUGH_V6}/128 from lo");
     }
     Ok(())
@@ -359,6 +397,22 @@ mod tests {
         assert_eq!(parse_address(msgs[0].1), Some((2, "fe80::1".parse().unwrap())));
         assert_eq!(msgs[1].0, NLMSG_DONE);
         assert!(messages(&sock_msg[..20]).is_none(), "a truncated message is refused");
+    }
+
+    #[test]
+    fn a_kernel_that_does_not_answer_times_out() {
+        // Nothing was asked, so nothing will come: the receive must end at the deadline.
+        let ns = Netns::current().unwrap();
+        let sock = RouteSocket::open_in(&ns, Deadline::after(Duration::from_millis(200))).unwrap();
+        let t = std::time::Instant::now();
+        let e = sock.recv(&mut [0u8; 64], "wait for nothing").unwrap_err();
+        assert!(matches!(e, NetlinkError::TimedOut { budget, .. } if budget == Duration::from_millis(200)), "{e:?}");
+        assert!(t.elapsed() >= Duration::from_millis(150) && t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert!(e.to_string().contains("no answer from the kernel within 200 ms"), "{e}");
+        // Once the deadline has passed, nothing waits at all.
+        let t = std::time::Instant::now();
+        assert!(matches!(sock.recv(&mut [0u8; 64], "x"), Err(NetlinkError::TimedOut { .. })));
+        assert!(t.elapsed() < Duration::from_millis(50));
     }
 
     #[test]

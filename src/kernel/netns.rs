@@ -11,10 +11,10 @@
 //! or run by an init container), nothing is entered: `setns(2)` needs `CAP_SYS_ADMIN`, which such a
 //! container lacks even when it holds the `CAP_NET_ADMIN` that the rules need.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -65,12 +65,15 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Opens the namespace at `path` and checks it really is one.
+    /// Opens the namespace at `path` and checks it really is one. Opening never blocks: a FIFO
+    /// or a device named by mistake is opened without waiting, then refused as not a namespace.
     pub fn open(path: &Path) -> Result<Netns, NetnsError> {
-        let file = File::open(path).map_err(|source| match source.kind() {
-            io::ErrorKind::NotFound => NetnsError::Gone(path.to_owned()),
-            _ => NetnsError::Open { path: path.to_owned(), source },
-        })?;
+        let file = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path).map_err(
+            |source| match source.kind() {
+                io::ErrorKind::NotFound => NetnsError::Gone(path.to_owned()),
+                _ => NetnsError::Open { path: path.to_owned(), source },
+            },
+        )?;
         // Safety: `statfs` is plain data; an all-zero value is valid and fstatfs overwrites it.
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         // Safety: the descriptor is open for the duration of the call and `st` is a valid out-pointer.
@@ -171,6 +174,19 @@ mod tests {
     fn a_missing_path_is_gone() {
         let e = Netns::open(Path::new("/nonexistent/netns/x")).unwrap_err();
         assert!(matches!(e, NetnsError::Gone(_)) && e.is_gone());
+    }
+
+    #[test]
+    fn a_fifo_is_not_a_netns_and_opening_it_does_not_wait_for_a_writer() {
+        let dir = std::env::temp_dir().join(format!("tproxy-cni-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("netns");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // Safety: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = Netns::open(&fifo).unwrap_err();
+        assert!(matches!(e, NetnsError::NotANetns(_)), "{e:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

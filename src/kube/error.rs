@@ -116,9 +116,17 @@ pub enum Error {
     /// 403: authenticated, but RBAC does not allow the request.
     #[error("Kubernetes API server {server} refused {request} with 403 Forbidden: {message}")]
     Forbidden { server: String, request: String, message: String },
-    /// 404: the object does not exist.
+    /// 404 with the `Status` the API server sends for a missing object (`reason: NotFound`, naming
+    /// the resource and the object): the object does not exist.
     #[error("{request}: not found on Kubernetes API server {server}")]
     NotFound { server: String, request: String },
+    /// 404 without that `Status`: a wrong server path, or something in front of the API server
+    /// answering for it. It says nothing about the object.
+    #[error(
+        "Kubernetes API server {server} answered {request} with 404 but not with the Status the API server sends \
+         for a missing object ({answer}): check the kubeconfig's server URL (no path; no proxy in front)"
+    )]
+    NotFoundElsewhere { server: String, request: String, answer: String },
     /// The server's certificate is not signed by the CA the kubeconfig trusts (or does not name it).
     #[error(
         "the certificate of Kubernetes API server {server} is not trusted by the kubeconfig's certificate authority"
@@ -173,11 +181,19 @@ impl Error {
     pub fn class(&self) -> Class {
         match self {
             Error::Unavailable { .. } => Class::Transient,
-            Error::Unauthorized { .. } | Error::Forbidden { .. } | Error::Untrusted { .. } => Class::Access,
+            Error::Unauthorized { .. }
+            | Error::Forbidden { .. }
+            | Error::Untrusted { .. }
+            | Error::NotFoundElsewhere { .. } => Class::Access,
             Error::NotFound { .. } => Class::NotFound,
             Error::Kubeconfig(_) | Error::InvalidName { .. } => Class::Config,
             Error::Rejected { .. } | Error::Decode { .. } | Error::Request { .. } => Class::Rejected,
         }
+    }
+
+    /// 410 Gone: a watch's resource version is too old (compacted away); list again.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, Error::Rejected { status: 410, .. })
     }
 
     /// Did the server refuse a write because the object changed underneath it (409, or 422 from a

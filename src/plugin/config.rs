@@ -1,7 +1,7 @@
 //! The network configuration on stdin: decoded, defaulted and validated here, once.
 //!
-//! Keys of our own: `log_level`, `log_file`, `iptables_mode`, and for the API-server path
-//! `exclude_namespaces`, `installer_pods`, `api_timeout`, `default_namespace`,
+//! Keys of our own: `log_level`, `log_file`, `iptables_mode`, `unclassified_pods`, `netns_timeout`, and for the
+//! API-server path `exclude_namespaces`, `installer_pods`, `api_timeout`, `default_namespace`,
 //! `consul_status_annotation`. Keys of consul-cni are accepted so that a conflist written for it
 //! keeps working when only `type` changes: `cni_bin_dir`, `cni_net_dir`, `kubeconfig`, `log_level`,
 //! `multus`. Any other key is ignored, as the spec asks of plugins. `prevResult` stays raw JSON: we
@@ -29,8 +29,15 @@ pub struct NetConf {
     pub plugin_type: String,
     /// The previous plugin's result, byte for byte; `None` when we are not chained (e.g. Multus).
     pub prev_result: Option<Box<RawValue>>,
-    /// The pod's annotations, when the runtime passed them as a capability argument.
+    /// The pod's annotations, when the runtime passed them as a capability argument. The key's
+    /// presence is what counts: containerd sends `null` for a pod without annotations, which is
+    /// `Some` of an empty map here, not `None`.
     pub pod_annotations: Option<BTreeMap<String, String>>,
+    /// What ADD does with a pod it cannot classify.
+    pub unclassified_pods: Unclassified,
+    /// The deadline of a call's work in the pod's namespace: the wait for another call's lock,
+    /// every tool, every netlink exchange.
+    pub netns_timeout: Duration,
     pub log_level: log::LevelFilter,
     pub log_file: Option<PathBuf>,
     pub iptables_mode: Mode,
@@ -48,6 +55,16 @@ pub struct NetConf {
     pub consul_status_annotation: bool,
     /// GC: the attachments the runtime still considers valid.
     pub valid_attachments: Option<Vec<Attachment>>,
+}
+
+/// The conflist's `unclassified_pods`: what to do with a pod whose annotations cannot be had (the
+/// runtime passed none and the API server cannot be asked, or did not answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unclassified {
+    /// ADD fails: the pod may be a mesh pod, and must not start without its redirect (the default).
+    Fail,
+    /// ADD passes the pod through with a warning: availability over the mesh's guarantee.
+    Pass,
 }
 
 /// The installer's pods: those in `namespace` whose name starts with `name_prefix` (a DaemonSet
@@ -74,6 +91,11 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// Bounds of `api_timeout`: shorter cannot complete a TLS handshake on a busy node; longer holds the
 /// runtime's pod creation for no benefit (it retries a failed ADD anyway).
 pub const API_TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(300));
+/// Default of `netns_timeout`: far above what the work takes (milliseconds; about a second for 64
+/// pods at once on two loaded cores), far below kubelet's two minutes for the whole sandbox.
+pub const DEFAULT_NETNS_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bounds of `netns_timeout`.
+pub const NETNS_TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(300));
 
 /// One attachment named by GC.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -97,12 +119,14 @@ pub enum ConfigError {
     LogLevel(String),
     #[error("iptables_mode {} is not one of auto, nft, legacy", crate::text::Quoted::new(.0))]
     IptablesMode(String),
+    #[error("unclassified_pods {} is not one of fail, pass", crate::text::Quoted::new(.0))]
+    UnclassifiedPods(String),
     #[error("{key} {} is not a valid Kubernetes namespace name", crate::text::Quoted::new(value))]
     Namespace { key: &'static str, value: String },
     #[error("installer_pods: {0}")]
     InstallerPods(&'static str),
-    #[error("api_timeout {value}: {reason}")]
-    ApiTimeout { value: String, reason: &'static str },
+    #[error("{key} {value}: {reason}")]
+    Timeout { key: &'static str, value: String, reason: &'static str },
     #[error("kubeconfig {} is a relative path: make it absolute, or set cni_net_dir for it to be joined onto", crate::text::Quoted::new(&.0.to_string_lossy()))]
     RelativeKubeconfig(PathBuf),
 }
@@ -127,6 +151,7 @@ struct Raw {
     log_level: Option<String>,
     log_file: Option<PathBuf>,
     iptables_mode: Option<String>,
+    unclassified_pods: Option<String>,
     // consul-cni's keys.
     #[allow(dead_code)]
     cni_bin_dir: Option<PathBuf>,
@@ -138,6 +163,7 @@ struct Raw {
     exclude_namespaces: Option<Vec<String>>,
     installer_pods: Option<InstallerPods>,
     api_timeout: Option<serde_json::Value>,
+    netns_timeout: Option<serde_json::Value>,
     default_namespace: Option<String>,
     consul_status_annotation: Option<bool>,
     #[serde(rename = "cni.dev/valid-attachments")]
@@ -148,8 +174,14 @@ struct Raw {
 
 #[derive(Deserialize)]
 struct RawRuntimeConfig {
-    #[serde(rename = "io.kubernetes.cri.pod-annotations")]
+    #[serde(rename = "io.kubernetes.cri.pod-annotations", default, deserialize_with = "present")]
     pod_annotations: Option<BTreeMap<String, String>>,
+}
+
+/// A key that is present: `null` (containerd's way of sending a pod without annotations) is an
+/// empty map; only an absent key (`default`) is `None`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    Ok(Some(Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default()))
 }
 
 impl NetConf {
@@ -173,6 +205,11 @@ impl NetConf {
             Some("nft") => Mode::Nft,
             Some("legacy") => Mode::Legacy,
             Some(other) => return Err(ConfigError::IptablesMode(other.to_owned())),
+        };
+        let unclassified_pods = match raw.unclassified_pods.as_deref() {
+            None | Some("fail") => Unclassified::Fail,
+            Some("pass") => Unclassified::Pass,
+            Some(other) => return Err(ConfigError::UnclassifiedPods(other.to_owned())),
         };
         // consul-cni joins `kubeconfig` (a file name) onto `cni_net_dir`; an absolute path stands alone.
         let kubeconfig = match (raw.kubeconfig.filter(|k| !k.as_os_str().is_empty()), raw.cni_net_dir) {
@@ -203,7 +240,11 @@ impl NetConf {
         }
         let api_timeout = match raw.api_timeout {
             None => crate::kube::DEFAULT_TIMEOUT,
-            Some(v) => api_timeout(&v)?,
+            Some(v) => timeout("api_timeout", &v, API_TIMEOUT_RANGE, "must be between 100ms and 5m")?,
+        };
+        let netns_timeout = match raw.netns_timeout {
+            None => DEFAULT_NETNS_TIMEOUT,
+            Some(v) => timeout("netns_timeout", &v, NETNS_TIMEOUT_RANGE, "must be between 1s and 5m")?,
         };
         let default_namespace = raw.default_namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
         check_namespace("default_namespace", &default_namespace)?;
@@ -213,6 +254,8 @@ impl NetConf {
             plugin_type: raw.plugin_type,
             prev_result: raw.prev_result,
             pod_annotations: raw.runtime_config.and_then(|r| r.pod_annotations),
+            unclassified_pods,
+            netns_timeout,
             log_level,
             log_file: raw.log_file.filter(|p| !p.as_os_str().is_empty()),
             iptables_mode,
@@ -233,10 +276,15 @@ fn check_namespace(key: &'static str, value: &str) -> Result<(), ConfigError> {
     if ok { Ok(()) } else { Err(ConfigError::Namespace { key, value: value.to_owned() }) }
 }
 
-/// `api_timeout`: a duration as Kubernetes writes them (`"3s"`, `"500ms"`, `"1m30s"`, `"1.5s"`) or
-/// a number of seconds.
-fn api_timeout(v: &serde_json::Value) -> Result<Duration, ConfigError> {
-    let fail = |reason| ConfigError::ApiTimeout { value: v.to_string(), reason };
+/// `api_timeout`, `netns_timeout`: a duration as Kubernetes writes them (`"3s"`, `"500ms"`,
+/// `"1m30s"`, `"1.5s"`) or a number of seconds, within `range`.
+fn timeout(
+    key: &'static str,
+    v: &serde_json::Value,
+    range: (Duration, Duration),
+    out_of_range: &'static str,
+) -> Result<Duration, ConfigError> {
+    let fail = |reason| ConfigError::Timeout { key, value: v.to_string(), reason };
     let d = match v {
         serde_json::Value::String(s) => parse_duration(s).map_err(fail)?,
         serde_json::Value::Number(n) => {
@@ -248,9 +296,9 @@ fn api_timeout(v: &serde_json::Value) -> Result<Duration, ConfigError> {
         }
         _ => return Err(fail("must be a duration such as \"5s\" or a number of seconds")),
     };
-    let (min, max) = API_TIMEOUT_RANGE;
+    let (min, max) = range;
     if d < min || d > max {
-        return Err(fail("must be between 100ms and 5m"));
+        return Err(fail(out_of_range));
     }
     Ok(d)
 }
@@ -337,6 +385,28 @@ mod tests {
     }
 
     #[test]
+    fn a_null_annotation_map_means_the_runtime_passed_none_not_that_it_passed_nothing() {
+        let parse = |rc: &str| NetConf::parse(conf("1.0.0", rc).as_bytes()).unwrap().pod_annotations;
+        // containerd 1.6 for a pod without annotations: the key, with null.
+        assert_eq!(parse(r#","runtimeConfig":{"io.kubernetes.cri.pod-annotations":null}"#), Some(BTreeMap::new()));
+        assert_eq!(parse(r#","runtimeConfig":{"io.kubernetes.cri.pod-annotations":{}}"#), Some(BTreeMap::new()));
+        // A runtime that does not honour the capability: no key at all.
+        assert_eq!(parse(r#","runtimeConfig":{"portMappings":[]}"#), None);
+        assert_eq!(parse(r#","runtimeConfig":null"#), None);
+        assert_eq!(parse(""), None);
+    }
+
+    #[test]
+    fn unclassified_pods_fail_unless_the_conflist_says_pass() {
+        let parse = |extra: &str| NetConf::parse(conf("1.0.0", extra).as_bytes());
+        assert_eq!(parse("").unwrap().unclassified_pods, Unclassified::Fail);
+        assert_eq!(parse(r#","unclassified_pods":"fail""#).unwrap().unclassified_pods, Unclassified::Fail);
+        assert_eq!(parse(r#","unclassified_pods":"pass""#).unwrap().unclassified_pods, Unclassified::Pass);
+        let e = parse(r#","unclassified_pods":"allow""#).unwrap_err();
+        assert!(matches!(e, ConfigError::UnclassifiedPods(_)) && e.to_string().contains("not one of fail, pass"));
+    }
+
+    #[test]
     fn accepts_consul_cni_keys_and_joins_the_kubeconfig() {
         let c = NetConf::parse(
             conf(
@@ -357,6 +427,9 @@ mod tests {
         assert_eq!(c.api_timeout, crate::kube::DEFAULT_TIMEOUT);
         assert_eq!(c.default_namespace, "default");
         assert!(c.consul_status_annotation && c.installer_pods.is_none() && c.kubeconfig.is_none());
+        assert_eq!(c.netns_timeout, DEFAULT_NETNS_TIMEOUT);
+        let c = NetConf::parse(conf("1.0.0", r#","netns_timeout":"2s""#).as_bytes()).unwrap();
+        assert_eq!(c.netns_timeout, Duration::from_secs(2));
     }
 
     #[test]
@@ -403,6 +476,8 @@ mod tests {
             (r#","api_timeout":"10ms""#, "between 100ms and 5m"),
             (r#","api_timeout":"1h""#, "between 100ms and 5m"),
             (r#","api_timeout":true"#, "must be a duration"),
+            (r#","netns_timeout":"500ms""#, "netns_timeout \"500ms\": must be between 1s and 5m"),
+            (r#","netns_timeout":"6m""#, "netns_timeout \"6m\": must be between 1s and 5m"),
             (r#","exclude_namespaces":["Kube_System"]"#, "exclude_namespaces entry \"Kube_System\""),
             (r#","default_namespace":"a.b""#, "default_namespace"),
             (r#","installer_pods":{"namespace":"x","name_prefix":""}"#, "name_prefix"),

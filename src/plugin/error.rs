@@ -25,16 +25,18 @@ pub enum Code {
     /// The network configuration is well-formed JSON but invalid.
     InvalidConfig = 7,
     /// A transient failure; the runtime should retry. Ours: the Kubernetes API server could not be
-    /// reached (or kept failing) within `api_timeout`, for a pod we could not classify without it.
+    /// reached (or kept failing) within `api_timeout`, for a pod we could not classify without it;
+    /// or another call on the pod's namespace held it past `netns_timeout`.
     TryAgainLater = 11,
     /// STATUS: the plugin cannot serve ADD right now.
     PluginNotAvailable = 50,
     /// The pod's mesh annotations are invalid: the pod must be redirected but cannot be.
     InvalidAnnotation = 100,
-    /// The netfilter transaction failed (iptables-restore refused it or could not run).
+    /// The netfilter transaction failed (iptables-restore refused it, could not run, or hung past
+    /// `netns_timeout` and was killed).
     Netfilter = 101,
-    /// The pod's network namespace could not be opened or entered, or its loopback address (Kuma's
-    /// `::6`) could not be set.
+    /// The pod's network namespace could not be opened, entered or locked, or its loopback address
+    /// (Kuma's `::6`) could not be set (or the kernel did not answer within `netns_timeout`).
     Netns = 102,
     /// CHECK: the rules in the pod's namespace differ from what the pod should have.
     CheckMismatch = 103,

@@ -7,6 +7,7 @@
 pub mod args;
 pub mod config;
 pub mod error;
+pub mod lock;
 pub mod pod;
 pub mod result;
 pub mod version;
@@ -19,12 +20,14 @@ use thiserror::Error;
 use self::args::{ArgsError, CniArgs};
 use self::config::{ConfigError, NetConf};
 use self::error::{CniError, Code};
+use self::lock::{LockError, NetnsLock};
 use self::pod::{Api, ConsulStatus, PodError, PodRef};
 use self::result::ResultError;
 use self::version::Version;
 use crate::core::mesh::{AnnotationError, PodNetwork};
 use crate::core::rules;
-use crate::kernel::netfilter::{Backend, CheckError, Mismatch, Netfilter, NetfilterError};
+use crate::kernel::deadline::Deadline;
+use crate::kernel::netfilter::{Backend, CheckError, Mismatch, Mode, Netfilter, NetfilterError};
 use crate::kernel::netlink::{self, NetlinkError};
 use crate::kernel::netns::{Netns, NetnsError};
 use crate::kube::Class;
@@ -96,6 +99,8 @@ pub enum Error {
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Netfilter(#[from] NetfilterError),
@@ -122,7 +127,8 @@ pub fn to_cni_error(e: &Error) -> CniError {
             Class::Config => Code::InvalidConfig,
             Class::Access | Class::Rejected | Class::NotFound => Code::ApiAccess,
         },
-        Error::Netns(_) | Error::Netlink(_) => Code::Netns,
+        Error::Netns(_) | Error::Netlink(_) | Error::Lock(LockError::Io { .. }) => Code::Netns,
+        Error::Lock(LockError::Busy { .. }) => Code::TryAgainLater,
         Error::Netfilter(_) | Error::Check(CheckError::Netfilter(_)) => Code::Netfilter,
         Error::Check(CheckError::Mismatch(_)) => Code::CheckMismatch,
         Error::NotReady(_) => Code::PluginNotAvailable,
@@ -193,63 +199,104 @@ fn dispatch(env: &HashMap<String, String>, stdin: &[u8]) -> Result<String, Error
 fn add(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
     // Validate everything before touching the namespace: a refused ADD changes nothing.
     let output = result::passthrough(conf.prev_result.as_deref(), conf.cni_version)?;
-    let net = PodNetwork { has_ipv6: result::has_ipv6(conf.prev_result.as_deref()) };
     let api = Api::new(conf);
     let found = pod::lookup(conf, &inv.args, &api)?;
-    let Some(redirect) = found.redirect(net)? else {
+    // Whether the pod is in a mesh does not depend on its addresses; its redirect may.
+    let Some(redirect) = found.redirect(PodNetwork::default())? else {
         log::debug!("pod is not in a mesh with transparent proxy: passing through");
         return Ok(output);
     };
-    let ns = Netns::open(inv.netns.as_deref().expect("ADD requires CNI_NETNS"))?;
-    let prepared = netlink::prepare(&ns, redirect)?;
-    let (redirect, sets) = (&prepared.redirect, rules::build(&prepared.redirect));
-    let status = ConsulStatus::new(conf, &inv.args, &found, redirect, &api);
+    let status = ConsulStatus::new(conf, &inv.args, &found, &redirect, &api);
     status.iter().for_each(|s| s.report(pod::CONSUL_STATUS_WAITING));
-    let nf = Netfilter::new(Backend::resolve(conf.iptables_mode));
-    nf.apply(&ns, &sets)?;
-    if let Err(e) = prepared.add_address(&ns) {
-        // Leave nothing of ours behind a failed ADD.
-        if let Err(undo) = nf.remove(&ns) {
-            log::warn!("cannot remove the rules after failing to add the loopback address: {undo}");
-        }
+    // From here on, every wait is bounded by one deadline: the lock, each tool, each netlink call.
+    let deadline = Deadline::after(conf.netns_timeout);
+    let ns = Netns::open(inv.netns.as_deref().expect("ADD requires CNI_NETNS"))?;
+    let lock = NetnsLock::acquire(&ns, deadline)?;
+    let redirect = found.redirect(pod_network(conf, &ns, deadline)?)?.expect("a mesh pod stays one");
+    let prepared = netlink::prepare(&ns, redirect, deadline)?;
+    let (redirect, sets) = (&prepared.redirect, rules::build(&prepared.redirect));
+    let nf = Netfilter::new(Backend::resolve(conf.iptables_mode)).with_deadline(deadline);
+    let applied = nf.apply(&ns, &sets)?;
+    if let Err(e) = prepared.add_address(&ns, deadline) {
+        // Leave the namespace as this call found it.
+        nf.undo(&ns, applied);
         return Err(e.into());
     }
+    drop(lock);
     let families: Vec<_> = sets.iter().map(|s| s.family.name()).collect();
     log::info!("{} redirect installed ({}, iptables-{})", redirect.mesh(), families.join("+"), nf.backend().name());
     status.iter().for_each(|s| s.report(pod::CONSUL_STATUS_COMPLETE));
     Ok(output)
 }
 
-/// DEL: remove whatever of ours is in the namespace; a namespace that is gone needs nothing.
+/// What the dialects need to know of the pod's network: whether it has IPv6, from the previous
+/// plugin's result when chained; otherwise (Multus, a list of our own) nothing says, so the
+/// namespace is asked, and any IPv6 address but `::1` counts: a pod whose IPv6 is not redirected
+/// would bypass the proxy.
+fn pod_network(conf: &NetConf, ns: &Netns, deadline: Deadline) -> Result<PodNetwork, NetlinkError> {
+    let has_ipv6 = match conf.prev_result.as_deref() {
+        Some(prev) => result::has_ipv6(Some(prev)),
+        None => netlink::has_ipv6(ns, deadline)?,
+    };
+    Ok(PodNetwork { has_ipv6 })
+}
+
+/// DEL: remove whatever of ours is in the namespace. Best effort, as the spec expects of DEL: a
+/// namespace that is gone needs nothing, and a failure (a missing tool, a tool or the kernel
+/// refusing, a hung tool, a lock held past the deadline) is logged and the call still succeeds —
+/// our rules live in the pod's namespace and go with it, while a DEL that fails would keep the
+/// sandbox from being torn down. Only malformed input fails DEL (in [`dispatch`]).
 fn del(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
-    remove_from(inv.netns.as_deref(), Backend::resolve(conf.iptables_mode))?;
+    remove_from(inv.netns.as_deref(), conf.iptables_mode, Deadline::after(conf.netns_timeout));
     Ok(String::new())
 }
 
 fn del_with_defaults(env: &HashMap<String, String>) -> Result<String, Error> {
     let inv = invocation(env, Command::Del)?;
-    remove_from(inv.netns.as_deref(), Backend::resolve(crate::kernel::netfilter::Mode::Auto))?;
+    remove_from(inv.netns.as_deref(), Mode::Auto, Deadline::after(config::DEFAULT_NETNS_TIMEOUT));
     Ok(String::new())
 }
 
-fn remove_from(netns: Option<&std::path::Path>, backend: Backend) -> Result<(), Error> {
+fn remove_from(netns: Option<&std::path::Path>, mode: Mode, deadline: Deadline) {
     let Some(path) = netns else {
         log::debug!("DEL without CNI_NETNS: nothing to remove");
-        return Ok(());
+        return;
     };
     let ns = match Netns::open(path) {
         Ok(ns) => ns,
         Err(e) if e.is_gone() => {
             log::debug!("{e}: nothing to remove");
-            return Ok(());
+            return;
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            log::warn!("DEL: {}: nothing removed (our rules go with the namespace)", crate::text::chain(&e));
+            return;
+        }
     };
-    let nf = Netfilter::new(backend);
-    let removed = nf.remove(&ns)?;
-    netlink::release(&ns, &removed)?;
+    let lock = match NetnsLock::acquire(&ns, deadline) {
+        Ok(lock) => Some(lock),
+        Err(e @ LockError::Busy { .. }) => {
+            log::warn!("DEL: {e}: nothing removed (our rules go with the namespace)");
+            return;
+        }
+        Err(e) => {
+            log::warn!("DEL: {}: removing our rules without it", crate::text::chain(&e));
+            None
+        }
+    };
+    let nf = Netfilter::new(Backend::resolve(mode)).with_deadline(deadline);
+    match nf.remove(&ns) {
+        Ok(removed) => {
+            if let Err(e) = netlink::release(&ns, &removed, deadline) {
+                log::warn!("DEL: {}: the address goes with the namespace", crate::text::chain(&e));
+            }
+        }
+        Err(e) => log::warn!("DEL: cannot remove our rules: {} (they go with the namespace)", crate::text::chain(&e)),
+    }
     nf.forget_lock(&ns);
-    Ok(())
+    if let Some(lock) = lock {
+        lock.remove();
+    }
 }
 
 /// CHECK: the namespace must hold exactly the rules ADD would install now.
@@ -257,17 +304,21 @@ fn check(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
     if !conf.cni_version.has_check() {
         return Err(Error::NotInVersion(Command::Check, Version::V0_4_0, conf.cni_version));
     }
-    let net = PodNetwork { has_ipv6: result::has_ipv6(conf.prev_result.as_deref()) };
-    let redirect = pod::lookup(conf, &inv.args, &Api::new(conf))?.redirect(net)?;
+    let found = pod::lookup(conf, &inv.args, &Api::new(conf))?;
+    let in_mesh = found.redirect(PodNetwork::default())?.is_some();
+    let deadline = Deadline::after(conf.netns_timeout);
     let ns = Netns::open(inv.netns.as_deref().expect("CHECK requires CNI_NETNS"))?;
+    let _lock = NetnsLock::acquire(&ns, deadline)?;
+    let redirect = if in_mesh { found.redirect(pod_network(conf, &ns, deadline)?)? } else { None };
     let (sets, address_diffs) = match redirect {
         Some(r) => {
-            let (r, diffs) = netlink::inspect(&ns, r)?;
+            let (r, diffs) = netlink::inspect(&ns, r, deadline)?;
             (rules::build(&r), diffs)
         }
         None => (Vec::new(), Vec::new()),
     };
-    match Netfilter::new(Backend::resolve(conf.iptables_mode)).check(&ns, &sets) {
+    let nf = Netfilter::new(Backend::resolve(conf.iptables_mode)).with_deadline(deadline);
+    match nf.check(&ns, &sets) {
         Ok(()) if address_diffs.is_empty() => Ok(String::new()),
         Ok(()) => Err(CheckError::Mismatch(Mismatch(address_diffs)).into()),
         Err(CheckError::Mismatch(Mismatch(mut diffs))) => {

@@ -3,20 +3,30 @@
 //! [`lookup`] decides, in this order, and stops at the first that applies:
 //!
 //! 1. `CONSUL_IPTABLES_CONFIG` in `CNI_ARGS` (Nomad): the Consul redirect configuration itself.
-//! 2. The pod's namespace is in `exclude_namespaces`, or the pod is one of the installer's
-//!    (`installer_pods`): pass through. Decided from `CNI_ARGS` alone, so these pods start even
-//!    when the API server is down or the plugin is misconfigured — the installer that would fix
-//!    things must never be blocked by them.
+//! 2. The pod's namespace is in `exclude_namespaces`: pass through, decided from `CNI_ARGS` alone,
+//!    so these pods start even when the API server is down or the plugin is misconfigured.
 //! 3. The annotations the runtime passed as the `io.kubernetes.cri.pod-annotations` capability
-//!    (containerd, CRI-O): no network call.
-//! 4. GET the pod from the API server with the conflist's `kubeconfig`. A pod the API server does
-//!    not know (404) is passed through: it cannot carry a mesh's annotations. When the API server
-//!    cannot be reached the pod cannot be classified, and the caller fails the call with "try again
-//!    later" rather than guess.
+//!    (containerd, CRI-O): no network call. The key's presence is what counts: containerd sends
+//!    `null` for a pod without annotations, and that pod is in no mesh.
+//! 4. No Kubernetes pod name in `CNI_ARGS` (or one Kubernetes could not have issued), or no
+//!    `K8S_POD_NAMESPACE` and no `kubeconfig` to look the pod up in `default_namespace` with: not
+//!    a Kubernetes pod — every Kubernetes runtime sends both — so no webhook annotated it. Pass.
+//! 5. GET the pod from the API server with the conflist's `kubeconfig`. A pod the API server says
+//!    does not exist (404 with the `Status` naming that pod) is passed through: it cannot carry a
+//!    mesh's annotations. Any other failure leaves the pod unclassified.
+//!
+//! A pod that none of these classifies — a Kubernetes pod whose runtime passed no annotations and
+//! for which there is no `kubeconfig`, or whose lookup failed — is an error ([`PodError`]): it may
+//! be a mesh pod, and ADD must not let it start without its redirect. Two exceptions pass it
+//! through instead, with a warning: the installer's own pods (`installer_pods`), so that the
+//! component that repairs the node is never blocked by what it repairs; and every such pod when the
+//! conflist says `"unclassified_pods": "pass"`. The installer's pods are recognised by namespace
+//! and name prefix, but only when nothing better is known: with the runtime's annotations, or an
+//! answer from the API server, they are classified like any pod, so a mesh pod named like them
+//! is still redirected.
 //!
 //! Exclusions come before the runtime's annotations so that a pod is treated the same whichever
-//! runtime starts it. With no source at all (no runtime annotations, no kubeconfig) the pod is
-//! passed through.
+//! runtime starts it.
 //!
 //! [`ConsulStatus`] then reports progress on a Consul pod's `transparent-proxy-status` annotation,
 //! as consul-cni does; its failures are logged, never fatal.
@@ -25,11 +35,11 @@ use std::cell::OnceCell;
 
 use thiserror::Error;
 
-use crate::core::mesh::{self, AnnotationError, Annotations, PodNetwork};
+use crate::core::mesh::{self, AnnotationError, Annotations, PodContainers, PodNetwork};
 use crate::core::redirect::Redirect;
 use crate::kube::{self, Class};
 use crate::plugin::args::CniArgs;
-use crate::plugin::config::NetConf;
+use crate::plugin::config::{NetConf, Unclassified};
 
 /// The pod a CNI call is about, as far as the runtime told us.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -81,14 +91,15 @@ pub enum Source {
 pub enum Pass {
     /// Its namespace is in `exclude_namespaces`.
     ExcludedNamespace,
-    /// It is one of the installer's pods (`installer_pods`).
+    /// It could not be classified, and it is one of the installer's pods (`installer_pods`).
     InstallerPod,
-    /// No annotations from the runtime, and no `kubeconfig` to look the pod up with.
-    NoSource,
-    /// No `K8S_POD_NAME`, or a name Kubernetes could not have issued: not a Kubernetes pod.
+    /// No `K8S_POD_NAME`, or a name Kubernetes could not have issued, or no `K8S_POD_NAMESPACE`
+    /// and no `kubeconfig`: not a Kubernetes pod.
     NotAKubernetesPod,
-    /// The API server has no such pod.
+    /// The API server says there is no such pod.
     UnknownToApiServer,
+    /// It could not be classified, and the conflist says `"unclassified_pods": "pass"`.
+    Unclassified,
 }
 
 /// What [`lookup`] found.
@@ -97,19 +108,16 @@ pub enum Lookup {
     /// Nomad's Consul configuration JSON.
     Nomad(String),
     /// The pod's annotations (and, from the API server, its container names).
-    Pod { source: Source, annotations: Annotations, containers: Option<Containers> },
+    Pod { source: Source, annotations: Annotations, containers: Option<PodContainers> },
     /// Pass the pod through, untouched.
     Pass(Pass),
 }
-
-/// The names of a pod's containers, for dialects that recognise their sidecar by name.
-pub use crate::core::mesh::PodContainers as Containers;
 
 impl Lookup {
     /// The redirect the pod asks for, or `None` when it asks for none.
     pub fn redirect(&self, net: PodNetwork) -> Result<Option<Redirect>, AnnotationError> {
         match self {
-            Lookup::Nomad(json) => mesh::consul::from_json(json, net).map(|c| Some(Redirect::Consul(c))),
+            Lookup::Nomad(json) => mesh::nomad(json, net).map(Some),
             Lookup::Pod { annotations, containers, .. } => mesh::classify_pod(annotations, containers.as_ref(), net),
             Lookup::Pass(_) => Ok(None),
         }
@@ -135,13 +143,23 @@ pub enum PodError {
         #[source]
         source: Box<kube::Error>,
     },
+    /// A Kubernetes pod whose runtime passed no annotations, with no kubeconfig to look it up with.
+    #[error(
+        "cannot tell whether pod {pod} is in a mesh: the runtime passed no pod annotations and no kubeconfig is \
+         set; declare the {cap} capability in tproxy-cni's conflist entry (containerd, CRI-O) or set kubeconfig \
+         (or, to start such pods without a redirect, set unclassified_pods to \"pass\")",
+        cap = crate::plugin::config::POD_ANNOTATIONS_CAPABILITY
+    )]
+    NoSource { pod: String },
 }
 
 impl PodError {
-    /// What the underlying API failure means for the caller.
+    /// What the failure means for the caller: an API failure's own class; no source at all is
+    /// a configuration to fix.
     pub fn class(&self) -> Class {
         match self {
             PodError::Api { source, .. } => source.class(),
+            PodError::NoSource { .. } => Class::Config,
         }
     }
 }
@@ -171,8 +189,33 @@ impl<'c> Api<'c> {
     }
 }
 
-/// Finds where the pod's mesh configuration comes from (see the module documentation for the order).
+/// Finds where the pod's mesh configuration comes from (see the module documentation for the
+/// order), passing an unclassified pod through when `installer_pods` or `unclassified_pods` says so.
 pub fn lookup(conf: &NetConf, args: &CniArgs, api: &Api<'_>) -> Result<Lookup, PodError> {
+    let err = match classify(conf, args, api) {
+        Ok(found) => return Ok(found),
+        Err(e) => e,
+    };
+    let pod = PodRef::from_args(args);
+    let namespace = pod.namespace_or_default(conf);
+    if let (Some(installer), Some(name)) = (&conf.installer_pods, &pod.name)
+        && installer.matches(namespace, name)
+    {
+        log::warn!(
+            "{}: pod {namespace}/{name} is named like the installer's (installer_pods): passing it through",
+            crate::text::chain(&err)
+        );
+        return Ok(Lookup::Pass(Pass::InstallerPod));
+    }
+    if conf.unclassified_pods == Unclassified::Pass {
+        log::warn!("{}: passing the pod through (unclassified_pods is \"pass\")", crate::text::chain(&err));
+        return Ok(Lookup::Pass(Pass::Unclassified));
+    }
+    Err(err)
+}
+
+/// [`lookup`] without the exceptions for pods it cannot classify.
+fn classify(conf: &NetConf, args: &CniArgs, api: &Api<'_>) -> Result<Lookup, PodError> {
     if let Some(json) = &args.consul_iptables_config {
         log::debug!("redirect configuration from CNI_ARGS CONSUL_IPTABLES_CONFIG (Nomad)");
         return Ok(Lookup::Nomad(json.clone()));
@@ -182,12 +225,6 @@ pub fn lookup(conf: &NetConf, args: &CniArgs, api: &Api<'_>) -> Result<Lookup, P
     if conf.exclude_namespaces.iter().any(|ns| ns == namespace) {
         log::debug!("namespace {namespace} is in exclude_namespaces: passing the pod through");
         return Ok(Lookup::Pass(Pass::ExcludedNamespace));
-    }
-    if let (Some(installer), Some(name)) = (&conf.installer_pods, &pod.name)
-        && installer.matches(namespace, name)
-    {
-        log::debug!("pod {namespace}/{name} is one of the installer's (installer_pods): passing it through");
-        return Ok(Lookup::Pass(Pass::InstallerPod));
     }
     if let Some(annotations) = &conf.pod_annotations {
         log::debug!("{} pod annotations from the runtime", annotations.len());
@@ -199,16 +236,19 @@ pub fn lookup(conf: &NetConf, args: &CniArgs, api: &Api<'_>) -> Result<Lookup, P
     };
     let fail = |source| PodError::Api { pod: format!("{namespace}/{name}"), source: Box::new(source) };
     let Some(client) = api.client().map_err(fail)? else {
-        log::info!(
-            "no pod annotations from the runtime and no kubeconfig configured: pod {namespace}/{name} cannot be \
-             looked up, passing it through (declare the io.kubernetes.cri.pod-annotations capability or set kubeconfig)"
-        );
-        return Ok(Lookup::Pass(Pass::NoSource));
+        if pod.namespace.is_none() {
+            log::debug!(
+                "no K8S_POD_NAMESPACE in CNI_ARGS, which every Kubernetes runtime sends, and no kubeconfig to look \
+                 {name} up in {namespace} with: not a Kubernetes pod, passing it through"
+            );
+            return Ok(Lookup::Pass(Pass::NotAKubernetesPod));
+        }
+        return Err(PodError::NoSource { pod: format!("{namespace}/{name}") });
     };
     match client.get_pod(namespace, name) {
         Ok(p) => {
             log::debug!("{} pod annotations from the API server {}", p.metadata.annotations.len(), client.server());
-            let containers = Containers {
+            let containers = PodContainers {
                 containers: p.container_names().map(str::to_owned).collect(),
                 init_containers: p.init_container_names().map(str::to_owned).collect(),
             };
@@ -330,19 +370,48 @@ mod tests {
     }
 
     #[test]
-    fn exclusions_and_installer_pods_pass_before_any_source() {
-        let c = conf(&format!(
-            r#"{UNREADABLE_KUBECONFIG}{CONSUL},"installer_pods":{{"namespace":"mesh-system","name_prefix":"tproxy-cni-"}}"#
-        ));
-        let api = Api::new(&c);
-        let l = lookup(&c, &args("K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-1"), &api).unwrap();
+    fn exclusions_pass_before_any_source() {
+        let c = conf(&format!(r#"{UNREADABLE_KUBECONFIG}{CONSUL}"#));
+        let l = lookup(&c, &args("K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-1"), &Api::new(&c)).unwrap();
         assert_eq!(l, Lookup::Pass(Pass::ExcludedNamespace));
-        let l = lookup(&c, &args("K8S_POD_NAMESPACE=mesh-system;K8S_POD_NAME=tproxy-cni-x7k2p"), &api).unwrap();
-        assert_eq!(l, Lookup::Pass(Pass::InstallerPod));
-        // Any other pod of that namespace is looked at as usual.
-        let l = lookup(&c, &args("K8S_POD_NAMESPACE=mesh-system;K8S_POD_NAME=web-0"), &api).unwrap();
+    }
+
+    const INSTALLER: &str = r#","installer_pods":{"namespace":"mesh-system","name_prefix":"tproxy-cni-"}"#;
+
+    #[test]
+    fn installer_pods_pass_only_when_nothing_better_is_known() {
+        // With the runtime's annotations, a pod named like the installer's is classified like any
+        // other: these put it in Consul's mesh.
+        let c = conf(&format!("{UNREADABLE_KUBECONFIG}{CONSUL}{INSTALLER}"));
+        let l =
+            lookup(&c, &args("K8S_POD_NAMESPACE=mesh-system;K8S_POD_NAME=tproxy-cni-x7k2p"), &Api::new(&c)).unwrap();
         assert_eq!(l.source(), Some(Source::Runtime));
         assert!(l.redirect(PodNetwork::default()).unwrap().is_some());
+        // Without them, and with a kubeconfig that cannot be used: it cannot be classified, and as
+        // the installer's it passes; any other pod of that namespace does not.
+        let c = conf(&format!("{UNREADABLE_KUBECONFIG}{INSTALLER}"));
+        let l =
+            lookup(&c, &args("K8S_POD_NAMESPACE=mesh-system;K8S_POD_NAME=tproxy-cni-x7k2p"), &Api::new(&c)).unwrap();
+        assert_eq!(l, Lookup::Pass(Pass::InstallerPod));
+        let e = lookup(&c, &args("K8S_POD_NAMESPACE=mesh-system;K8S_POD_NAME=web-0"), &Api::new(&c)).unwrap_err();
+        assert_eq!(e.class(), Class::Config);
+        // The same name in another namespace is not the installer's.
+        let e = lookup(&c, &args("K8S_POD_NAMESPACE=shop;K8S_POD_NAME=tproxy-cni-x7k2p"), &Api::new(&c)).unwrap_err();
+        assert_eq!(e.class(), Class::Config);
+        // No source at all: the installer's pod passes.
+        let c = conf(INSTALLER);
+        let l =
+            lookup(&c, &args("K8S_POD_NAMESPACE=mesh-system;K8S_POD_NAME=tproxy-cni-x7k2p"), &Api::new(&c)).unwrap();
+        assert_eq!(l, Lookup::Pass(Pass::InstallerPod));
+    }
+
+    #[test]
+    fn a_null_annotation_map_is_a_pod_in_no_mesh_without_any_lookup() {
+        let c =
+            conf(&format!(r#"{UNREADABLE_KUBECONFIG},"runtimeConfig":{{"io.kubernetes.cri.pod-annotations":null}}"#));
+        let l = lookup(&c, &args("K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0"), &Api::new(&c)).unwrap();
+        assert_eq!(l.source(), Some(Source::Runtime));
+        assert_eq!(l.redirect(PodNetwork::default()).unwrap(), None);
     }
 
     #[test]
@@ -353,11 +422,27 @@ mod tests {
     }
 
     #[test]
-    fn without_annotations_or_kubeconfig_the_pod_passes() {
+    fn a_kubernetes_pod_without_annotations_or_kubeconfig_fails_unless_told_to_pass() {
         let c = conf("");
+        let e = lookup(&c, &args("K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0"), &Api::new(&c)).unwrap_err();
+        assert_eq!(e.class(), Class::Config);
+        let msg = crate::text::chain(&e);
+        for want in ["pod shop/web-0", "io.kubernetes.cri.pod-annotations", "kubeconfig", "unclassified_pods"] {
+            assert!(msg.contains(want), "{want:?} not in {msg}");
+        }
+        let c = conf(r#","unclassified_pods":"pass""#);
         let l = lookup(&c, &args("K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0"), &Api::new(&c)).unwrap();
-        assert_eq!(l, Lookup::Pass(Pass::NoSource));
+        assert_eq!(l, Lookup::Pass(Pass::Unclassified));
+    }
+
+    #[test]
+    fn calls_that_are_not_about_a_kubernetes_pod_pass() {
+        let c = conf("");
+        // No pod at all.
         let l = lookup(&c, &args(""), &Api::new(&c)).unwrap();
+        assert_eq!(l, Lookup::Pass(Pass::NotAKubernetesPod));
+        // podman: a container name and no namespace, and no kubeconfig to look it up with.
+        let l = lookup(&c, &args("IgnoreUnknown=1;K8S_POD_NAME=web"), &Api::new(&c)).unwrap();
         assert_eq!(l, Lookup::Pass(Pass::NotAKubernetesPod));
     }
 

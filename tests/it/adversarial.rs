@@ -307,7 +307,7 @@ fn cases() -> Vec<Case> {
         c(
             "kuma: probe proxy port 0 turns the probe exclusion off",
             kuma_legacy(&[(KUMA_PROBE, "0")]),
-            Want::Accepted { family: Family::V4, present: &["--dport 9901 "], absent: &["--dport 9000 "] },
+            Want::Accepted { family: Family::V4, present: &["--dport 9901 "], absent: &["--dport 9001 "] },
         ),
         c(
             "kuma: probe proxy port 65536",

@@ -227,20 +227,7 @@ fn with_an_api_server(engine: Engine) {
         let path = format!("/api/v1/namespaces/{NAMESPACE}/pods/{name}");
         api.requests().iter().filter(|r| r.method == "GET" && r.path == path).count()
     };
-    let reports = |name: &str| -> Vec<String> {
-        let path = format!("/api/v1/namespaces/{NAMESPACE}/pods/{name}");
-        api.patches()
-            .iter()
-            .filter(|r| r.path == path && r.status == 200)
-            .map(|r| {
-                let body: Value = serde_json::from_str(&r.body).unwrap();
-                body["metadata"]["annotations"]["consul.hashicorp.com/transparent-proxy-status"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned()
-            })
-            .collect()
-    };
+    let reports = |name: &str| api.status_reports(NAMESPACE, name);
 
     let annotations = consul_annotations(20000);
     let web = ctd.run("web", Some(&annotations));
@@ -257,20 +244,13 @@ fn with_an_api_server(engine: Engine) {
     assert_eq!(netfilter(&plain.ns), "");
     assert_eq!(gets("late") + gets("plain"), 0);
 
-    // KNOWN, reported (issue 12): a pod with no annotations at all reaches the plugin as
-    // `"io.kubernetes.cri.pod-annotations": null`, which the plugin reads as "the runtime passed
-    // no annotations" and so asks the API server — here failing — and the pod does not start. The
-    // runtime did say the pod has none; once the plugin takes `null` as that, this pod starts
-    // untouched with no GET: turn these assertions around then.
-    let Err(Refused(msg)) = ctd.try_run("bare", None) else {
-        panic!("KNOWN: expected today's behaviour (a lookup that fails) — has the null handling changed?");
-    };
-    assert!(msg.contains(&format!("cannot tell whether pod {NAMESPACE}/bare is in a mesh")), "{msg}");
-    assert!(gets("bare") >= 1, "KNOWN: today the plugin looks the pod up");
-    assert_eq!(ctd.traces_of(sandbox_id(&msg)), Vec::<String>::new());
-    // With the API server back, the (KNOWN: needless) lookup finds no such pod: passed through.
-    api.set_fault(None);
+    // A pod with no annotations at all reaches the plugin as `"io.kubernetes.cri.pod-annotations":
+    // null`: the runtime did pass them, and there are none. So it starts untouched, with no GET,
+    // while the API server is failing (issue 13; before, the plugin read `null` as "no annotations
+    // passed", looked the pod up and failed it).
     let bare = ctd.run("bare", None);
-    assert_eq!(netfilter(&bare.ns), "", "a pod unknown to the API server is passed through");
+    assert_eq!(netfilter(&bare.ns), "", "a pod without annotations is passed through");
+    assert_eq!(gets("bare"), 0, "containerd's null is an answer: no lookup");
+    api.set_fault(None);
     ctd.finish();
 }

@@ -105,7 +105,7 @@ fn a_legacy_annotation_pod_and_a_yaml_pod_with_the_same_meaning_get_the_same_rul
         (
             "defaults",
             kuma(serde_json::json!({})),
-            "redirect:\n  inbound: {excludePorts: [9901, 9000]}\n  outbound: {excludePorts: [9901]}\n",
+            "redirect:\n  inbound: {excludePorts: [9901, 9001]}\n  outbound: {excludePorts: [9901]}\n",
         ),
         (
             "every knob",

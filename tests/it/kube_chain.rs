@@ -19,9 +19,10 @@ const ANY4: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
 const TPROXY_STATUS: &str = "consul.hashicorp.com/transparent-proxy-status";
 
 /// A network on nft whose tproxy-cni entry looks pods up through `kubeconfig`, with `extra`'s keys;
-/// `None` when the test cannot run here.
+/// `None` when the test cannot run here. It declares no capability, so libcni hands the plugin no
+/// annotations, as a runtime that does not know the capability would.
 fn network(kubeconfig: &Path, extra: Value) -> Option<Fixture> {
-    let mut conf = json!({"kubeconfig": kubeconfig, "api_timeout": "2s"});
+    let mut conf = json!({"kubeconfig": kubeconfig, "api_timeout": "2s", "capabilities": {}});
     for (k, v) in extra.as_object().unwrap() {
         conf[k] = v.clone();
     }
@@ -186,7 +187,11 @@ fn the_status_annotation_can_be_switched_off() {
 fn nomad_hands_the_configuration_in_cni_args_and_no_api_call_is_made() {
     let api = ApiServer::start();
     api.set_fault(Some(Fault::Status(503)));
-    let Some(net) = network(&api.default_kubeconfig(), json!({})) else { return };
+    let Some(net) =
+        network(&api.default_kubeconfig(), json!({"capabilities": {"io.kubernetes.cri.pod-annotations": true}}))
+    else {
+        return;
+    };
     // The sibling gets (empty) runtime annotations: no lookup for it either.
     let (_srv, s4, _l) = server(&net, Some(&json!({})));
     let task = net.pod_unstarted("nomad-task");

@@ -200,11 +200,42 @@ fn every_api_fault_gives_its_documented_outcome_within_the_deadline() {
     );
     assert!(api.requests().is_empty());
 
-    // 404: the API server does not know the pod; it carries no mesh annotations, so it passes.
+    // 404 with the Status naming the pod: the API server does not know it; it carries no mesh
+    // annotations, so it passes.
     let api = ApiServer::start();
     let c = call(dir.path(), "ADD", WEB, with_kubeconfig(&api.default_kubeconfig()));
     assert_eq!(c.code(), 0, "{}", c.msg());
     assert!(c.log.contains("not found") && c.log.contains("passing the pod through"), "{}", c.log);
+
+    // Any other 404 says nothing about the pod: a proxy's (or a mux's) plain-text answer...
+    let api = ApiServer::start();
+    api.set_fault(Some(Fault::PlainNotFound));
+    run(
+        &api,
+        api.default_kubeconfig(),
+        Case { name: "plain 404", code: 104, says: &["answered GET pod shop/web-0 with 404", "404 page not found"] },
+    );
+    assert_eq!(api.requests().len(), 1, "404 is not retried");
+    // ...or the API server's own answer for a path it does not serve (a server URL with a wrong
+    // path): a NotFound Status, but about no pod.
+    let api = ApiServer::start();
+    api.add_pod(PodFixture::new("shop", "web-0"));
+    let kc = api
+        .kubeconfig("wrong-path", &KubeconfigSpec { server: Some(format!("{}/k8s", api.url())), ..Default::default() });
+    run(
+        &api,
+        kc,
+        Case {
+            name: "wrong path",
+            code: 104,
+            says: &[
+                "with 404 but not with the Status",
+                "the server could not find the requested resource",
+                "server URL",
+            ],
+        },
+    );
+    assert_eq!(api.requests()[0].path, "/k8s/api/v1/namespaces/shop/pods/web-0");
 
     // The kubeconfig is not there: a configuration error naming the file.
     let api = ApiServer::start();
@@ -236,28 +267,137 @@ fn a_rotated_token_file_is_used_by_the_next_add() {
 }
 
 #[test]
-fn excluded_namespaces_and_installer_pods_never_reach_the_api_server() {
+fn excluded_namespaces_never_reach_the_api_server() {
     let api = ApiServer::start();
     api.set_fault(Some(Fault::Status(503)));
     let dir = TempDir::new("tkp");
-    let conf = json!({
-        "kubeconfig": api.default_kubeconfig(),
-        "exclude_namespaces": ["kube-system", "monitoring"],
-        "installer_pods": {"namespace": "mesh-system", "name_prefix": "tproxy-cni-node-"},
-    });
+    let conf = json!({"kubeconfig": api.default_kubeconfig(), "exclude_namespaces": ["kube-system", "monitoring"]});
     for args in [
         "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-5d78c9869d-x2x7q",
         "K8S_POD_NAMESPACE=monitoring;K8S_POD_NAME=prometheus-0",
-        "K8S_POD_NAMESPACE=mesh-system;K8S_POD_NAME=tproxy-cni-node-7k2pq",
     ] {
         let c = call(dir.path(), "ADD", args, conf.clone());
         assert_eq!(c.code(), 0, "{args}: {}", c.msg());
         assert!(c.took < DEADLINE, "{args}: no lookup, no waiting");
     }
     assert!(api.requests().is_empty(), "not one request: {:?}", api.requests());
-    // Any other pod of the installer's namespace does need the API server (which is failing).
-    let c = call(dir.path(), "ADD", "K8S_POD_NAMESPACE=mesh-system;K8S_POD_NAME=web-0", conf);
+}
+
+const INSTALLER: &str = "IgnoreUnknown=1;K8S_POD_NAMESPACE=mesh-system;K8S_POD_NAME=tproxy-cni-node-7k2pq";
+
+#[test]
+fn installer_pods_start_when_they_cannot_be_classified_and_never_as_a_mesh_pod() {
+    let dir = TempDir::new("tkp");
+    let installer = json!({"namespace": "mesh-system", "name_prefix": "tproxy-cni-node-"});
+
+    // The API server fails: the installer's pod cannot be classified, and starts anyway (after
+    // the lookup's deadline), with a warning; any other pod of its namespace does not.
+    let api = ApiServer::start();
+    api.set_fault(Some(Fault::Status(503)));
+    let conf = json!({"kubeconfig": api.default_kubeconfig(), "installer_pods": installer});
+    let c = call(dir.path(), "ADD", INSTALLER, conf.clone());
+    assert_eq!(c.code(), 0, "{}", c.msg());
+    assert!(c.took <= DEADLINE + SLACK, "{:?}", c.took);
+    assert!(c.log.contains("is named like the installer's (installer_pods): passing it through"), "{}", c.log);
+    let c = call(dir.path(), "ADD", "K8S_POD_NAMESPACE=mesh-system;K8S_POD_NAME=web-0", conf.clone());
     assert_eq!(c.code(), 11, "{}", c.msg());
+    // The same name in another namespace is not the installer's.
+    let c = call(dir.path(), "ADD", "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=tproxy-cni-node-7k2pq", conf);
+    assert_eq!(c.code(), 11, "{}", c.msg());
+
+    // No kubeconfig and no annotations: it passes at once.
+    let c = call(dir.path(), "ADD", INSTALLER, json!({"installer_pods": installer}));
+    assert_eq!(c.code(), 0, "{}", c.msg());
+
+    // A pod named like the installer's that its annotations put in a mesh is a mesh pod, whether the
+    // API server or the runtime says so: ADD goes on to install its redirect (and fails only
+    // because this test's CNI_NETNS does not exist: 102, not a pass).
+    let api = ApiServer::start();
+    api.add_pod(PodFixture::consul("mesh-system", "tproxy-cni-node-7k2pq"));
+    let conf = json!({"kubeconfig": api.default_kubeconfig(), "installer_pods": installer});
+    let c = call(dir.path(), "ADD", INSTALLER, conf);
+    assert_eq!(c.code(), 102, "{}", c.msg());
+    let consul = api.pod("mesh-system", "tproxy-cni-node-7k2pq").unwrap()["metadata"]["annotations"].clone();
+    let conf = json!({"installer_pods": installer, "runtimeConfig": {"io.kubernetes.cri.pod-annotations": consul}});
+    let c = call(dir.path(), "ADD", INSTALLER, conf);
+    assert_eq!(c.code(), 102, "{}", c.msg());
+}
+
+#[test]
+fn a_kubernetes_pod_that_cannot_be_classified_fails_add_unless_the_conflist_says_pass() {
+    let dir = TempDir::new("tkp");
+    // No annotations from the runtime and no kubeconfig: the pod may be a mesh pod. Code 7, with
+    // what to do.
+    let c = call(dir.path(), "ADD", WEB, json!({}));
+    assert_eq!(c.code(), 7, "{}", c.msg());
+    for want in [
+        "cannot tell whether pod shop/web-0 is in a mesh",
+        "declare the io.kubernetes.cri.pod-annotations capability",
+        "set kubeconfig",
+        "unclassified_pods",
+    ] {
+        assert!(c.msg().contains(want), "{want:?} not in {:?}", c.msg());
+    }
+    assert!(c.log.contains(&c.msg()), "{}", c.log);
+    // CHECK classifies the same way.
+    assert_eq!(call(dir.path(), "CHECK", WEB, json!({})).code(), 7);
+    // DEL needs no classification.
+    assert_eq!(call(dir.path(), "DEL", WEB, json!({})).code(), 0);
+
+    // The explicit opt-out: the pod passes, with a warning saying why.
+    let c = call(dir.path(), "ADD", WEB, json!({"unclassified_pods": "pass"}));
+    assert_eq!(c.code(), 0, "{}", c.msg());
+    assert_eq!(String::from_utf8_lossy(&c.out.stdout), PREV);
+    assert!(
+        c.log.contains("cannot tell whether pod shop/web-0 is in a mesh")
+            && c.log.contains("unclassified_pods is \"pass\""),
+        "{}",
+        c.log
+    );
+    // It covers the API server's failures too: down, after api_timeout.
+    let api = ApiServer::start();
+    api.set_fault(Some(Fault::Status(503)));
+    let c = call(dir.path(), "ADD", WEB, json!({"kubeconfig": api.default_kubeconfig(), "unclassified_pods": "pass"}));
+    assert_eq!(c.code(), 0, "{}", c.msg());
+    assert!(c.took <= DEADLINE + SLACK && c.log.contains("HTTP 503"), "{:?} {}", c.took, c.log);
+    // A mesh pod whose annotations are known is never passed by it: its redirect is installed
+    // (here: the namespace does not exist, 102).
+    let api = ApiServer::start();
+    api.add_pod(PodFixture::consul("shop", "web-0"));
+    let c = call(dir.path(), "ADD", WEB, json!({"kubeconfig": api.default_kubeconfig(), "unclassified_pods": "pass"}));
+    assert_eq!(c.code(), 102, "{}", c.msg());
+}
+
+#[test]
+fn a_null_annotation_map_is_a_pod_without_annotations_and_needs_no_lookup() {
+    // containerd 1.6 for a pod without annotations: the capability's key, with null.
+    let api = ApiServer::start();
+    api.set_fault(Some(Fault::Status(503)));
+    let dir = TempDir::new("tkp");
+    let conf = json!({
+        "kubeconfig": api.default_kubeconfig(),
+        "runtimeConfig": {"io.kubernetes.cri.pod-annotations": null},
+    });
+    let c = call(dir.path(), "ADD", WEB, conf);
+    assert_eq!(c.code(), 0, "{}", c.msg());
+    assert!(c.took < DEADLINE);
+    assert!(api.requests().is_empty(), "{:?}", api.requests());
+    assert!(c.log.contains("0 pod annotations from the runtime"), "{}", c.log);
+    assert!(!c.log.contains("declare the"), "no hint to declare a capability the runtime honours: {}", c.log);
+    // Without a kubeconfig either: no error.
+    let c = call(dir.path(), "ADD", WEB, json!({"runtimeConfig": {"io.kubernetes.cri.pod-annotations": null}}));
+    assert_eq!(c.code(), 0, "{}", c.msg());
+}
+
+#[test]
+fn a_runtime_that_is_not_kubernetes_is_not_asked_for_annotations() {
+    let dir = TempDir::new("tkp");
+    // podman: a container name, no namespace, no kubeconfig to look it up with.
+    let c = call(dir.path(), "ADD", "IgnoreUnknown=1;K8S_POD_NAME=web", json!({}));
+    assert_eq!(c.code(), 0, "{}", c.msg());
+    // No pod at all.
+    let c = call(dir.path(), "ADD", "", json!({}));
+    assert_eq!(c.code(), 0, "{}", c.msg());
 }
 
 #[test]

@@ -164,6 +164,46 @@ fn include_ports_gateway_mode_and_ipv4_mode() {
     assert!(gw.ns.passthrough_v6() > 0, "dual-stack gets ::6");
 }
 
+/// Kuma's per-knob form (webhooks up to v2.14): the application probe proxy's port is excluded from
+/// inbound redirection as kuma-cni excludes it — 9001 when `kuma.io/application-probe-proxy-port` is
+/// absent, the annotated port otherwise, none for `0` — so the kubelet's probes (played by the
+/// server pod) reach kuma-dp's probe proxy and not the inbound listener.
+#[test]
+fn legacy_annotations_exclude_the_application_probe_proxy_port_as_kuma_cni_does() {
+    if !privileged() {
+        return;
+    }
+    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let srv = server(&net);
+    let s4 = srv.v4;
+    let probe_listeners =
+        |ns: &Netns| [9000, 9001, 9555].map(|port| Responder::tcp(ns, sa(ANY4, port), &format!("probe-proxy:{port}")));
+    /// A pod's name, its probe annotation, the ports that reach the probe proxy, those redirected.
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [u16], &'a [u16]);
+    let cases: [Case; 3] = [
+        ("absent", &[], &[9001], &[9000, 9555]),
+        ("custom", &[("kuma.io/application-probe-proxy-port", "9555")], &[9555], &[9000, 9001]),
+        ("zero", &[("kuma.io/application-probe-proxy-port", "0")], &[], &[9000, 9001, 9555]),
+    ];
+    for (name, annotations, reach_probe_proxy, redirected) in cases {
+        let app = net.pod(name, Some(&kuma_pod(None, annotations)));
+        let _l = app_listeners(&app.ns);
+        let _p = probe_listeners(&app.ns);
+        let a4 = app.addr(Fam::V4);
+        for port in reach_probe_proxy {
+            let got = dial_from(&srv.pod.ns, None, s4, sa(a4, *port));
+            assert_eq!(who(&got), format!("probe-proxy:{port}"), "{name}: port {port}: {got:?}");
+        }
+        for port in redirected {
+            let got = dial_from(&srv.pod.ns, None, s4, sa(a4, *port));
+            assert_eq!(got, Ok(format!("inbound {a4}:{port}")), "{name}: port {port}");
+        }
+        // Envoy's admin port (kuma-cni's other default exclusion) stays excluded whatever the probe port.
+        let _admin = Responder::tcp(&app.ns, sa(ANY4, 9901), "envoy-admin");
+        assert_eq!(who(&dial_from(&srv.pod.ns, None, s4, sa(a4, 9901))), "envoy-admin", "{name}");
+    }
+}
+
 #[test]
 fn drop_invalid_packets_drops_what_conntrack_finds_invalid() {
     let Some(net) = Fixture::new("nft", json!({})) else { return };

@@ -14,11 +14,13 @@ mod support;
 
 mod admission_policy;
 mod adversarial;
+mod architecture;
 mod backend;
 mod concurrency;
 mod consul_traffic;
 mod crash;
 mod cri;
+mod fail_closed;
 mod golden;
 mod host;
 mod install;

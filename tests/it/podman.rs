@@ -359,19 +359,7 @@ network_config_dir = "{net}"
 
     /// The values of `transparent-proxy-status` the plugin reported for pod `name`, in order.
     fn status_reports(&self, name: &str) -> Vec<String> {
-        let path = format!("/api/v1/namespaces/{NAMESPACE}/pods/{name}");
-        self.api
-            .patches()
-            .iter()
-            .filter(|r| r.path == path)
-            .map(|r| {
-                let body: Value = serde_json::from_str(&r.body).unwrap();
-                body["metadata"]["annotations"]["consul.hashicorp.com/transparent-proxy-status"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned()
-            })
-            .collect()
+        self.api.status_reports(NAMESPACE, name)
     }
 
     /// Removes every container, the network, the image and the cgroups; returns what failed.
@@ -496,14 +484,8 @@ network_config_dir = "{net}"
             );
         }
         // host-local keeps one file per address it handed out.
-        if let Ok(ips) = fs::read_dir(self.dir.path().join("ipam").join(&self.network)) {
-            left.extend(
-                ips.flatten()
-                    .map(|f| f.file_name().to_string_lossy().into_owned())
-                    .filter(|f| f != "lock" && !f.starts_with("last_reserved_ip"))
-                    .map(|f| format!("IP reservation {f}")),
-            );
-        }
+        let ipam = self.dir.path().join("ipam").join(&self.network);
+        left.extend(host_local_reservations(&ipam).into_iter().map(|f| format!("IP reservation {f}")));
         left.extend(self.cgroup_dirs().into_iter().map(|d| format!("cgroup {}", d.display())));
         let root = self.dir.path().to_string_lossy().into_owned();
         let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -553,19 +535,6 @@ impl Drop for Podman {
             }
         }
     }
-}
-
-/// `dir` and every directory below it.
-fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
-    let mut out = vec![dir.to_owned()];
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                out.extend(walk_dirs(&e.path()));
-            }
-        }
-    }
-    out
 }
 
 /// A Kuma pod as the stand-in serves it: injected, with a `kuma-sidecar` container and no

@@ -67,9 +67,10 @@ fn errors_are_one_json_document_on_stdout_and_a_non_zero_exit() {
 fn log_lines_name_the_container_and_the_pod() {
     let dir = TempDir::new("log");
     let log = dir.path().join("plugin.log");
-    let stdin =
-        json!({"cniVersion": "1.0.0", "name": "n", "type": "tproxy-cni", "log_level": "debug", "log_file": log})
-            .to_string();
+    // A pod without annotations, as containerd sends it.
+    let stdin = json!({"cniVersion": "1.0.0", "name": "n", "type": "tproxy-cni", "log_level": "debug", "log_file": log,
+        "runtimeConfig": {"io.kubernetes.cri.pod-annotations": null}})
+    .to_string();
     let out = call_plugin(
         &[
             ("CNI_COMMAND", "ADD"),

@@ -8,16 +8,17 @@
 //!
 //! Every source — the JSON, the individual annotations, Nomad's `CNI_ARGS`, and the host command's
 //! flags or `--consul-config` file — first becomes [`Settings`] (each value parsed into its type),
-//! and [`Settings::validate`] is the one place where the rules that tie values together are
-//! checked and the [`ConsulRedirect`] is built.
+//! and `Settings::validate` is the one place where the rules that tie values together are
+//! checked and the [`ConsulRedirect`] is built. The rule budget is checked after it, for every
+//! source, by `core::mesh` (see its module documentation).
 
 use std::net::IpAddr;
 
 use serde::Deserialize;
 use thiserror::Error;
 
-use super::{AnnotationError, Annotations, PodNetwork};
-use crate::core::limits;
+use super::{AnnotationError, Annotations, Configured, PodNetwork, Problem};
+use crate::core::limits::{self, TooManyRules};
 use crate::core::redirect::{
     Cidrs, ConsulDns, ConsulRedirect, Families, Port, PortRange, UidRange, ValueError, parse_cidr, parse_ip,
     parse_port_range, parse_uid, parse_uid_range, port_from_number, split_list,
@@ -76,14 +77,19 @@ pub fn owns(annotations: &Annotations) -> bool {
     (set(INJECT_STATUS) || set(MESH_INJECT_STATUS)) && set(TPROXY_STATUS)
 }
 
-/// The pod's Consul redirect, or `None` when the pod is not a Consul transparent-proxy pod.
-pub fn redirect(annotations: &Annotations, net: PodNetwork) -> Result<Option<ConsulRedirect>, AnnotationError> {
+/// The pod's Consul redirect, or `None` when the pod is not a Consul transparent-proxy pod. The
+/// rule budget is checked by the caller, `core::mesh::classify_pod`, which names the annotation
+/// this returns with the redirect.
+pub(super) fn redirect(
+    annotations: &Annotations,
+    net: PodNetwork,
+) -> Result<Option<Configured<ConsulRedirect>>, AnnotationError> {
     if !owns(annotations) {
         return Ok(None);
     }
     for key in READ {
         if let Some(v) = annotations.get(key) {
-            limits::annotation_size(v).map_err(|reason| err(key, reason))?;
+            limits::annotation_size(v).map_err(|e| err(key, e))?;
         }
     }
     let dual_stack = match annotations.get(DUAL_STACK).map(String::as_str) {
@@ -91,28 +97,33 @@ pub fn redirect(annotations: &Annotations, net: PodNetwork) -> Result<Option<Con
         Some(v) if v.eq_ignore_ascii_case("true") => true,
         Some(v) if v.eq_ignore_ascii_case("false") => false,
         Some(v) => {
-            return Err(err(DUAL_STACK, format!("{} is not true or false", crate::text::Quoted::new(v))));
+            return Err(err(
+                DUAL_STACK,
+                Problem::NotOneOf { value: crate::text::Quoted::new(v), allowed: "true or false" },
+            ));
         }
     };
     let (settings, source) = match annotations.get(REDIRECT_CONFIG) {
         Some(json) => (parse_config(json), REDIRECT_CONFIG),
         None => (typed(from_individual_annotations(annotations, dual_stack)?), INDIVIDUAL_EXCLUSIONS),
     };
-    let invalid = |e: ConfigError| err(source, e.to_string());
+    let invalid = |e: SettingsError| err(source, e);
     let settings = Settings { dual_stack, ..settings.map_err(invalid)? };
-    settings.validate(net, &Spelling::JSON).map(Some).map_err(invalid)
+    let redirect = settings.validate(net, &Spelling::JSON).map_err(invalid)?;
+    Ok(Some(Configured { redirect, annotation: source }))
 }
 
 /// Nomad's path: the configuration JSON straight from `CNI_ARGS`. Nomad does not do dual-stack.
-pub fn from_json(json: &str, net: PodNetwork) -> Result<ConsulRedirect, AnnotationError> {
-    limits::annotation_size(json).map_err(|reason| err(NOMAD_CNI_ARG, reason))?;
-    parse_config(json).and_then(|s| s.validate(net, &Spelling::JSON)).map_err(|e| err(NOMAD_CNI_ARG, e.to_string()))
+/// The rule budget is checked by the caller, `core::mesh::nomad`.
+pub(super) fn from_json(json: &str, net: PodNetwork) -> Result<ConsulRedirect, AnnotationError> {
+    limits::annotation_size(json).map_err(|e| err(NOMAD_CNI_ARG, e))?;
+    parse_config(json).and_then(|s| s.validate(net, &Spelling::JSON)).map_err(|e| err(NOMAD_CNI_ARG, e))
 }
 
 /// Parses consul's redirect JSON (what the webhook writes, what Nomad passes, what
 /// `consul connect redirect-traffic` is configured with) into typed settings, dual-stack off.
-pub fn parse_config(json: &str) -> Result<Settings, ConfigError> {
-    serde_json::from_str(json).map_err(ConfigError::Json).and_then(typed)
+pub fn parse_config(json: &str) -> Result<Settings, SettingsError> {
+    serde_json::from_str(json).map_err(SettingsError::Json).and_then(typed)
 }
 
 /// A Consul redirect whose values are each parsed into their type but not yet checked together.
@@ -157,7 +168,7 @@ impl Spelling {
 
 /// Why a Consul configuration cannot become a redirect. Messages are one line.
 #[derive(Debug, Error)]
-pub enum ConfigError {
+pub enum SettingsError {
     /// The decoder's message may quote the value it choked on: it is shortened, and not repeated
     /// as a cause.
     #[error("is not the redirect JSON: {}", crate::text::bounded(&.0.to_string(), limits::MAX_QUOTED_MESSAGE_BYTES))]
@@ -166,9 +177,10 @@ pub enum ConfigError {
     Value(#[from] ValueError),
     #[error("{0} is required")]
     Required(&'static str),
-    /// More than one ADD may consume (`crate::core::limits`).
-    #[error("{0}")]
-    Limit(String),
+    /// More rules than one family may get: only the host command's constructor
+    /// (`core::mesh::consul_host`) gives this one; a pod's is a [`crate::core::mesh::Problem`].
+    #[error(transparent)]
+    TooManyRules(#[from] TooManyRules),
     #[error("{what} {ip} is IPv4 but dual-stack mode is on (expected an IPv6 address such as ::1)")]
     Ipv4DnsInDualStack { what: &'static str, ip: IpAddr },
     #[error("{what} {ip} is IPv6 but dual-stack mode is off ({switch} is not set)")]
@@ -179,16 +191,21 @@ impl Settings {
     /// Checks the settings together and builds the redirect: the required values are there, the DNS
     /// address has the family the dual-stack mode expects, and the families follow the mode and
     /// the network (`net.has_ipv6` adds an IPv6 pass, without DNS rules, outside dual-stack mode).
-    pub fn validate(self, net: PodNetwork, names: &Spelling) -> Result<ConsulRedirect, ConfigError> {
-        let proxy_uid = self.proxy_uid.ok_or(ConfigError::Required(names.proxy_uid))?;
-        let inbound_port = self.inbound_port.ok_or(ConfigError::Required(names.inbound_port))?;
+    /// Outside `core::mesh`, go through `core::mesh::consul_host`, which checks the rule budget too.
+    pub(super) fn validate(self, net: PodNetwork, names: &Spelling) -> Result<ConsulRedirect, SettingsError> {
+        let proxy_uid = self.proxy_uid.ok_or(SettingsError::Required(names.proxy_uid))?;
+        let inbound_port = self.inbound_port.ok_or(SettingsError::Required(names.inbound_port))?;
         let dual_stack = self.dual_stack;
         match self.dns_ip {
             Some(ip) if dual_stack && ip.is_ipv4() => {
-                return Err(ConfigError::Ipv4DnsInDualStack { what: names.dns_ip, ip });
+                return Err(SettingsError::Ipv4DnsInDualStack { what: names.dns_ip, ip });
             }
             Some(ip) if !dual_stack && ip.is_ipv6() => {
-                return Err(ConfigError::Ipv6DnsWithoutDualStack { what: names.dns_ip, ip, switch: names.dual_stack });
+                return Err(SettingsError::Ipv6DnsWithoutDualStack {
+                    what: names.dns_ip,
+                    ip,
+                    switch: names.dual_stack,
+                });
             }
             _ => {}
         }
@@ -197,7 +214,7 @@ impl Settings {
             (Some(ip), None) => Some(ConsulDns::All { ip }),
             (None, None) => None,
         };
-        let r = ConsulRedirect {
+        Ok(ConsulRedirect {
             proxy_uid,
             inbound_port,
             outbound_port: self.outbound_port.unwrap_or(const { Port::new(DEFAULT_OUTBOUND_PORT).expect("non-zero") }),
@@ -208,10 +225,7 @@ impl Settings {
             dns,
             dual_stack,
             families: Families { ipv6: dual_stack || net.has_ipv6 },
-        };
-        let rules = crate::core::rules::most_rules_per_family(&crate::core::redirect::Redirect::Consul(r.clone()));
-        limits::rules_per_family(rules).map_err(ConfigError::Limit)?;
-        Ok(r)
+        })
     }
 }
 
@@ -250,9 +264,9 @@ struct Config {
 fn from_individual_annotations(a: &Annotations, dual_stack: bool) -> Result<Config, AnnotationError> {
     let list = |k: &'static str, check: fn(&str, &'static str) -> Result<(), ValueError>| {
         let entries: Vec<String> = a.get(k).map(|v| split_list(v).map(str::to_owned).collect()).unwrap_or_default();
-        limits::list_entries("the list", entries.len()).map_err(|e| err(k, e.to_string()))?;
+        limits::list_entries("the list", entries.len()).map_err(|e| err(k, e))?;
         for e in &entries {
-            check(e, "entry").map_err(|e| err(k, e.to_string()))?;
+            check(e, "entry").map_err(|e| err(k, e))?;
         }
         Ok::<_, AnnotationError>(entries)
     };
@@ -264,7 +278,7 @@ fn from_individual_annotations(a: &Annotations, dual_stack: bool) -> Result<Conf
     let mut inbound = Vec::new();
     if is_true(ENABLE_METRICS) {
         let port = a.get(PROMETHEUS_SCRAPE_PORT).cloned().unwrap_or_else(|| DEFAULT_PROMETHEUS_PORT.to_string());
-        parse_port_range(&port, "port").map_err(|e| err(PROMETHEUS_SCRAPE_PORT, e.to_string()))?;
+        parse_port_range(&port, "port").map_err(|e| err(PROMETHEUS_SCRAPE_PORT, e))?;
         inbound.push(port);
     }
     if is_true(USE_PROXY_HEALTH_CHECK) {
@@ -293,7 +307,7 @@ fn from_individual_annotations(a: &Annotations, dual_stack: bool) -> Result<Conf
 }
 
 /// Parses each value of consul's JSON into its type. Zero and empty mean "not set", as in consul.
-fn typed(c: Config) -> Result<Settings, ConfigError> {
+fn typed(c: Config) -> Result<Settings, SettingsError> {
     let entries = |l: Option<Vec<String>>, what| {
         let l = l.unwrap_or_default();
         limits::list_entries(what, l.len()).map(|()| l)
@@ -343,8 +357,9 @@ fn number_port(n: i64, what: &'static str) -> Result<Port, ValueError> {
         .and_then(|n| port_from_number(n, &text, what))
 }
 
-fn err(annotation: &'static str, reason: String) -> AnnotationError {
-    AnnotationError { mesh: MESH, annotation, reason }
+/// A refusal naming one of this dialect's annotations.
+fn err(annotation: &'static str, problem: impl Into<Problem>) -> AnnotationError {
+    AnnotationError { mesh: MESH, annotation, problem: Box::new(problem.into()) }
 }
 
 #[cfg(test)]
@@ -366,7 +381,7 @@ mod tests {
     const TYPICAL: &str = r#"{"ConsulDNSIP":"127.0.0.1","ConsulDNSPort":8600,"ProxyUserID":"5995","ProxyInboundPort":20000,"ProxyOutboundPort":15001,"ExcludeInboundPorts":null,"ExcludeOutboundPorts":null,"ExcludeOutboundCIDRs":null,"ExcludeUIDs":["5996"],"NetNS":"","IptablesProvider":null}"#;
 
     fn ok(a: &Annotations) -> ConsulRedirect {
-        redirect(a, PodNetwork::default()).unwrap().unwrap()
+        redirect(a, PodNetwork::default()).unwrap().unwrap().redirect
     }
 
     fn refused(a: &Annotations) -> String {
@@ -386,7 +401,7 @@ mod tests {
         a.remove(INJECT_STATUS);
         a.insert(MESH_INJECT_STATUS.into(), "injected".into());
         assert!(owns(&a), "mesh v2 status counts too");
-        assert_eq!(redirect(&Annotations::new(), PodNetwork::default()), Ok(None));
+        assert!(matches!(redirect(&Annotations::new(), PodNetwork::default()), Ok(None)));
     }
 
     #[test]
@@ -459,7 +474,7 @@ mod tests {
 
     #[test]
     fn a_pod_with_ipv6_gets_an_ipv6_pass_even_without_dual_stack() {
-        let r = redirect(&pod(&[(REDIRECT_CONFIG, TYPICAL)]), PodNetwork { has_ipv6: true }).unwrap().unwrap();
+        let r = redirect(&pod(&[(REDIRECT_CONFIG, TYPICAL)]), PodNetwork { has_ipv6: true }).unwrap().unwrap().redirect;
         assert!(r.families.ipv6 && !r.dual_stack);
     }
 

@@ -13,12 +13,16 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
 
 use crate::core::redirect::Family;
+use crate::kernel::deadline::Deadline;
+
+/// How long reading the host's mangle table for kubelet's hint may take.
+const PROBE_BUDGET: Duration = Duration::from_secs(5);
 
 /// The conflist's `iptables_mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,12 +179,15 @@ fn younger_than(path: &Path, ttl: Duration) -> bool {
 
 fn host_has_hint(b: Backend) -> bool {
     let Ok(tools) = b.tools(Family::V4) else { return false };
-    Command::new(&tools.save)
-        .args(["-t", "mangle"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with(KUBE_HINT_CHAIN)))
+    let mut cmd = Command::new(&tools.save);
+    cmd.args(["-t", "mangle"]);
+    match crate::kernel::exec::run(&mut cmd, None, Deadline::after(PROBE_BUDGET)) {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with(KUBE_HINT_CHAIN)),
+        Err(e) => {
+            log::warn!("cannot read the host's mangle table with {}: {e}", tools.save.display());
+            false
+        }
+    }
 }
 
 /// Writes `b` to `cache` atomically (concurrent ADDs may race to write it).

@@ -10,13 +10,21 @@
 //!   the namespace with `iptables-save` and send one transaction that deletes what we own and
 //!   installs the new set.
 //! - If a later table fails (raw or mangle: a kernel without conntrack zones, say), the tables before
-//!   it are committed. A failed ADD therefore ends by removing every rule and chain of ours from
-//!   both families, so it leaves no rule of ours behind: for a fresh namespace that is exactly the
-//!   namespace as it was. Foreign rules are never touched.
+//!   it are committed. A failed ADD therefore ends by undoing what it changed, family by family
+//!   ([`Applied`], [`Netfilter::undo`]): a family that held nothing of ours loses whatever this call
+//!   committed; a family that held a copy of ours (a previous ADD's) gets that copy back. What a
+//!   family held is known without reading it first on the fast path: a fresh transaction commits
+//!   only into tables without our chains, so when it fails, what of ours is there is either a
+//!   previous copy, untouched, or — when it is exactly a leading part of this very transaction's
+//!   tables — this call's own partial commit. Foreign rules are never touched.
 //! - A process killed between two tables leaves the committed ones. The runtime then sees ADD fail
 //!   and calls DEL (which removes everything of ours), or retries ADD, which finds our chains,
 //!   replaces whatever is there, and ends with exactly one complete copy. Either way the pod's
 //!   containers never start on a half-installed set: a runtime starts them only after ADD succeeds.
+//!
+//! Every tool runs with the [`Deadline`] the [`Netfilter`] was made with ([`exec::run`]): a tool
+//! that hangs is killed and the operation fails with [`NetfilterError::TimedOut`]. Undoing a failed
+//! operation gets a budget of its own, [`UNDO_BUDGET`] at most.
 //!
 //! The host command also wants to see a transaction before it runs: [`Netfilter::plan_apply`] and
 //! [`Netfilter::plan_removal`] read the namespace and return the [`Plan`] that applying or removing
@@ -26,11 +34,12 @@
 pub mod backend;
 pub mod save;
 
+use std::cell::OnceCell;
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -39,7 +48,14 @@ use save::SavedTable;
 
 use crate::core::redirect::Family;
 use crate::core::rules::{self, RuleSet, Table, TableRules};
+use crate::kernel::deadline::Deadline;
+use crate::kernel::exec::{self, ExecError};
 use crate::kernel::netns::Netns;
+
+/// The deadline of a [`Netfilter`] made without one (the host commands'): a whole operation.
+pub const DEFAULT_BUDGET: Duration = Duration::from_secs(30);
+/// The most that undoing a failed operation may take, on top of the operation's own deadline.
+pub const UNDO_BUDGET: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Error)]
 pub enum NetfilterError {
@@ -50,7 +66,15 @@ pub enum NetfilterError {
         tool: String,
         netns: String,
         #[source]
-        source: std::io::Error,
+        source: ExecError,
+    },
+    /// The tool hung; it was killed.
+    #[error("{tool} in {netns}: {source}")]
+    TimedOut {
+        tool: String,
+        netns: String,
+        #[source]
+        source: ExecError,
     },
     #[error("{tool} failed in {netns}: {stderr}")]
     Failed { tool: String, netns: String, stderr: String, input: String },
@@ -154,23 +178,59 @@ impl Removed {
     }
 }
 
-/// How a family's rules got installed.
-enum Applied {
-    /// Into tables that held nothing of ours: one transaction.
-    Fresh,
-    /// Over rules of ours already there: read, then one replacing transaction.
-    Replaced,
+impl NetfilterError {
+    /// Did a tool hang (and get killed)?
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, NetfilterError::TimedOut { .. })
+    }
 }
 
-/// A chosen backend, ready to work on namespaces.
+/// What a family held of ours before an operation changed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Prior {
+    /// Nothing of ours.
+    Nothing,
+    /// A copy of ours (a previous ADD's): every table holding something of ours, as read.
+    Copy(Vec<SavedTable>),
+}
+
+/// What [`Netfilter::apply`] changed, family by family, so that [`Netfilter::undo`] can put back
+/// exactly that and nothing else.
+#[derive(Debug, Default)]
+#[must_use = "a caller that fails after apply must undo what it applied"]
+pub struct Applied {
+    priors: Vec<(Family, Prior)>,
+}
+
+/// The budget for recovering from a failed operation, started at the first failure and shared by
+/// everything the recovery does.
+struct Recovery<'a> {
+    nf: &'a Netfilter,
+    made: OnceCell<Netfilter>,
+}
+
+impl Recovery<'_> {
+    fn get(&self) -> &Netfilter {
+        self.made.get_or_init(|| self.nf.for_recovery())
+    }
+}
+
+/// A chosen backend, ready to work on namespaces within a deadline.
 #[derive(Debug, Clone)]
 pub struct Netfilter {
     backend: Backend,
+    deadline: Deadline,
 }
 
 impl Netfilter {
+    /// A backend whose operations must end within [`DEFAULT_BUDGET`] from now.
     pub fn new(backend: Backend) -> Netfilter {
-        Netfilter { backend }
+        Netfilter { backend, deadline: Deadline::after(DEFAULT_BUDGET) }
+    }
+
+    /// The same, with every tool it runs bounded by `deadline`.
+    pub fn with_deadline(self, deadline: Deadline) -> Netfilter {
+        Netfilter { deadline, ..self }
     }
 
     pub fn backend(&self) -> Backend {
@@ -184,51 +244,120 @@ impl Netfilter {
 
     /// Installs `sets`, replacing whatever of ours is there, so that afterwards the namespace holds
     /// exactly one copy of them. Families not in `sets` lose any rules of ours they held.
-    /// On failure, no rule or chain of ours is left in the namespace (see the module docs).
-    pub fn apply(&self, ns: &Netns, sets: &[RuleSet]) -> Result<(), NetfilterError> {
-        let mut repeated = false;
-        for (i, set) in sets.iter().enumerate() {
-            match self.apply_family(ns, set) {
-                Ok(Applied::Fresh) => {}
-                Ok(Applied::Replaced) => repeated = true,
-                Err(e) => {
-                    // Undo the families done before this one, and whatever tables of this one
-                    // got committed before the failing table.
-                    for family in sets[..=i].iter().map(|s| s.family) {
-                        if let Err(undo) = self.remove_family(ns, family) {
-                            log::warn!("cannot undo the {} rules after a failure: {undo}", family.name());
-                        }
-                    }
+    /// On failure, what this call changed is undone: the namespace holds what of ours it held
+    /// before (see the module docs). On success, the returned [`Applied`] lets a caller that fails
+    /// later undo the same way.
+    pub fn apply(&self, ns: &Netns, sets: &[RuleSet]) -> Result<Applied, NetfilterError> {
+        let recovery = Recovery { nf: self, made: OnceCell::new() };
+        let mut applied = Applied::default();
+        for set in sets {
+            match self.apply_family(ns, set, &recovery) {
+                Ok(prior) => applied.priors.push((set.family, prior)),
+                Err((e, prior)) => {
+                    applied.priors.push((set.family, prior));
+                    recovery.get().undo_all(ns, applied);
                     return Err(e);
                 }
             }
         }
         // A repeated ADD may follow a configuration with more families than this one.
-        if repeated {
+        if applied.priors.iter().any(|(_, p)| *p != Prior::Nothing) {
             for family in Family::ALL.into_iter().filter(|f| sets.iter().all(|s| s.family != *f)) {
-                self.remove_family(ns, family)?;
+                match self.save(ns, family) {
+                    Ok(saved) if !saved.iter().any(SavedTable::has_owned) => {}
+                    Ok(saved) => {
+                        applied.priors.push((family, Prior::Copy(owned_tables(&saved))));
+                        if let Err(e) = self.restore(ns, family, &render_replace(&[], &saved)) {
+                            recovery.get().undo_all(ns, applied);
+                            return Err(e);
+                        }
+                    }
+                    Err(e) => {
+                        recovery.get().undo_all(ns, applied);
+                        return Err(e);
+                    }
+                }
             }
         }
-        Ok(())
+        Ok(applied)
     }
 
-    fn apply_family(&self, ns: &Netns, set: &RuleSet) -> Result<Applied, NetfilterError> {
+    /// Installs one family's set; returns what the family held of ours before, also on failure.
+    fn apply_family(
+        &self,
+        ns: &Netns,
+        set: &RuleSet,
+        recovery: &Recovery<'_>,
+    ) -> Result<Prior, (NetfilterError, Prior)> {
         let first = match self.restore(ns, set.family, &rules::render_fresh(set)) {
             Ok(()) => {
                 log::debug!("installed the {} rules with one transaction", set.family.name());
-                return Ok(Applied::Fresh);
+                return Ok(Prior::Nothing);
             }
             Err(e) => e,
         };
-        let saved = self.save(ns, set.family)?;
+        // Without a reading there is no telling what got committed: treat everything of ours as
+        // this call's (undoing then removes it, if the tables can be read by then). After a hung
+        // tool the call's budget is spent: the reading is part of the recovery.
+        let reader = if first.is_timeout() { recovery.get() } else { self };
+        let saved = reader.save(ns, set.family).map_err(|e| (e, Prior::Nothing))?;
         if !saved.iter().any(SavedTable::has_owned) {
-            return Err(first);
+            return Err((first, Prior::Nothing));
+        }
+        let prior = if own_partial_commit(set, &saved) {
+            log::debug!("the failed {} transaction committed its first table(s)", set.family.name());
+            Prior::Nothing
+        } else {
+            Prior::Copy(owned_tables(&saved))
+        };
+        if first.is_timeout() {
+            // The budget is spent: do not start another transaction.
+            return Err((first, prior));
         }
         // A repeated ADD, or tables of this very transaction committed before a later one failed:
         // either way, replacing what is there gives one complete copy, or fails again for real.
         log::debug!("rules of ours are already in the {} tables: replacing them", set.family.name());
-        self.restore(ns, set.family, &render_replace(&set.tables, &saved))?;
-        Ok(Applied::Replaced)
+        match self.restore(ns, set.family, &render_replace(&set.tables, &saved)) {
+            Ok(()) => Ok(prior),
+            Err(e) => Err((e, prior)),
+        }
+    }
+
+    /// Puts back what [`Netfilter::apply`] changed: each family it touched holds again what of ours
+    /// it held before (nothing, or the previous copy), foreign rules untouched. Best effort, within
+    /// a budget of its own ([`UNDO_BUDGET`] at most): a failure is logged, since the caller is
+    /// already failing with the error that matters.
+    pub fn undo(&self, ns: &Netns, applied: Applied) {
+        self.for_recovery().undo_all(ns, applied);
+    }
+
+    /// The same backend with a budget of its own for recovering from a failure: the operation's
+    /// budget, [`UNDO_BUDGET`] at most.
+    fn for_recovery(&self) -> Netfilter {
+        Netfilter { backend: self.backend, deadline: Deadline::after(self.deadline.budget().min(UNDO_BUDGET)) }
+    }
+
+    /// [`Netfilter::undo`], within this one's own deadline.
+    fn undo_all(&self, ns: &Netns, applied: Applied) {
+        for (family, prior) in applied.priors.into_iter().rev() {
+            let done = match &prior {
+                Prior::Nothing => self.remove_family(ns, family).map(drop),
+                Prior::Copy(before) => self.restore_copy(ns, family, before),
+            };
+            match done {
+                Ok(()) => log::debug!("undid this call's {} changes", family.name()),
+                Err(e) => log::warn!("cannot undo this call's {} changes: {}", family.name(), crate::text::chain(&e)),
+            }
+        }
+    }
+
+    /// Makes what of ours `family` holds exactly `before` again.
+    fn restore_copy(&self, ns: &Netns, family: Family, before: &[SavedTable]) -> Result<(), NetfilterError> {
+        let now = self.save(ns, family)?;
+        if owned_tables(&now) == before {
+            return Ok(());
+        }
+        self.restore(ns, family, &render_restore(before, &now))
     }
 
     /// Removes every rule and chain of ours from the namespace, in both families.
@@ -359,7 +488,7 @@ impl Netfilter {
         self.run(ns, &tools.restore, &args, Some(input)).map(drop)
     }
 
-    /// Runs a tool inside `ns`, feeding it `input`; returns its stdout.
+    /// Runs a tool inside `ns`, feeding it `input`; returns its stdout. Bounded by the deadline.
     fn run(
         &self,
         ns: &Netns,
@@ -369,26 +498,21 @@ impl Netfilter {
     ) -> Result<String, NetfilterError> {
         let name = tool.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let netns = ns.path().display().to_string();
-        let spawn_err = |source| NetfilterError::Spawn { tool: name.clone(), netns: netns.clone(), source };
         let mut cmd = Command::new(tool);
-        cmd.args(args)
-            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env_clear()
-            .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin");
+        cmd.args(args).env_clear().env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin");
         if self.backend == Backend::Legacy {
             // Legacy iptables serialises on one node-wide lock file by default; pods do not share
             // tables, so each namespace gets a lock of its own.
             cmd.env("XTABLES_LOCKFILE", lock_file(ns));
         }
         ns.enter_on_spawn(&mut cmd);
-        let mut child = cmd.spawn().map_err(spawn_err)?;
-        if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-            // A write error means the tool exited early; its status and stderr say why.
-            let _ = stdin.write_all(text.as_bytes());
-        }
-        let out = child.wait_with_output().map_err(spawn_err)?;
+        let out = match exec::run(&mut cmd, input.map(str::as_bytes), self.deadline) {
+            Ok(out) => out,
+            Err(source @ ExecError::TimedOut { .. }) => {
+                return Err(NetfilterError::TimedOut { tool: name, netns, source });
+            }
+            Err(source) => return Err(NetfilterError::Spawn { tool: name, netns, source }),
+        };
         if !out.status.success() {
             return Err(NetfilterError::Failed {
                 tool: name,
@@ -407,6 +531,74 @@ fn lock_file(ns: &Netns) -> PathBuf {
         log::debug!("cannot create {}: {e}", dir.display());
     }
     dir.join(format!("{}.lock", ns.id().unwrap_or_else(|_| "unknown".into())))
+}
+
+/// Is what of ours `saved` holds exactly the first table(s) of `set`, and not all of them? Then a
+/// fresh transaction of `set` committed those and failed on the next: this call's own work. (A
+/// previous copy would be complete: an ADD installs every table or fails and undoes them.)
+fn own_partial_commit(set: &RuleSet, saved: &[SavedTable]) -> bool {
+    (1..set.tables.len()).any(|k| {
+        let mut diffs = Vec::new();
+        diff(set.family, &set.tables[..k], saved, &mut diffs);
+        diffs.is_empty()
+    })
+}
+
+/// The tables of `saved` that hold something of ours, with only our chains and rules in them: what
+/// a family held of ours, comparable across readings whatever foreign rules came and went.
+fn owned_tables(saved: &[SavedTable]) -> Vec<SavedTable> {
+    saved
+        .iter()
+        .filter(|t| t.has_owned())
+        .map(|t| SavedTable {
+            name: t.name.clone(),
+            chains: t.owned_chains().map(str::to_owned).collect(),
+            rules: t.rules.iter().filter(|r| r.is_owned()).cloned().collect(),
+        })
+        .collect()
+}
+
+/// One transaction that turns what of ours `now` holds back into `before` (both as
+/// [`owned_tables`] or full readings): our rules in built-in chains deleted, our chains emptied or
+/// created, chains `before` did not have removed, then `before`'s rules appended in the order
+/// they were read.
+fn render_restore(before: &[SavedTable], now: &[SavedTable]) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for t in before.iter().chain(now.iter()).filter(|t| t.has_owned()) {
+        if !names.contains(&t.name.as_str()) {
+            names.push(&t.name);
+        }
+    }
+    names.sort_by_key(|n| {
+        Table::from_name(n)
+            .map_or(usize::MAX, |t| Table::COMMIT_ORDER.iter().position(|c| *c == t).unwrap_or(usize::MAX))
+    });
+    let mut out = String::new();
+    for name in names {
+        let was = before.iter().find(|t| t.name == name);
+        let is = now.iter().find(|t| t.name == name);
+        writeln!(out, "*{name}").unwrap();
+        for r in is.into_iter().flat_map(|t| t.owned_rules_outside()) {
+            writeln!(out, "-D {} {}", r.chain, r.spec).unwrap();
+        }
+        let chains: Vec<&str> = was.map(|t| t.owned_chains().collect()).unwrap_or_default();
+        for c in &chains {
+            writeln!(out, ":{c} - [0:0]").unwrap();
+        }
+        let stale: Vec<&str> =
+            is.map(|t| t.owned_chains().filter(|c| !chains.contains(c)).collect()).unwrap_or_default();
+        for c in &stale {
+            writeln!(out, "-F {c}").unwrap();
+        }
+        for c in &stale {
+            writeln!(out, "-X {c}").unwrap();
+        }
+        for r in was.into_iter().flat_map(|t| t.rules.iter().filter(|r| r.is_owned())) {
+            writeln!(out, "-A {} {}", r.chain, r.spec).unwrap();
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
 }
 
 /// What of ours `saved` holds.

@@ -137,6 +137,9 @@ impl Host {
             "60s",
             "--log-level",
             "debug",
+            // Most tests check the removal byte for byte; the default (auto) is tested on its own.
+            "--cleanup-on-exit",
+            "true",
         ]
         .iter()
         .map(|s| s.to_string())

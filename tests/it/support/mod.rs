@@ -175,6 +175,32 @@ pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> 
     }
 }
 
+/// `dir` and every directory below it (cgroup trees, to remove them children first).
+pub fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_owned()];
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(walk_dirs(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// The addresses host-local has handed out from its data directory for one network (`dir`): one
+/// file per address, beside its lock and last-reserved markers.
+pub fn host_local_reservations(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|f| f.file_name().to_string_lossy().into_owned())
+                .filter(|f| f != "lock" && !f.starts_with("last_reserved_ip"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A scratch directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -461,9 +487,9 @@ impl Network {
         cmd.args([verb, self.conflist.to_str().unwrap(), ns.path().to_str().unwrap(), container_id, cni_args])
             .env("CNI_PATH", format!("/usr/lib/cni:{}", plugin_dir.display()))
             .env("CNIDRV_CACHE", self.dir.path().join("cache"));
-        if let Some(a) = annotations {
-            cmd.arg(serde_json::json!({"io.kubernetes.cri.pod-annotations": a}).to_string());
-        }
+        // As containerd does: a pod without annotations is sent as `null`, never left out.
+        let a = annotations.cloned().unwrap_or(serde_json::Value::Null);
+        cmd.arg(serde_json::json!({"io.kubernetes.cri.pod-annotations": a}).to_string());
         cmd.output().unwrap()
     }
 
