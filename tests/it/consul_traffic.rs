@@ -33,10 +33,7 @@ fn typical_config() -> serde_json::Value {
 
 #[test]
 fn consul_pod_outbound_inbound_and_dns_follow_consuls_rules() {
-    if !privileged() {
-        return;
-    }
-    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let Some(net) = Fixture::new("nft", json!({})) else { return };
     let srv = server(&net);
     let app = net.pod("app", Some(&consul_pod(typical_config(), &[])));
     let _l = consul_app_listeners(&app.ns);
@@ -84,10 +81,7 @@ fn consul_pod_outbound_inbound_and_dns_follow_consuls_rules() {
 
 #[test]
 fn dual_stack_consul_pod_resolves_through_ipv6_loopback_only() {
-    if !privileged() {
-        return;
-    }
-    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let Some(net) = Fixture::new("nft", json!({})) else { return };
     let srv = server(&net);
     let mut config = typical_config();
     config["ConsulDNSIP"] = json!("::1");
@@ -108,10 +102,7 @@ fn dual_stack_consul_pod_resolves_through_ipv6_loopback_only() {
 
 #[test]
 fn dns_ip_without_port_sends_all_dns_to_that_address() {
-    if !privileged() {
-        return;
-    }
-    let net = Network::new(json!({"iptables_mode": "legacy"}));
+    let Some(net) = Fixture::new("legacy", json!({})) else { return };
     let srv = server(&net);
     let s4 = srv.v4;
     let _dns = Responder::udp(&srv.pod.ns, sa("0.0.0.0".parse::<IpAddr>().unwrap(), 53), "server-dns");

@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::support::apiserver;
-use crate::support::install::{BIN, Host, Installer, free_port, golden, http_status, wait_for};
+use crate::support::install::{BIN, Host, Installer, free_port, golden, http_status};
+use crate::support::{punctual, wait_for};
 
 const PRIMARIES: [&str; 4] = ["10-bridge.conflist", "10-flannel.conf", "10-calico.conflist", "05-cilium.conflist"];
 
@@ -153,6 +154,7 @@ fn write_settings(host: &Host, json: &str) -> std::path::PathBuf {
 /// With no configuration yet the installer waits, says so, and chains as soon as one appears.
 #[test]
 fn waits_for_the_primary_then_chains_within_a_second() {
+    let _load = punctual();
     let host = Host::new("wait");
     let inst = host.start(&host.fake_plugin("1"), &[]);
     wait_for(Duration::from_secs(10), "the waiting log line", || inst.log().contains("waiting for the primary CNI"));
@@ -190,6 +192,7 @@ fn follows_the_configuration_the_runtime_uses() {
 /// second, and a reader polling the file never sees anything but valid JSON.
 #[test]
 fn the_watch_re_injects_after_200_rewrites_and_readers_never_see_invalid_json() {
+    let _load = punctual();
     let host = Host::new("watch");
     let calico = golden("primary", "10-calico.conflist");
     host.put_conf("10-calico.conflist", &calico);
@@ -245,6 +248,7 @@ fn the_watch_re_injects_after_200_rewrites_and_readers_never_see_invalid_json() 
 /// Kubelet swaps the projected token's `..data` symlink; the copy the plugin reads follows.
 #[test]
 fn the_token_copy_follows_kubelet_rotation() {
+    let _load = punctual();
     let mut host = Host::new("token");
     host.put_conf("10-bridge.conflist", &golden("primary", "10-bridge.conflist"));
     let inst = host.start(&host.fake_plugin("1"), &[]);

@@ -625,6 +625,23 @@ impl ApiServer {
         self.requests().into_iter().filter(|r| r.method == "PATCH").collect()
     }
 
+    /// The values of Consul's `transparent-proxy-status` annotation that the accepted PATCHes of pod
+    /// `namespace/name` set, in order (the plugin's progress reports).
+    pub fn status_reports(&self, namespace: &str, name: &str) -> Vec<String> {
+        let path = format!("/api/v1/namespaces/{namespace}/pods/{name}");
+        self.patches()
+            .iter()
+            .filter(|r| r.path == path && r.status == 200)
+            .map(|r| {
+                let body: Value = serde_json::from_str(&r.body).expect("a JSON patch body");
+                body["metadata"]["annotations"][tproxy_cni::core::mesh::consul::TPROXY_STATUS]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    }
+
     /// Writes a kubeconfig file named `name` in [`ApiServer::dir`], as an installer would on a node.
     pub fn kubeconfig(&self, name: &str, spec: &KubeconfigSpec) -> PathBuf {
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
