@@ -21,3 +21,6 @@ pub mod kube;
 pub mod log;
 pub mod plugin;
 pub mod text;
+
+#[cfg(test)]
+mod test_dir;

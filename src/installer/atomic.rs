@@ -99,25 +99,18 @@ pub fn sweep_temps(dir: &Path) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TestDir;
     use std::os::unix::fs::MetadataExt;
-
-    fn tempdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("tproxy-atomic-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
-        d
-    }
 
     #[test]
     fn replaces_the_file_with_exact_mode_and_leaves_no_temporary() {
-        let d = tempdir("replace");
+        let d = TestDir::new("atomic-replace");
         let target = d.join("10-x.conflist");
         fs::write(&target, b"old").unwrap();
         write(&target, b"new", 0o600).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"new");
         assert_eq!(fs::metadata(&target).unwrap().mode() & 0o7777, 0o600);
         assert_eq!(fs::read_dir(&d).unwrap().count(), 1, "a temporary file was left behind");
-        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
@@ -133,7 +126,7 @@ mod tests {
 
     #[test]
     fn sweeps_only_our_leftovers() {
-        let d = tempdir("sweep");
+        let d = TestDir::new("atomic-sweep");
         fs::write(d.join(".a.conflist.77.tproxy-cni-tmp"), b"x").unwrap();
         fs::write(d.join(".other-tmp"), b"x").unwrap();
         fs::write(d.join("10-a.conflist"), b"x").unwrap();
@@ -141,16 +134,14 @@ mod tests {
         let mut left: Vec<_> = fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
         left.sort();
         assert_eq!(left, [".other-tmp", "10-a.conflist"]);
-        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
     fn remove_reports_whether_anything_was_there() {
-        let d = tempdir("remove");
+        let d = TestDir::new("atomic-remove");
         let f = d.join("k");
         fs::write(&f, b"x").unwrap();
         assert!(remove(&f).unwrap());
         assert!(!remove(&f).unwrap());
-        fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -161,12 +161,12 @@ pub fn hex(sum: &Checksum) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TestDir;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn installs_verifies_and_skips_an_identical_copy() {
-        let d = std::env::temp_dir().join(format!("tproxy-binary-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
+        let d = TestDir::new("binary");
         fs::create_dir_all(d.join("bin")).unwrap();
         let src = d.join("src");
         fs::write(&src, vec![7u8; 200_000]).unwrap();
@@ -181,14 +181,13 @@ mod tests {
         assert!(!plugin.in_place(&target).unwrap());
         assert!(plugin.install(&target).unwrap());
         assert_eq!(fs::read_dir(d.join("bin")).unwrap().count(), 1, "no temporary left");
-        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
     fn checksum_is_sha256() {
-        let d = std::env::temp_dir().join(format!("tproxy-sha-{}", std::process::id()));
-        fs::write(&d, b"abc").unwrap();
-        assert_eq!(hex(&hash_file(&d).unwrap()), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
-        fs::remove_file(&d).unwrap();
+        let d = TestDir::new("sha");
+        let f = d.join("abc");
+        fs::write(&f, b"abc").unwrap();
+        assert_eq!(hex(&hash_file(&f).unwrap()), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

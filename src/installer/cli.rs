@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{ArgAction, Args};
+use clap::Args;
 use serde_json::{Map, Value};
 use thiserror::Error;
 
 use crate::installer::taint::InvalidTaintKey;
+use crate::installer::uninstall::{CleanupOnExit, Detector};
 use crate::installer::{self as install, InstallError, Settings};
 use crate::kube::{Client, Kubeconfig, KubeconfigError};
 
@@ -21,9 +22,11 @@ use crate::kube::{Client, Kubeconfig, KubeconfigError};
 /// the CNI conf dir, and chains a tproxy-cni entry last into the network configuration the runtime
 /// uses (converting a single-plugin .conf into a .conflist). Watches the conf dir and re-injects the
 /// entry when the primary CNI rewrites its file; keeps the token copy current. Ready (GET /readyz,
-/// and the ready file) only while the binary, the entry and the kubeconfig are all in place. On
-/// SIGTERM or SIGINT removes exactly what it installed, unless a newer installer on the node owns
-/// the install. Every flag can also be set through the environment variable named with it.
+/// and the ready file) only while the binary, the entry and the kubeconfig are all in place.
+/// Restarts, crashes and upgrades leave everything in place; on SIGTERM or SIGINT it removes exactly
+/// what it installed only when its DaemonSet is being deleted (see --cleanup-on-exit), and only if
+/// no newer installer on the node owns the install. Every flag can also be set through the
+/// environment variable named with it.
 #[derive(Debug, Args)]
 pub struct InstallArgs {
     /// Host CNI binary directory, as mounted in this container.
@@ -90,9 +93,11 @@ pub struct InstallArgs {
     /// Periodic full resync under the directory watch (e.g. 10s, 500ms, 2m).
     #[arg(long, env = "TPROXY_CNI_RESYNC_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     resync_interval: Duration,
-    /// Remove the install on SIGTERM/SIGINT when this installer still owns it.
-    #[arg(long, env = "TPROXY_CNI_CLEANUP_ON_EXIT", default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
-    cleanup_on_exit: bool,
+    /// On SIGTERM/SIGINT, when this installer owns the install: auto removes it only when the
+    /// installer's DaemonSet is deleted (uninstall), and leaves it in place on restarts, upgrades
+    /// and whenever the API server cannot tell; true always removes it; false never does.
+    #[arg(long, env = "TPROXY_CNI_CLEANUP_ON_EXIT", value_enum, default_value_t = CleanupOnExit::Auto)]
+    cleanup_on_exit: CleanupOnExit,
     /// The installer's own log level: error, warn, info, debug, trace.
     #[arg(long, env = "TPROXY_CNI_LOG_LEVEL", default_value = "info", value_parser = parse_level)]
     log_level: log::LevelFilter,
@@ -145,6 +150,13 @@ pub enum ArgsError {
     ResyncTooShort,
     #[error("--startup-taint needs the pod's service account")]
     ServiceAccount(#[source] KubeconfigError),
+    #[error(
+        "--cleanup-on-exit=auto needs the pod's service account to tell an uninstall from a restart (or set \
+         --cleanup-on-exit to true or false)"
+    )]
+    DetectorServiceAccount(#[source] KubeconfigError),
+    #[error("--pod-namespace {namespace:?} / --pod-name {name:?} cannot be a Kubernetes pod's")]
+    PodName { namespace: String, name: String },
 }
 
 /// A flag value that is not a log level.
@@ -160,9 +172,10 @@ pub struct InvalidDuration(String);
 /// Runs the installer; the process exit code.
 pub fn main(args: InstallArgs) -> ExitCode {
     crate::log::init(args.log_level);
-    let result = settings(args).map_err(StartError::from).and_then(|s| {
+    let result = settings(args).map_err(StartError::from).and_then(|(s, pod)| {
         let client = node_client(&s)?;
-        Ok(install::run(s, client)?)
+        let detector = detector(&s, pod)?;
+        Ok(install::run(s, client, detector)?)
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -173,8 +186,9 @@ pub fn main(args: InstallArgs) -> ExitCode {
     }
 }
 
-/// Validates the arguments into settings; no host file is touched here.
-fn settings(a: InstallArgs) -> Result<Settings, ArgsError> {
+/// Validates the arguments into settings (and the pod's namespace and name, when both are known);
+/// no host file is touched here.
+fn settings(a: InstallArgs) -> Result<(Settings, Option<(String, String)>), ArgsError> {
     let api_server = match (a.api_server, a.kubernetes_service_host) {
         (Some(url), _) => url,
         (None, Some(host)) => crate::installer::kubeconfig::server_url(&host, a.kubernetes_service_port.unwrap_or(443)),
@@ -203,12 +217,17 @@ fn settings(a: InstallArgs) -> Result<Settings, ArgsError> {
     if a.resync_interval < Duration::from_millis(100) {
         return Err(ArgsError::ResyncTooShort);
     }
-    let pod = match (a.pod_namespace, a.pod_name) {
+    let (pod_namespace, pod_name) = (a.pod_namespace.filter(|s| !s.is_empty()), a.pod_name.filter(|s| !s.is_empty()));
+    let identity = match (pod_namespace.as_deref(), pod_name.as_deref()) {
+        (Some(ns), Some(name)) => Some((ns.to_owned(), name.to_owned())),
+        _ => None,
+    };
+    let pod = match (pod_namespace, pod_name) {
         (Some(ns), Some(name)) => format!("{ns}/{name}"),
         (None, Some(name)) => name,
         _ => String::new(),
     };
-    Ok(Settings {
+    let settings = Settings {
         cni_bin_dir: a.cni_bin_dir,
         cni_conf_dir: a.cni_conf_dir,
         state_dir: a.state_dir,
@@ -226,7 +245,8 @@ fn settings(a: InstallArgs) -> Result<Settings, ArgsError> {
         ready_file: a.ready_file,
         resync: a.resync_interval,
         cleanup_on_exit: a.cleanup_on_exit,
-    })
+    };
+    Ok((settings, identity))
 }
 
 /// The API client that removes the start-up taint, when one is configured: the installer pod's own
@@ -239,6 +259,19 @@ fn node_client(s: &Settings) -> Result<Option<Client>, ArgsError> {
         Kubeconfig::in_cluster("127.0.0.1", "443", &s.service_account_dir).map_err(ArgsError::ServiceAccount)?;
     config.server = s.api_server.clone();
     Ok(Some(Client::new(config, crate::kube::DEFAULT_TIMEOUT)))
+}
+
+/// The uninstall detector, for `--cleanup-on-exit=auto` in a pod: the installer pod's own service
+/// account, talking to the API server the plugin is given.
+fn detector(s: &Settings, pod: Option<(String, String)>) -> Result<Option<Detector>, ArgsError> {
+    let (CleanupOnExit::Auto, Some((namespace, name))) = (s.cleanup_on_exit, pod) else { return Ok(None) };
+    if !crate::kube::is_valid_name(&namespace) || !crate::kube::is_valid_name(&name) {
+        return Err(ArgsError::PodName { namespace, name });
+    }
+    let mut config = Kubeconfig::in_cluster("127.0.0.1", "443", &s.service_account_dir)
+        .map_err(ArgsError::DetectorServiceAccount)?;
+    config.server = s.api_server.clone();
+    Ok(Some(Detector::new(Client::new(config, crate::kube::DEFAULT_TIMEOUT), namespace, name)))
 }
 
 /// Reads the plugin settings: a JSON object (an empty file means none).

@@ -146,6 +146,7 @@ pub fn base64(data: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TestDir;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
@@ -166,9 +167,7 @@ mod tests {
     /// The plugin's own kubeconfig loader accepts what the installer writes, CA and token file included.
     #[test]
     fn the_plugin_loads_the_kubeconfig_we_write() {
-        let d = std::env::temp_dir().join(format!("tproxy-kc-load-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
+        let d = TestDir::new("kc-load");
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -181,7 +180,6 @@ mod tests {
         assert_eq!(k.server, "https://[fd00::1]:6443");
         assert!(matches!(&k.token, crate::kube::kubeconfig::TokenSource::File { path, .. } if *path == token));
         assert_eq!(k.token.current().unwrap().unwrap().expose(), "the-token");
-        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
@@ -192,8 +190,7 @@ mod tests {
 
     #[test]
     fn writes_0600_files_and_follows_the_token() {
-        let d = std::env::temp_dir().join(format!("tproxy-kc-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
+        let d = TestDir::new("kc");
         fs::create_dir_all(d.join("sa")).unwrap();
         fs::create_dir_all(d.join("net.d")).unwrap();
         fs::write(d.join("sa/token"), b"t1").unwrap();
@@ -229,6 +226,5 @@ mod tests {
         assert_eq!(fs::read(&c.token).unwrap(), b"t2");
         fs::write(d.join("sa/token"), b" \n").unwrap();
         assert!(matches!(c.sync(|_| Ok(())), Err(CredentialsError::EmptyToken(_))));
-        fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -3,11 +3,14 @@
 //! It puts the plugin binary in the host's CNI bin dir, writes the plugin's kubeconfig and token
 //! copy, chains our entry into the network configuration the runtime uses, and keeps all of it in
 //! place: a directory watch (with a periodic resync as a safety net) re-injects the entry when the
-//! primary CNI rewrites its file, and the token copy follows kubelet's token rotation. On SIGTERM or
-//! SIGINT it removes exactly what it installed, from its undo log — unless a newer installer on the
-//! same node has taken over (see [`owner`]). Readiness is served on `/readyz` and as a file.
+//! primary CNI rewrites its file, and the token copy follows kubelet's token rotation. Restarts,
+//! crashes and upgrades leave all of it in place, so pods that start meanwhile are still redirected
+//! (or fail); only an uninstall — the DaemonSet deleted, told apart by [`uninstall`] — makes it
+//! remove exactly what it installed, from its undo log, and only if no newer installer on the same
+//! node has taken over (see [`owner`]). Readiness is served on `/readyz` and as a file.
 //!
-//! Everything is synchronous: one thread waits on inotify and a signalfd, one serves probes.
+//! Everything is synchronous: one thread waits on inotify and a signalfd, one serves probes, and
+//! one keeps a watch on the installer's DaemonSet.
 
 pub mod atomic;
 pub mod binary;
@@ -18,6 +21,7 @@ pub mod owner;
 pub mod ready;
 pub mod taint;
 pub mod undo;
+pub mod uninstall;
 pub mod watch;
 
 use std::collections::VecDeque;
@@ -38,6 +42,7 @@ use self::owner::{Decision, Identity, InstallState, LifeLock, Marker, StateDir};
 use self::ready::{Heartbeat, NotReady, ReadyFile};
 use self::taint::NodeApi;
 use self::undo::{Record, UndoError, UndoErrors, UndoLog};
+use self::uninstall::{CleanupOnExit, Detector, Verdict};
 use self::watch::Watcher;
 use crate::plugin::config::POD_ANNOTATIONS_CAPABILITY;
 
@@ -92,8 +97,9 @@ pub struct Settings {
     pub ready_file: Option<PathBuf>,
     /// The periodic resync interval (the safety net under the directory watch).
     pub resync: Duration,
-    /// Remove the install on exit (when we still own it).
-    pub cleanup_on_exit: bool,
+    /// Whether to remove the install on exit (when we still own it): only on an uninstall, always,
+    /// or never.
+    pub cleanup_on_exit: CleanupOnExit,
 }
 
 /// Why the installer cannot install, or could not finish removing what it installed.
@@ -218,8 +224,12 @@ struct Installer<A> {
 }
 
 /// Runs the installer until SIGTERM or SIGINT. `node_api` removes the start-up taint when the settings
-/// name one.
-pub fn run<A: NodeApi>(settings: Settings, node_api: Option<A>) -> Result<(), InstallError> {
+/// name one; `detector` tells an uninstall from a restart when cleanup on exit is `auto`.
+pub fn run<A: NodeApi>(
+    settings: Settings,
+    node_api: Option<A>,
+    detector: Option<Detector>,
+) -> Result<(), InstallError> {
     // Everything that can be refused is checked before anything on the host changes.
     let layout = Layout {
         binary: settings.cni_bin_dir.join(conflist::PLUGIN_TYPE),
@@ -275,6 +285,21 @@ pub fn run<A: NodeApi>(settings: Settings, node_api: Option<A>) -> Result<(), In
         state.root().display(),
         binary::hex(&plugin.checksum)
     );
+
+    let detector = match (settings.cleanup_on_exit, detector) {
+        (CleanupOnExit::Auto, Some(d)) => {
+            d.spawn().map_err(|e| InstallError::Watch { path: layout.conf_dir.clone(), source: e })?;
+            Some(d)
+        }
+        (CleanupOnExit::Auto, None) => {
+            log::warn!(
+                "--cleanup-on-exit=auto without the pod's name and namespace (POD_NAME, POD_NAMESPACE) cannot tell an \
+                 uninstall from a restart: the install will be left in place on exit"
+            );
+            None
+        }
+        _ => None,
+    };
 
     let heartbeat = Arc::new(Heartbeat::default());
     heartbeat.beat();
@@ -352,7 +377,7 @@ pub fn run<A: NodeApi>(settings: Settings, node_api: Option<A>) -> Result<(), In
     };
     log::info!("signal {signal} received: shutting down");
     set_ready(&mut ready_file, false);
-    let result = inst.shutdown();
+    let result = inst.shutdown(detector.as_ref());
     life.release();
     result
 }
@@ -638,8 +663,22 @@ impl<A: NodeApi> Installer<A> {
         self.taint = taint::step(self.taint, Instant::now(), api, node, key);
     }
 
-    /// On exit: remove the install if we still own it and cleanup is on; otherwise leave it.
-    fn shutdown(&mut self) -> Result<(), InstallError> {
+    /// On exit: remove the install if we still own it and this is an uninstall (or cleanup is
+    /// forced); otherwise leave it in place, so that pods starting meanwhile are still redirected.
+    fn shutdown(&mut self, detector: Option<&Detector>) -> Result<(), InstallError> {
+        // Asked before taking the state lock: the API call may take seconds, and a newcomer's
+        // install must not wait for it.
+        let verdict = match self.settings.cleanup_on_exit {
+            CleanupOnExit::Always => Verdict::Uninstall("--cleanup-on-exit=true".into()),
+            CleanupOnExit::Never => Verdict::Keep("--cleanup-on-exit=false".into()),
+            CleanupOnExit::Auto if !self.owner => Verdict::Keep("this installer does not own the install".into()),
+            CleanupOnExit::Auto => match detector {
+                Some(d) => d.verdict(),
+                None => {
+                    Verdict::Keep("cannot tell an uninstall from a restart without the pod's name and namespace".into())
+                }
+            },
+        };
         let serr = |e| InstallError::State { path: self.settings.state_dir.clone(), source: e };
         let _lock = self.state.lock().map_err(serr)?;
         let marker = self.state.marker().map_err(serr)?;
@@ -655,9 +694,15 @@ impl<A: NodeApi> Installer<A> {
             }
             return Ok(());
         }
-        if !self.settings.cleanup_on_exit {
-            log::info!("cleanup on exit is off: leaving the install in place");
-            return Ok(());
+        match verdict {
+            Verdict::Keep(why) => {
+                log::info!(
+                    "leaving the install in place ({why}): pods that start before the next installer runs are still \
+                     redirected, or fail"
+                );
+                return Ok(());
+            }
+            Verdict::Uninstall(why) => log::info!("uninstalling: {why}"),
         }
         log::info!("removing the install");
         let result = undo::undo_all(&self.undo);

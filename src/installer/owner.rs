@@ -260,6 +260,7 @@ fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TestDir;
 
     fn me(generation: u64) -> Identity {
         Identity { instance: "me".into(), pod: "ns/me".into(), generation }
@@ -297,8 +298,8 @@ mod tests {
 
     #[test]
     fn life_locks_tell_live_processes_from_dead_ones() {
-        let d = std::env::temp_dir().join(format!("tproxy-owner-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
+        let t = TestDir::new("owner");
+        let d = t.join("state");
         let state = StateDir::open(&d).unwrap();
         let a = Identity { instance: "a-1".into(), pod: String::new(), generation: 0 };
         let lock = state.life_lock(&a).unwrap();
@@ -310,6 +311,5 @@ mod tests {
         assert!(!d.join("instances/a-1.lock").exists() && d.join("instances/b-2.lock").exists());
         assert!(!state.alive("a-1").unwrap());
         assert!(!state.alive("never-was").unwrap());
-        fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -260,12 +260,12 @@ mod tests {
 
     #[test]
     fn the_ready_file_tracks_the_state() {
-        let p = std::env::temp_dir().join(format!("tproxy-ready-{}/ready", std::process::id()));
+        let d = crate::test_dir::TestDir::new("ready");
+        let p = d.join("run/ready");
         let mut f = ReadyFile::new(Some(p.clone()));
         f.set(true).unwrap();
         assert!(p.exists());
         f.set(false).unwrap();
         assert!(!p.exists());
-        std::fs::remove_dir_all(p.parent().unwrap()).unwrap();
     }
 }

@@ -273,17 +273,11 @@ pub fn undo_all(log: &UndoLog) -> Result<(), UndoErrors> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tempdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("tproxy-undo-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
-        d
-    }
+    use crate::test_dir::TestDir;
 
     #[test]
     fn pending_keeps_the_last_record_per_path_in_undo_order() {
-        let d = tempdir("pending");
+        let d = TestDir::new("undo-pending");
         let log = UndoLog::new(d.join("undo.log"));
         let bin = Record::Binary { path: "/b/tproxy-cni".into(), saved: None };
         let kc = Record::File { path: "/c/kubeconfig".into() };
@@ -296,23 +290,21 @@ mod tests {
         assert_eq!(log.records().unwrap().len(), 4, "re-recording the change in force adds nothing");
         log.record(Record::Undone { path: "/c/a.conflist".into() }).unwrap();
         assert_eq!(log.pending().unwrap(), [b, kc, bin]);
-        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
     fn a_torn_last_line_is_ignored_but_corruption_elsewhere_is_an_error() {
-        let d = tempdir("torn");
+        let d = TestDir::new("undo-torn");
         let p = d.join("undo.log");
         fs::write(&p, "{\"op\":\"file\",\"path\":\"/k\"}\n{\"op\":\"fi").unwrap();
         assert_eq!(UndoLog::new(p.clone()).records().unwrap(), [Record::File { path: "/k".into() }]);
         fs::write(&p, "garbage\n{\"op\":\"file\",\"path\":\"/k\"}\n").unwrap();
         assert!(matches!(UndoLog::new(p).records(), Err(UndoError::Corrupt { line: 1, .. })));
-        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
     fn unchain_restores_pristine_bytes_or_strips_only_our_entry() {
-        let d = tempdir("unchain");
+        let d = TestDir::new("undo-unchain");
         let path = d.join("10-a.conflist");
         let pristine = d.join("pristine");
         let original = b"{ \"cniVersion\": \"1.0.0\", \"name\": \"n\",\n  \"plugins\": [ {\"type\": \"bridge\"} ] }\n";
@@ -336,12 +328,11 @@ mod tests {
             doc,
             serde_json::json!({"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"},{"type":"portmap"}]})
         );
-        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
     fn undo_all_reports_every_failure_and_keeps_them_pending() {
-        let d = tempdir("errors");
+        let d = TestDir::new("undo-errors");
         let log = UndoLog::new(d.join("undo.log"));
         // Two changes whose undo fails (a directory where a file was expected), one that works.
         fs::create_dir_all(d.join("dir1/x")).unwrap();
@@ -356,6 +347,5 @@ mod tests {
         assert!(!d.join("ok").exists());
         let left: Vec<_> = log.pending().unwrap().iter().map(|r| r.path().to_path_buf()).collect();
         assert_eq!(left, [d.join("dir1"), d.join("dir2")]);
-        fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -178,13 +178,13 @@ fn dir_mask() -> WatchMask {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TestDir;
     use std::fs;
     use std::time::Instant;
 
     #[test]
     fn reports_renames_into_the_watched_dir_and_ignores_our_temporaries() {
-        let d = std::env::temp_dir().join(format!("tproxy-watch-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
+        let d = TestDir::new("watch");
         fs::create_dir_all(d.join("conf")).unwrap();
         fs::create_dir_all(d.join("sa")).unwrap();
         let mut w = Watcher::new(&d.join("conf"), &[&d.join("sa")]).unwrap();
@@ -203,6 +203,5 @@ mod tests {
         std::os::unix::fs::symlink("x", d.join("sa/..data_tmp")).unwrap();
         fs::rename(d.join("sa/..data_tmp"), d.join("sa/..data")).unwrap();
         assert!(w.wait(Duration::from_secs(5)).unwrap().other_dir);
-        fs::remove_dir_all(&d).unwrap();
     }
 }

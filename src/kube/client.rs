@@ -11,6 +11,8 @@
 //! ignored (the plugin's environment is the container runtime's, whose proxy is meant for image
 //! pulls), and redirects are not followed.
 
+use std::io::{BufRead, BufReader, Read};
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,7 +22,9 @@ use ureq::tls::{Certificate, ClientCert as UreqClientCert, RootCerts, TlsConfig,
 
 use super::error::{Cause, Error, KubeconfigError};
 use super::kubeconfig::{Kubeconfig, Secret, TokenSource, Trust, resolve_path};
-use super::objects::{JsonPatchOp, Node, Patch, Pod, Status};
+use super::objects::{
+    JsonPatchOp, Node, PartialObjectMetadata, PartialObjectMetadataList, Patch, Pod, Status, WatchEvent,
+};
 
 /// The deadline of one lookup when the configuration does not say otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,6 +38,8 @@ const MAX_BODY: u64 = 8 << 20;
 const MAX_MESSAGE: usize = 300;
 /// Rounds of read-patch when a concurrent change defeats a guarded node patch.
 const PATCH_ROUNDS: u32 = 5;
+/// How long after a watch's `timeoutSeconds` the client stops waiting for the server to end it.
+pub const WATCH_SLACK: Duration = Duration::from_secs(30);
 
 /// A client of one API server, as one kubeconfig describes it.
 pub struct Client {
@@ -55,9 +61,17 @@ impl std::fmt::Debug for Client {
 }
 
 enum Method {
-    Get,
+    /// A GET accepting this media type.
+    Get(&'static str),
     Patch(Patch),
 }
+
+/// The media type of a whole object.
+const JSON: &str = "application/json";
+/// An object's metadata only (as metadata informers ask): no spec, no status.
+const METADATA: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
+/// A list's items, metadata only.
+const METADATA_LIST: &str = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1";
 
 /// One request, and how to name it in messages.
 struct Request {
@@ -131,7 +145,7 @@ impl Client {
         check_name("namespace", namespace)?;
         check_name("pod name", name)?;
         let req = Request {
-            method: Method::Get,
+            method: Method::Get(JSON),
             path: format!("/api/v1/namespaces/{namespace}/pods/{name}"),
             what: format!("GET pod {namespace}/{name}"),
             object: ("pods", name.to_owned()),
@@ -158,7 +172,7 @@ impl Client {
     pub fn get_node(&self, name: &str) -> Result<Node, Error> {
         check_name("node name", name)?;
         let req = Request {
-            method: Method::Get,
+            method: Method::Get(JSON),
             path: format!("/api/v1/nodes/{name}"),
             what: format!("GET node {name}"),
             object: ("nodes", name.to_owned()),
@@ -220,6 +234,96 @@ impl Client {
         }
     }
 
+    /// Reads a DaemonSet's metadata (its spec and status are not sent: they are large and change
+    /// with every rollout step).
+    pub fn get_daemonset(&self, namespace: &str, name: &str) -> Result<PartialObjectMetadata, Error> {
+        check_name("namespace", namespace)?;
+        check_name("DaemonSet name", name)?;
+        let req = Request {
+            method: Method::Get(METADATA),
+            path: format!("/apis/apps/v1/namespaces/{namespace}/daemonsets/{name}"),
+            what: format!("GET daemonset {namespace}/{name}"),
+            object: ("daemonsets", name.to_owned()),
+        };
+        self.decode(&req, self.send(&req)?, "PartialObjectMetadata")
+    }
+
+    /// Lists the DaemonSet named `name` (a list selected by `metadata.name`, which RBAC authorises
+    /// with `resourceNames`), metadata only: the object if it exists, and the list's resource
+    /// version, from which [`Client::watch_daemonset`] sees every later change.
+    pub fn list_daemonset(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(Option<PartialObjectMetadata>, String), Error> {
+        check_name("namespace", namespace)?;
+        check_name("DaemonSet name", name)?;
+        let req = Request {
+            method: Method::Get(METADATA_LIST),
+            path: format!("/apis/apps/v1/namespaces/{namespace}/daemonsets?fieldSelector=metadata.name%3D{name}"),
+            what: format!("LIST daemonset {namespace}/{name}"),
+            object: ("daemonsets", name.to_owned()),
+        };
+        let list: PartialObjectMetadataList = self.decode(&req, self.send(&req)?, "PartialObjectMetadataList")?;
+        let version = list.metadata.resource_version.unwrap_or_default();
+        Ok((list.items.into_iter().find(|d| d.metadata.name == name), version))
+    }
+
+    /// Watches the DaemonSet named `name` from `resource_version` on, metadata only (a status
+    /// change still sends an event, of about a kilobyte). The server ends the watch after about
+    /// `duration`; the client gives up [`WATCH_SLACK`] later if it has not. One attempt: the caller
+    /// decides when to try again.
+    pub fn watch_daemonset(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: &str,
+        duration: Duration,
+    ) -> Result<Watch<PartialObjectMetadata>, Error> {
+        check_name("namespace", namespace)?;
+        check_name("DaemonSet name", name)?;
+        let req = Request {
+            method: Method::Get(METADATA),
+            path: format!(
+                "/apis/apps/v1/namespaces/{namespace}/daemonsets?fieldSelector=metadata.name%3D{name}&watch=true\
+                 &allowWatchBookmarks=true&resourceVersion={}&timeoutSeconds={}",
+                query_escape(resource_version),
+                duration.as_secs().max(1)
+            ),
+            what: format!("WATCH daemonset {namespace}/{name}"),
+            object: ("daemonsets", name.to_owned()),
+        };
+        let limit = duration + WATCH_SLACK;
+        let (token, mut response) = self.open(&req, limit).map_err(|f| self.give_up(&req, f, limit))?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let body = response.body_mut().with_config().limit(MAX_BODY).read_to_vec().unwrap_or_default();
+            return Err(self.give_up(&req, self.refusal(&req, status, None, &body, token.as_ref()), limit));
+        }
+        Ok(Watch {
+            lines: BufReader::new(response.into_body().into_reader()),
+            server: self.server.clone(),
+            what: req.what,
+            limit,
+            kind: "PartialObjectMetadata",
+            _object: PhantomData,
+        })
+    }
+
+    /// The error of a one-attempt call.
+    fn give_up(&self, req: &Request, failure: Failure, limit: Duration) -> Error {
+        match failure {
+            Failure::Final(e) => e,
+            Failure::Retry { cause, .. } => Error::Unavailable {
+                server: self.server.clone(),
+                request: req.what.clone(),
+                deadline: limit,
+                attempts: 1,
+                last: cause,
+            },
+        }
+    }
+
     /// Sends a request, retrying what time can cure, within the deadline.
     fn send(&self, req: &Request) -> Result<Vec<u8>, Error> {
         let deadline = Instant::now() + self.timeout;
@@ -256,15 +360,41 @@ impl Client {
     }
 
     fn attempt(&self, req: &Request, remaining: Duration) -> Result<Vec<u8>, Failure> {
+        let (token, mut response) = self.open(req, remaining)?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = match response.body_mut().with_config().limit(MAX_BODY).read_to_vec() {
+            Ok(body) => body,
+            // A body cut short is a transport failure; for an error status the status says enough.
+            Err(e) if (200..300).contains(&status) => return Err(self.transport_failure(req, e)),
+            Err(_) => Vec::new(),
+        };
+        match status {
+            200..=299 => Ok(body),
+            _ => Err(self.refusal(req, status, retry_after, &body, token.as_ref())),
+        }
+    }
+
+    /// Sends the request and returns the response with its body unread (and the token it carried).
+    fn open(
+        &self,
+        req: &Request,
+        remaining: Duration,
+    ) -> Result<(Option<Secret>, ureq::http::Response<ureq::Body>), Failure> {
         let token = self.token.current().map_err(|problem| {
             Failure::Final(Error::Kubeconfig(KubeconfigError { path: self.kubeconfig.clone(), problem }))
         })?;
         let url = format!("{}{}", self.server, req.path);
         let bearer = token.as_ref().map(|t| format!("Bearer {}", t.expose()));
         let sent = match &req.method {
-            Method::Get => {
+            Method::Get(accept) => {
                 let mut r = self.agent.get(&url).config().timeout_global(Some(remaining)).build();
-                r = r.header("Accept", "application/json");
+                r = r.header("Accept", *accept);
                 if let Some(b) = &bearer {
                     r = r.header("Authorization", b);
                 }
@@ -279,48 +409,43 @@ impl Client {
                 r.content_type(patch.content_type()).send(patch.body())
             }
         };
-        let mut response = sent.map_err(|e| self.transport_failure(req, e))?;
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body = match response.body_mut().with_config().limit(MAX_BODY).read_to_vec() {
-            Ok(body) => body,
-            // A body cut short is a transport failure; for an error status the status says enough.
-            Err(e) if (200..300).contains(&status) => return Err(self.transport_failure(req, e)),
-            Err(_) => Vec::new(),
-        };
+        let response = sent.map_err(|e| self.transport_failure(req, e))?;
+        Ok((token, response))
+    }
+
+    /// What a non-2xx answer means: worth another try (429, 5xx) or final.
+    fn refusal(
+        &self,
+        req: &Request,
+        status: u16,
+        retry_after: Option<Duration>,
+        body: &[u8],
+        token: Option<&Secret>,
+    ) -> Failure {
         let server = || self.server.clone();
         let request = || req.what.clone();
         match status {
-            200..=299 => Ok(body),
-            401 => Err(Failure::Final(Error::Unauthorized { server: server(), request: request() })),
-            403 => Err(Failure::Final(Error::Forbidden {
-                server: server(),
-                request: request(),
-                message: message(&body, token.as_ref()),
-            })),
-            404 if names_missing_object(&body, &req.object) => {
-                Err(Failure::Final(Error::NotFound { server: server(), request: request() }))
+            401 => Failure::Final(Error::Unauthorized { server: server(), request: request() }),
+            403 => {
+                Failure::Final(Error::Forbidden { server: server(), request: request(), message: message(body, token) })
             }
-            404 => Err(Failure::Final(Error::NotFoundElsewhere {
+            404 if names_missing_object(body, &req.object) => {
+                Failure::Final(Error::NotFound { server: server(), request: request() })
+            }
+            404 => Failure::Final(Error::NotFoundElsewhere {
                 server: server(),
                 request: request(),
-                answer: message(&body, token.as_ref()),
-            })),
-            429 | 500..=599 => Err(Failure::Retry {
-                cause: Cause::Status { status, message: message(&body, token.as_ref()) },
-                retry_after,
+                answer: message(body, token),
             }),
-            _ => Err(Failure::Final(Error::Rejected {
+            429 | 500..=599 => {
+                Failure::Retry { cause: Cause::Status { status, message: message(body, token) }, retry_after }
+            }
+            _ => Failure::Final(Error::Rejected {
                 server: server(),
                 request: request(),
                 status,
-                message: message(&body, token.as_ref()),
-            })),
+                message: message(body, token),
+            }),
         }
     }
 
@@ -368,6 +493,115 @@ impl HasKind for Node {
     fn kind(&self) -> Option<&str> {
         self.kind.as_deref()
     }
+}
+
+impl HasKind for PartialObjectMetadata {
+    fn kind(&self) -> Option<&str> {
+        self.kind.as_deref()
+    }
+}
+
+impl HasKind for PartialObjectMetadataList {
+    fn kind(&self) -> Option<&str> {
+        self.kind.as_deref()
+    }
+}
+
+/// A watch in progress: an iterator over its events, ending when the server ends the watch or the
+/// connection drops (an error item, then the end).
+pub struct Watch<T> {
+    lines: BufReader<ureq::BodyReader<'static>>,
+    server: String,
+    what: String,
+    limit: Duration,
+    kind: &'static str,
+    _object: PhantomData<T>,
+}
+
+impl<T> std::fmt::Debug for Watch<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch").field("server", &self.server).field("what", &self.what).finish_non_exhaustive()
+    }
+}
+
+/// One line of a watch stream.
+#[derive(serde::Deserialize)]
+struct RawEvent {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    object: serde_json::Value,
+}
+
+impl<T: DeserializeOwned> Iterator for Watch<T> {
+    type Item = Result<WatchEvent<T>, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match (&mut self.lines).take(MAX_BODY).read_until(b'\n', &mut line) {
+                Ok(0) => return None,
+                Ok(_) if line.trim_ascii().is_empty() => continue,
+                Ok(_) => return Some(self.event(&line)),
+                Err(e) => {
+                    return Some(Err(Error::Unavailable {
+                        server: self.server.clone(),
+                        request: self.what.clone(),
+                        deadline: self.limit,
+                        attempts: 1,
+                        last: Cause::Transport(Box::new(ureq::Error::Io(e))),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+impl<T: DeserializeOwned> Watch<T> {
+    fn event(&self, line: &[u8]) -> Result<WatchEvent<T>, Error> {
+        let fail = |source| Error::Decode {
+            server: self.server.clone(),
+            request: self.what.clone(),
+            kind: "watch event",
+            source,
+        };
+        let raw: RawEvent = serde_json::from_slice(line).map_err(fail)?;
+        let object = |v: serde_json::Value| -> Result<T, Error> {
+            let kind = v.get("kind").and_then(|k| k.as_str()).map(str::to_owned);
+            match kind {
+                Some(k) if k != self.kind => Err(fail(serde::de::Error::custom(format!("its object's kind is {k:?}")))),
+                _ => serde_json::from_value(v).map_err(fail),
+            }
+        };
+        match raw.kind.as_str() {
+            "ADDED" => object(raw.object).map(WatchEvent::Added),
+            "MODIFIED" => object(raw.object).map(WatchEvent::Modified),
+            "DELETED" => object(raw.object).map(WatchEvent::Deleted),
+            "BOOKMARK" => {
+                let rv = raw.object.pointer("/metadata/resourceVersion").and_then(|v| v.as_str()).unwrap_or_default();
+                Ok(WatchEvent::Bookmark { resource_version: rv.to_owned() })
+            }
+            "ERROR" => {
+                let status: Status = serde_json::from_value(raw.object).unwrap_or_default();
+                Ok(WatchEvent::Error { code: status.code, reason: status.reason, message: status.message })
+            }
+            other => Err(fail(serde::de::Error::custom(format!("unknown event type {other:?}")))),
+        }
+    }
+}
+
+/// Percent-encodes a query value (resource versions are opaque strings from the server).
+fn query_escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 enum Transport {
@@ -500,6 +734,18 @@ mod tests {
     }
 
     #[test]
+    fn server_messages_are_one_short_line_without_the_token() {
+        let t = Secret::new("tok-123").unwrap();
+        let body = br#"{"kind":"Status","message":"bad\ntoken tok-123 here","reason":"Unauthorized"}"#;
+        assert_eq!(message(body, Some(&t)), "bad token <redacted> here");
+        assert_eq!(message(br#"{"kind":"Status","reason":"NotFound"}"#, None), "NotFound");
+        let long = "é".repeat(400);
+        let m = message(long.as_bytes(), None);
+        assert!(m.len() <= MAX_MESSAGE + '…'.len_utf8() && m.ends_with('…'));
+        assert_eq!(message(b"<html>\n oops </html>", None), "<html> oops </html>");
+    }
+
+    #[test]
     fn only_a_status_naming_the_object_means_it_does_not_exist() {
         let pod = ("pods", "web-0".to_owned());
         let missing = br#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"pods \"web-0\" not found","reason":"NotFound","details":{"name":"web-0","kind":"pods"},"code":404}"#;
@@ -515,17 +761,5 @@ mod tests {
         assert!(!names_missing_object(other_kind, &pod));
         let not_status = br#"{"kind":"Pod","reason":"NotFound","details":{"name":"web-0","kind":"pods"}}"#;
         assert!(!names_missing_object(not_status, &pod));
-    }
-
-    #[test]
-    fn server_messages_are_one_short_line_without_the_token() {
-        let t = Secret::new("tok-123").unwrap();
-        let body = br#"{"kind":"Status","message":"bad\ntoken tok-123 here","reason":"Unauthorized"}"#;
-        assert_eq!(message(body, Some(&t)), "bad token <redacted> here");
-        assert_eq!(message(br#"{"kind":"Status","reason":"NotFound"}"#, None), "NotFound");
-        let long = "é".repeat(400);
-        let m = message(long.as_bytes(), None);
-        assert!(m.len() <= MAX_MESSAGE + '…'.len_utf8() && m.ends_with('…'));
-        assert_eq!(message(b"<html>\n oops </html>", None), "<html> oops </html>");
     }
 }

@@ -191,6 +191,11 @@ impl Error {
         }
     }
 
+    /// 410 Gone: a watch's resource version is too old (compacted away); list again.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, Error::Rejected { status: 410, .. })
+    }
+
     /// Did the server refuse a write because the object changed underneath it (409, or 422 from a
     /// failed JSON-patch `test`)? Re-read and try again.
     pub fn is_conflict(&self) -> bool {

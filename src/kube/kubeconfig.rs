@@ -550,6 +550,7 @@ fn certificates(pem: &[u8], what: &'static str) -> Result<Vec<CertificateDer<'st
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TestDir;
 
     fn parse(yaml: &str) -> Result<Kubeconfig, Problem> {
         Kubeconfig::parse(Path::new("/etc/cni/net.d/kubeconfig"), yaml.as_bytes())
@@ -671,9 +672,7 @@ mod tests {
 
     #[test]
     fn in_cluster_configuration_comes_from_the_service_account() {
-        let dir = std::env::temp_dir().join(format!("tproxy-cni-sa-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let dir = TestDir::new("sa");
         let e = Kubeconfig::in_cluster("10.96.0.1", "443", &dir).unwrap_err().to_string();
         assert!(e.contains("ca.crt"), "{e}");
         // A certificate is a certificate: any will do for the loader (rcgen is a dev-dependency).
@@ -687,14 +686,11 @@ mod tests {
         assert!(matches!(k.trust, Trust::Authorities(ref c) if c.len() == 1));
         assert_eq!(k.token.current().unwrap().unwrap().expose(), "sa-token");
         assert_eq!(Kubeconfig::in_cluster("fd00::1", "6443", &dir).unwrap().server, "https://[fd00::1]:6443");
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn falls_back_to_the_newest_versioned_kubeconfig() {
-        let dir = std::env::temp_dir().join(format!("tproxy-cni-kc-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let dir = TestDir::new("kc");
         let wanted = dir.join("ZZZ-consul-cni-kubeconfig");
         assert!(matches!(resolve_path(&wanted).unwrap_err().problem, Problem::Missing));
         let old = dir.join("ZZZ-consul-cni-kubeconfig-1");
@@ -711,6 +707,5 @@ mod tests {
         fs::remove_dir(&wanted).unwrap();
         fs::write(&wanted, "stable").unwrap();
         assert_eq!(resolve_path(&wanted).unwrap(), wanted);
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

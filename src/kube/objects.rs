@@ -31,6 +31,36 @@ pub struct ObjectMeta {
     pub annotations: BTreeMap<String, String>,
     #[serde(default, deserialize_with = "null_default")]
     pub labels: BTreeMap<String, String>,
+    /// Set when the object is being deleted (graceful or foreground deletion); it still exists.
+    #[serde(default)]
+    pub deletion_timestamp: Option<String>,
+    /// The objects this one belongs to; a pod's controller is the DaemonSet (or other workload)
+    /// that made it.
+    #[serde(default, deserialize_with = "null_default")]
+    pub owner_references: Vec<OwnerReference>,
+}
+
+impl ObjectMeta {
+    /// The owner that manages this object (`controller: true`), if any.
+    pub fn controller(&self) -> Option<&OwnerReference> {
+        self.owner_references.iter().find(|o| o.controller == Some(true))
+    }
+}
+
+/// One entry of `metadata.ownerReferences`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnerReference {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub uid: String,
+    #[serde(default)]
+    pub controller: Option<bool>,
 }
 
 /// A container of a pod spec; only its name matters to us (meshes recognise their sidecars by it).
@@ -107,6 +137,55 @@ pub struct Node {
     pub spec: NodeSpec,
 }
 
+/// An object's metadata without its spec or status, as the API server sends it when asked for
+/// `as=PartialObjectMetadata`: which object it is (its UID), whether it is being deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PartialObjectMetadata {
+    /// `"PartialObjectMetadata"` when the server says (checked on decoding).
+    #[serde(default)]
+    pub kind: Option<String>,
+    pub metadata: ObjectMeta,
+}
+
+/// `metadata` of a list: the collection's resource version, where a watch starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListMeta {
+    #[serde(default)]
+    pub resource_version: Option<String>,
+}
+
+/// A list of objects' metadata (`as=PartialObjectMetadataList`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PartialObjectMetadataList {
+    /// `"PartialObjectMetadataList"` when the server says (checked on decoding).
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub metadata: ListMeta,
+    #[serde(default, deserialize_with = "null_default")]
+    pub items: Vec<PartialObjectMetadata>,
+}
+
+/// One event of a watch, as the API server streams it (one JSON object per line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent<T> {
+    Added(T),
+    Modified(T),
+    Deleted(T),
+    /// Nothing changed, but the watch has seen everything up to this resource version.
+    Bookmark {
+        resource_version: String,
+    },
+    /// The server ends the watch with a `Status`: 410 (Gone / Expired) means the resource version
+    /// is too old, and the client must list again.
+    Error {
+        code: Option<u16>,
+        reason: Option<String>,
+        message: Option<String>,
+    },
+}
+
 /// One operation of a JSON patch (RFC 6902).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -166,6 +245,9 @@ pub(crate) struct Status {
     pub message: Option<String>,
     #[serde(default)]
     pub reason: Option<String>,
+    /// The HTTP status, in a watch's `ERROR` event (410 when its resource version is too old).
+    #[serde(default)]
+    pub code: Option<u16>,
     /// What the status is about: for `NotFound`, the resource (`pods`) and the object's name.
     #[serde(default)]
     pub details: Option<StatusDetails>,

@@ -76,6 +76,7 @@ fn sixty_four_pods_at_once_each_get_exactly_their_own_rules() {
     if !privileged() {
         return;
     }
+    let _load = busy();
     let mut canary = canary_rules();
     canary.sort();
     for backend in BACKENDS {
@@ -91,7 +92,7 @@ fn sixty_four_pods_at_once_each_get_exactly_their_own_rules() {
                 let (ours, foreign) = state(ns, backend);
                 assert_eq!(ours, expected(&annotations, v6), "{backend} pod {i}: not its own rules");
                 let kuma_v6 = i % 2 == 1 && v6;
-                assert_eq!(passthrough_v6(ns), usize::from(kuma_v6), "{backend} pod {i}: ::6");
+                assert_eq!(ns.passthrough_v6(), usize::from(kuma_v6), "{backend} pod {i}: ::6");
                 assert!(foreign.values().all(|f| *f == canary), "{backend} pod {i}: canary");
             }
         }
@@ -100,7 +101,7 @@ fn sixty_four_pods_at_once_each_get_exactly_their_own_rules() {
         for (i, ns) in namespaces.iter().enumerate() {
             let (ours, foreign) = state(ns, backend);
             assert!(ours.values().all(Ours::is_empty), "{backend} pod {i}: DEL left rules");
-            assert_eq!(passthrough_v6(ns), 0, "{backend} pod {i}: DEL left ::6");
+            assert_eq!(ns.passthrough_v6(), 0, "{backend} pod {i}: DEL left ::6");
             assert!(foreign.values().all(|f| *f == canary), "{backend} pod {i}: canary");
         }
     }

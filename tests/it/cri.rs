@@ -97,6 +97,7 @@ fn sandboxes_through_the_cri(engine: Engine) {
     if !privileged_with(TOOLS) {
         return;
     }
+    let _load = busy();
     let ctd = Containerd::start(engine, json!({}));
 
     // A pod with no annotations at all (containerd passes `null`), which plays the remote server;
@@ -218,6 +219,7 @@ fn with_an_api_server(engine: Engine) {
     if !privileged_with(TOOLS) {
         return;
     }
+    let _load = busy();
     let api = ApiServer::start();
     api.add_pod(PodFixture::consul(NAMESPACE, "web"));
     let ctd = Containerd::start(engine, json!({"kubeconfig": api.default_kubeconfig(), "api_timeout": "2s"}));
@@ -225,20 +227,7 @@ fn with_an_api_server(engine: Engine) {
         let path = format!("/api/v1/namespaces/{NAMESPACE}/pods/{name}");
         api.requests().iter().filter(|r| r.method == "GET" && r.path == path).count()
     };
-    let reports = |name: &str| -> Vec<String> {
-        let path = format!("/api/v1/namespaces/{NAMESPACE}/pods/{name}");
-        api.patches()
-            .iter()
-            .filter(|r| r.path == path && r.status == 200)
-            .map(|r| {
-                let body: Value = serde_json::from_str(&r.body).unwrap();
-                body["metadata"]["annotations"]["consul.hashicorp.com/transparent-proxy-status"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned()
-            })
-            .collect()
-    };
+    let reports = |name: &str| api.status_reports(NAMESPACE, name);
 
     let annotations = consul_annotations(20000);
     let web = ctd.run("web", Some(&annotations));

@@ -479,7 +479,7 @@ fn del_with_netlink_refused_removes_the_rules_and_succeeds() {
     ns.exec(&["ip", "-6", "addr", "add", "fd18::9/128", "dev", "lo", "nodad"]);
     let c = call("ADD", &ns, &conf(Some(&kuma(NAT_A)), json!({})));
     assert_eq!(c.code(), 0, "{}", c.msg());
-    assert_eq!(harden::passthrough_v6(&ns), 1);
+    assert_eq!(ns.passthrough_v6(), 1);
     assert!(!ours(&ns)[&Fam::V6].is_empty());
 
     // The plugin may not open a NETLINK_ROUTE socket (seccomp); the iptables tools use
@@ -492,7 +492,7 @@ fn del_with_netlink_refused_removes_the_rules_and_succeeds() {
     assert_eq!(c.code(), 0, "{}", c.msg());
     assert!(c.stderr().contains("cannot open a netlink socket"), "{}", c.stderr());
     assert_eq!(ours(&ns), nothing(), "the rules are removed all the same");
-    assert_eq!(harden::passthrough_v6(&ns), 1, "only the address was left behind");
+    assert_eq!(ns.passthrough_v6(), 1, "only the address was left behind");
     ns.canary_intact("after DEL");
 }
 

@@ -15,7 +15,6 @@ use crate::both_engines;
 use crate::support::*;
 use serde_json::{Value, json};
 
-const BACKENDS: [&str; 2] = ["nft", "legacy"];
 const PROXY_UID: u32 = 5995;
 const CONNECT_INIT_UID: u32 = 5996;
 const APP_UID: u32 = 4242;
@@ -112,21 +111,10 @@ const CONSUL_FLAGS: &[&str] = &[
     "8600",
 ];
 
-const CANARY: &str =
-    "*nat\n:CANARY - [0:0]\n-A OUTPUT -p tcp -m tcp --dport 9999 -j RETURN\n-A CANARY -j RETURN\nCOMMIT\n";
-
-fn plant_canary(ns: &Netns, backend: &str) {
-    ns.restore(Fam::V4, backend, CANARY);
-    ns.restore(Fam::V6, backend, CANARY);
-}
-
 #[test]
 fn redirect_with_consul_flags_installs_what_a_consul_pod_gets() {
-    if !privileged() {
-        return;
-    }
-    for backend in BACKENDS {
-        let net = Network::new(json!({"iptables_mode": backend}));
+    for net in Fixture::backends(json!({})) {
+        let backend = net.backend;
         let pod = net.pod("web", Some(&consul_pod(consul_json(), &[])));
         let from_cni = pod.ns.snapshot();
         assert!(from_cni.contains("CONSUL_PROXY_OUTPUT"), "{backend}: the pod got its rules");
@@ -154,7 +142,7 @@ fn redirect_with_consul_flags_installs_what_a_consul_pod_gets() {
     }
 
     // Consul's dual-stack mode: DNS on ::1, no DNS rules in the IPv4 pass.
-    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let Some(net) = Fixture::new("nft", json!({})) else { return };
     let mut config = consul_json();
     config["ConsulDNSIP"] = json!("::1");
     let pod = net.pod("web", Some(&consul_pod(config, &[("consul.hashicorp.com/dual-stack", "true")])));
@@ -208,9 +196,7 @@ fn uninstall_restores_the_namespace_exactly_and_dry_runs_change_nothing() {
         return;
     }
     for backend in BACKENDS {
-        let ns = Netns::new("tpu");
-        plant_canary(&ns, backend);
-        let before = ns.snapshot();
+        let (ns, before) = Netns::with_canary("tpu", backend);
 
         let dry = ok(&redirect(&ns, backend, &["--proxy-uid", "5995", "--dry-run"], &[]));
         assert!(
@@ -279,8 +265,7 @@ fn rules_under_our_names_that_we_did_not_install_are_refused() {
     ];
     for (who, rules) in foreign {
         for backend in BACKENDS {
-            let ns = Netns::new("tpx");
-            plant_canary(&ns, backend);
+            let (ns, _) = Netns::with_canary("tpx", backend);
             ns.restore(Fam::V4, backend, rules);
             let before = ns.snapshot();
             for out in [uninstall(&ns, backend, &[]), uninstall(&ns, backend, &["--dry-run"])] {
@@ -314,16 +299,13 @@ fn ssh_session(server: &Netns, server_ip: IpAddr, port: u16, client: &Netns) -> 
 
 #[test]
 fn the_ssh_guard_refuses_to_cut_a_session_unless_excluded_or_forced() {
-    if !privileged() {
-        return;
-    }
-    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let Some(net) = Fixture::new("nft", json!({})) else { return };
     let vm = net.pod("vm", None);
     let laptop = net.pod("laptop", None);
     let vm4 = vm.addr(Fam::V4);
     let session = ssh_session(&vm.ns, vm4, 22, &laptop.ns);
     let client = session.client_side.local_addr().unwrap();
-    plant_canary(&vm.ns, "nft");
+    vm.ns.plant_canary("nft");
     let before = vm.ns.snapshot();
 
     for dry in [false, true] {
@@ -385,9 +367,7 @@ fn user_names_resolve_and_bad_input_is_refused_with_nothing_changed() {
     if !privileged() {
         return;
     }
-    let ns = Netns::new("tpn");
-    plant_canary(&ns, "nft");
-    let before = ns.snapshot();
+    let (ns, before) = Netns::with_canary("tpn", "nft");
     let nobody = sh(Command::new("id").args(["-u", "nobody"])).trim().to_owned();
     let dry = ok(&redirect(&ns, "nft", &["--proxy-uid", "nobody", "--exclude-uid", "root", "--dry-run"], &[]));
     assert!(dry.contains(&format!("-m owner --uid-owner {nobody} -m comment")), "{dry}");
@@ -522,9 +502,7 @@ fn the_systemd_units_verify_and_bracket_the_proxy_with_redirect_and_uninstall() 
             .unwrap();
         assert!(out.status.success(), "{line} {words:?}: {}", text(&out.stderr));
     };
-    let ns = Netns::new("tps");
-    plant_canary(&ns, "nft");
-    let before = ns.snapshot();
+    let (ns, before) = Netns::with_canary("tps", "nft");
     run("ExecStart", &ns);
     let v4 = ns.save(Fam::V4, "nft");
     assert!(
@@ -569,26 +547,19 @@ const KUMA_FLAGS: &[&str] = &[
 ];
 const KUMA_PROXY_UID: u32 = 5678;
 
-fn has_passthrough_address(ns: &Netns) -> bool {
-    ns.exec(&["ip", "-6", "addr", "show", "dev", "lo"]).contains("inet6 ::6/128")
-}
-
 #[test]
 fn redirect_with_kuma_flags_installs_what_a_kuma_pod_gets() {
-    if !privileged() {
-        return;
-    }
-    for backend in BACKENDS {
-        let net = Network::new(json!({"iptables_mode": backend}));
+    for net in Fixture::backends(json!({})) {
+        let backend = net.backend;
         let pod = net.pod("web", Some(&kuma_pod(Some(&format!("cniMode: true\n{KUMA_YAML}")), &[])));
         let from_cni = pod.ns.snapshot();
-        assert!(from_cni.contains("KUMA_MESH_OUTBOUND") && has_passthrough_address(&pod.ns), "{backend}: {from_cni}");
+        assert!(from_cni.contains("KUMA_MESH_OUTBOUND") && pod.ns.passthrough_v6() > 0, "{backend}: {from_cni}");
 
         let host = net.pod("vm", None);
         let out = ok(&redirect(&host.ns, backend, KUMA_FLAGS, &[]));
         assert!(out.starts_with("tproxy-cni: kuma redirect installed in network namespace"), "{out}");
         assert_eq!(host.ns.snapshot(), from_cni, "{backend}: kumactl's flags must give exactly the pod's rules");
-        assert!(has_passthrough_address(&host.ns), "{backend}: ::6 on lo, as for the pod");
+        assert!(host.ns.passthrough_v6() > 0, "{backend}: ::6 on lo, as for the pod");
 
         // Kuma's YAML from a file; flags given override it, as kumactl's do.
         let file = TempDir::new("cfg");
@@ -622,9 +593,8 @@ fn kuma_traffic_follows_the_redirect_and_uninstall_restores_everything(engine: E
     let vm4 = vm.addr(Fam::V4);
     // Foreign rules in every table Kuma's layout uses, in both families.
     let canary_raw = "*raw\n:CANARY_RAW - [0:0]\n-A OUTPUT -p udp -m udp --dport 9999 -j CANARY_RAW\nCOMMIT\n";
-    plant_canary(&vm.ns, "nft");
-    vm.ns.restore(Fam::V4, "nft", canary_raw);
-    vm.ns.restore(Fam::V6, "nft", canary_raw);
+    vm.ns.plant_canary("nft");
+    vm.ns.plant("nft", canary_raw);
     let before = engine.snapshot(&vm.ns);
     let lo_before = vm.ns.exec(&["ip", "-6", "addr", "show", "dev", "lo"]);
 
@@ -653,7 +623,7 @@ fn kuma_traffic_follows_the_redirect_and_uninstall_restores_everything(engine: E
     assert_eq!(udp_ask(&vm.ns, None, sa(s4, 53)).as_deref(), Ok("kuma-dns"));
     assert_eq!(udp_ask(&vm.ns, Some(KUMA_PROXY_UID), sa(s4, 53)).as_deref(), Ok("server-dns"));
     assert_eq!(dial(&vm.ns, None, sa(s6, 8080)), Ok(format!("outbound6 [{s6}]:8080")));
-    assert!(has_passthrough_address(&vm.ns));
+    assert!(vm.ns.passthrough_v6() > 0);
 
     let dry = ok(&uninstall(&vm.ns, engine.backend(), &["--dry-run"]));
     let removes = match engine {
@@ -674,13 +644,10 @@ fn kuma_traffic_follows_the_redirect_and_uninstall_restores_everything(engine: E
 
 #[test]
 fn kuma_dry_run_ip_family_mode_ssh_guard_and_bad_input() {
-    if !privileged() {
-        return;
-    }
-    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let Some(net) = Fixture::new("nft", json!({})) else { return };
     let vm = net.pod("vm", None);
     let laptop = net.pod("laptop", None);
-    plant_canary(&vm.ns, "nft");
+    vm.ns.plant_canary("nft");
     let before = vm.ns.snapshot();
 
     // A dry run changes nothing, not even lo, and says what it would add there.
@@ -688,13 +655,13 @@ fn kuma_dry_run_ip_family_mode_ssh_guard_and_bad_input() {
     assert!(dry.contains("-N KUMA_MESH_INBOUND") && dry.contains("# ipv6: "), "{dry}");
     assert!(dry.ends_with("# lo: add ::6/128 (the source of Kuma's IPv6 inbound passthrough)\n"), "{dry}");
     assert_eq!(vm.ns.snapshot(), before);
-    assert!(!has_passthrough_address(&vm.ns));
+    assert_eq!(vm.ns.passthrough_v6(), 0);
 
     // ipv4 mode: no IPv6 pass, no ::6.
     ok(&redirect(&vm.ns, "nft", &["--kuma-dp-user", "root", "--ip-family-mode", "ipv4"], &[]));
     assert_eq!(vm.ns.our_rule_count(Fam::V6, "nft"), 0);
     assert!(vm.ns.save(Fam::V4, "nft").contains("--uid-owner 0 "), "a user name resolves for Kuma too");
-    assert!(!has_passthrough_address(&vm.ns));
+    assert_eq!(vm.ns.passthrough_v6(), 0);
     ok(&uninstall(&vm.ns, "nft", &[]));
     assert_eq!(vm.ns.snapshot(), before);
 

@@ -1,7 +1,9 @@
 //! The installer as a real process against temporary directories standing in for the host paths:
 //! chaining into each golden primary configuration, re-runs, the `.conf` conversion, unknown keys,
 //! uninstall byte for byte, the watch under 200 rewrites, overlapping installers during an upgrade,
-//! token rotation, readiness, and refusal of bad input.
+//! token rotation, readiness, refusal of bad input; and restarts that never open a window: mesh
+//! pods ADDed through libcni while the installer is killed and restarted, and `--cleanup-on-exit`
+//! telling an uninstall from a restart against the stand-in API server's DaemonSet.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -11,7 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::support::apiserver;
-use crate::support::install::{BIN, Host, Installer, free_port, golden, http_status, wait_for};
+use crate::support::install::{BIN, Host, Installer, free_port, golden, http_status};
+use crate::support::{punctual, wait_for};
 
 const PRIMARIES: [&str; 4] = ["10-bridge.conflist", "10-flannel.conf", "10-calico.conflist", "05-cilium.conflist"];
 
@@ -86,7 +89,7 @@ fn re_runs_are_idempotent() {
     wait_for(Duration::from_secs(10), "ready", || host.ready_file().exists());
     let (status, log) = first.terminate();
     assert!(status.success(), "{log}");
-    assert!(log.contains("cleanup on exit is off"), "{log}");
+    assert!(log.contains("leaving the install in place (--cleanup-on-exit=false)"), "{log}");
     let ids = |h: &Host| -> Vec<(u64, i64, i64)> {
         ["10-calico.conflist", "ZZZ-tproxy-cni-kubeconfig", "ZZZ-tproxy-cni-token"]
             .iter()
@@ -151,6 +154,7 @@ fn write_settings(host: &Host, json: &str) -> std::path::PathBuf {
 /// With no configuration yet the installer waits, says so, and chains as soon as one appears.
 #[test]
 fn waits_for_the_primary_then_chains_within_a_second() {
+    let _load = punctual();
     let host = Host::new("wait");
     let inst = host.start(&host.fake_plugin("1"), &[]);
     wait_for(Duration::from_secs(10), "the waiting log line", || inst.log().contains("waiting for the primary CNI"));
@@ -188,6 +192,7 @@ fn follows_the_configuration_the_runtime_uses() {
 /// second, and a reader polling the file never sees anything but valid JSON.
 #[test]
 fn the_watch_re_injects_after_200_rewrites_and_readers_never_see_invalid_json() {
+    let _load = punctual();
     let host = Host::new("watch");
     let calico = golden("primary", "10-calico.conflist");
     host.put_conf("10-calico.conflist", &calico);
@@ -243,6 +248,7 @@ fn the_watch_re_injects_after_200_rewrites_and_readers_never_see_invalid_json() 
 /// Kubelet swaps the projected token's `..data` symlink; the copy the plugin reads follows.
 #[test]
 fn the_token_copy_follows_kubelet_rotation() {
+    let _load = punctual();
     let mut host = Host::new("token");
     host.put_conf("10-bridge.conflist", &golden("primary", "10-bridge.conflist"));
     let inst = host.start(&host.fake_plugin("1"), &[]);
@@ -416,6 +422,21 @@ fn bad_input_is_refused_before_anything_changes() {
         (vec!["--api-server".into(), "http://10.0.0.1".into()], "only https:// servers are supported"),
         (vec!["--resync-interval".into(), "soon".into()], "is not a duration"),
         (vec!["--startup-taint".into(), "Bad Key".into()], "is not a qualified name"),
+        (vec!["--cleanup-on-exit".into(), "maybe".into()], "[possible values: auto, true, false]"),
+        (
+            // auto in a pod needs the pod's service account to ask the API server.
+            vec![
+                "--cleanup-on-exit".into(),
+                "auto".into(),
+                "--pod-namespace".into(),
+                "kube-system".into(),
+                "--pod-name".into(),
+                "tproxy-cni-x1".into(),
+                "--service-account-dir".into(),
+                broken_sa.to_string_lossy().into(),
+            ],
+            "--cleanup-on-exit=auto needs the pod's service account",
+        ),
         (vec!["--startup-taint".into(), "tproxy-cni.io/not-ready".into()], "--startup-taint needs --node-name"),
         (
             // The projected CA holds no certificate: the API client cannot be built.
@@ -601,4 +622,703 @@ fn replacing_the_binary_never_breaks_an_exec() {
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["tproxy-cni 1", "tproxy-cni 2"], "only whole binaries ran");
     assert!(old.terminate().0.success());
     assert!(new.terminate().0.success());
+}
+
+// Restarts never open a window. While our entry is in the configuration the runtime reads, a mesh
+// pod that starts is redirected or fails; once it is gone, the runtime never calls us. So a
+// restart, a crash, an upgrade or an unreachable API server must leave the entry in place — never
+// absent, not even for a moment — and only an uninstall (the DaemonSet deleted) removes it.
+
+const NS: &str = "kube-system";
+const DS: &str = "tproxy-cni";
+
+/// A node of a cluster: the stand-in API server holds the installer's DaemonSet and its pod, and
+/// the fake host's service-account volume carries the stand-in's CA and token.
+struct Cluster {
+    server: apiserver::ApiServer,
+    host: Host,
+    uid: String,
+    plugin_config: std::path::PathBuf,
+}
+
+impl Cluster {
+    fn new(tag: &str) -> Cluster {
+        let server = apiserver::ApiServer::start();
+        let uid = server.add_daemonset(NS, DS);
+        let mut host = Host::new(tag);
+        host.ca_pem = server.ca_pem().to_owned();
+        host.rotate_token(apiserver::TOKEN);
+        // The plugin reads the annotations the runtime passes; it needs nothing from the API server.
+        let plugin_config = write_settings(
+            &host,
+            &serde_json::json!({"consul_status_annotation": false, "log_level": "debug",
+                                "log_file": host.root.join("plugin.log")})
+            .to_string(),
+        );
+        Cluster { server, host, uid, plugin_config }
+    }
+
+    /// Serves the pod `name` of our DaemonSet.
+    fn pod(&self, name: &str) {
+        self.server.add_pod(apiserver::PodFixture::new(NS, name).owned_by_daemonset(DS, &self.uid));
+    }
+
+    /// Starts an installer as pod `pod` (served by the stand-in) with `--cleanup-on-exit mode`,
+    /// installing `plugin`.
+    fn start(&self, plugin: &std::path::Path, pod: &str, mode: &str, extra: &[&str]) -> Installer {
+        let url = self.server.url();
+        let kubeconfig = self.host.kubeconfig();
+        let mut args = vec![
+            "--api-server",
+            &url,
+            "--pod-namespace",
+            NS,
+            "--pod-name",
+            pod,
+            "--cleanup-on-exit",
+            mode,
+            "--host-kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--plugin-config",
+            self.plugin_config.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let _ = fs::remove_file(self.host.ready_file()); // a killed installer leaves its ready file
+        self.host.start(plugin, &args)
+    }
+
+    /// The number of watch requests the stand-in has received.
+    fn watches(&self) -> usize {
+        self.server.requests().iter().filter(|r| r.path.contains("watch=true")).count()
+    }
+
+    /// Starts an installer and waits until it is ready and its watch on the DaemonSet is open.
+    fn start_watching(&self, plugin: &std::path::Path, pod: &str, mode: &str) -> Installer {
+        let before = self.watches();
+        let inst = self.start(plugin, pod, mode, &[]);
+        wait_for(Duration::from_secs(30), "ready", || self.host.ready_file().exists());
+        wait_for(Duration::from_secs(30), "the watch on the DaemonSet", || self.watches() > before);
+        inst
+    }
+
+    /// Is everything of ours in place: the entry, the binary, the kubeconfig and its token?
+    fn installed(&self, list: &str) -> bool {
+        self.host.chained(list)
+            && self.host.bin.join("tproxy-cni").exists()
+            && self.host.kubeconfig().exists()
+            && self.host.token_copy().exists()
+    }
+}
+
+/// SIGTERM, then the exit (the API check may wait out its 5 s deadline when the server is down).
+fn stop(mut inst: Installer) -> (std::process::ExitStatus, String) {
+    inst.signal(libc::SIGTERM);
+    let status = inst.wait(Duration::from_secs(20));
+    (status, inst.log())
+}
+
+/// What one ADD did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// Succeeded with our rules in the pod's namespace.
+    Redirected,
+    /// Failed: the pod does not start (fail closed).
+    Failed(String),
+    /// Succeeded without our rules: a mesh pod passed through. Never acceptable.
+    PassedThrough,
+    /// The configuration read had no entry of ours, so the runtime ran the primary alone: allowed
+    /// only after an uninstall.
+    NotChained,
+}
+
+/// The part of a container runtime that runs CNI, done the way libcni does it: at each ADD it reads
+/// the configuration directory afresh, takes the first file by name (`.conf`, `.conflist`,
+/// `.json`) that is a valid configuration (a single plugin becomes a one-plugin list), and runs
+/// that list's plugins in order through libcni itself (`cnidrv`), finding binaries in the node's
+/// CNI bin dir after the reference plugins.
+struct Runtime {
+    conf: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    work: crate::support::TempDir,
+    bridge: String,
+}
+
+impl Runtime {
+    /// A runtime on `host`, whose primary CNI (bridge + host-local, IPv4, no gateway, no route
+    /// off the machine) it writes into the conf dir.
+    fn new(host: &Host, primary_name: &str) -> Runtime {
+        let bridge = crate::support::unique("tpi");
+        crate::support::sh(Command::new("ip").args(["link", "add", &bridge, "type", "bridge"]));
+        crate::support::sh(Command::new("ip").args(["link", "set", &bridge, "address", "02:00:5e:00:53:02", "up"]));
+        let work = crate::support::TempDir::new("rt");
+        let primary = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": bridge,
+            "plugins": [{
+                "type": "bridge", "bridge": bridge, "isGateway": false, "ipMasq": false,
+                "ipam": {"type": "host-local", "dataDir": work.path().join("ipam"),
+                         "ranges": [[{"subnet": "198.19.0.0/20"}]]},
+            }],
+        });
+        host.put_conf(primary_name, &serde_json::to_vec_pretty(&primary).unwrap());
+        Runtime { conf: host.conf.clone(), bin: host.bin.clone(), work, bridge }
+    }
+
+    /// The network configuration the runtime would use now, as a list.
+    fn config(&self) -> Option<serde_json::Value> {
+        let mut names: Vec<String> = fs::read_dir(&self.conf)
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| [".conf", ".conflist", ".json"].iter().any(|x| n.ends_with(x)))
+            .collect();
+        names.sort();
+        for name in names {
+            let Ok(bytes) = fs::read(self.conf.join(&name)) else { continue };
+            let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
+            if name.ends_with(".conflist") {
+                if doc["name"].is_string()
+                    && doc["plugins"]
+                        .as_array()
+                        .is_some_and(|p| !p.is_empty() && p.iter().all(|x| x["type"].is_string()))
+                {
+                    return Some(doc);
+                }
+            } else if doc["type"].is_string() {
+                return Some(
+                    serde_json::json!({"cniVersion": doc["cniVersion"], "name": doc["name"], "plugins": [doc]}),
+                );
+            }
+        }
+        None
+    }
+
+    /// Starts the Consul pod `n`: a new namespace, ADD through the configuration read now, a look
+    /// for our rules, DEL, and the namespace removed.
+    fn add(&self, n: usize) -> Outcome {
+        let Some(config) = self.config() else { return Outcome::Failed("no network configuration".into()) };
+        let chained = config["plugins"].as_array().unwrap().iter().any(|p| p["type"] == "tproxy-cni");
+        let list = self.work.path().join(format!("add-{n}.conflist"));
+        fs::write(&list, config.to_string()).unwrap();
+        let ns = crate::support::Netns::new("tpi");
+        let id = format!("c{n}x{}", std::process::id());
+        let args =
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-{n};K8S_POD_INFRA_CONTAINER_ID={id}");
+        let annotations = crate::support::consul_pod(
+            serde_json::json!({"ProxyUserID": "5995", "ProxyInboundPort": 20000, "ProxyOutboundPort": 15001}),
+            &[],
+        );
+        let caps = serde_json::json!({"io.kubernetes.cri.pod-annotations": annotations}).to_string();
+        let drive = |verb: &str| {
+            Command::new(crate::support::cnidrv())
+                .args([verb, list.to_str().unwrap(), ns.path().to_str().unwrap(), &id, &args, &caps])
+                .env("CNI_PATH", format!("/usr/lib/cni:{}", self.bin.display()))
+                .env("CNIDRV_CACHE", self.work.path().join("cache"))
+                .output()
+                .unwrap()
+        };
+        let out = drive("add");
+        let outcome = if !out.status.success() {
+            Outcome::Failed(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        } else if !chained {
+            Outcome::NotChained
+        } else {
+            let rules = ["nft", "legacy"].iter().map(|b| ns.save(crate::support::Fam::V4, b)).collect::<String>();
+            if rules.lines().any(|l| l.starts_with("-A ") && l.contains("CONSUL_")) {
+                Outcome::Redirected
+            } else {
+                Outcome::PassedThrough
+            }
+        };
+        let _ = drive("del");
+        let _ = fs::remove_file(&list);
+        outcome
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+    }
+}
+
+/// ADDs in a loop on one thread and a tight watch of the configuration on another, until stopped.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    adds: Arc<std::sync::Mutex<Vec<(std::time::Instant, Outcome)>>>,
+    /// Reads of the conf dir, and when one found no entry of ours in the configuration in use.
+    reads: Arc<AtomicUsize>,
+    unchained: Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(runtime: Arc<Runtime>) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let adds = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (reads, unchained) = (Arc::new(AtomicUsize::new(0)), Arc::new(std::sync::Mutex::new(Vec::new())));
+        let adder = {
+            let (stop, adds, rt) = (stop.clone(), adds.clone(), runtime.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                // Bounded: a test that hangs elsewhere still ends this loop.
+                while !stop.load(Ordering::Relaxed) && n < 2000 {
+                    let at = std::time::Instant::now();
+                    let outcome = rt.add(n);
+                    adds.lock().unwrap().push((at, outcome));
+                    n += 1;
+                }
+            })
+        };
+        let reader = {
+            let (stop, reads, unchained, rt) = (stop.clone(), reads.clone(), unchained.clone(), runtime);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let chained = rt
+                        .config()
+                        .is_some_and(|c| c["plugins"].as_array().unwrap().iter().any(|p| p["type"] == "tproxy-cni"));
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    if !chained {
+                        unchained.lock().unwrap().push(std::time::Instant::now());
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        Traffic { stop, adds, reads, unchained, threads: vec![adder, reader] }
+    }
+
+    fn count(&self) -> usize {
+        self.adds.lock().unwrap().len()
+    }
+
+    /// Waits for `n` more ADDs.
+    fn more(&self, n: usize) {
+        let target = self.count() + n;
+        wait_for(Duration::from_secs(60), "ADDs", || self.count() >= target);
+    }
+
+    fn finish(mut self) -> (Vec<(std::time::Instant, Outcome)>, usize, Vec<std::time::Instant>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            t.join().unwrap();
+        }
+        let adds = self.adds.lock().unwrap().clone();
+        (adds, self.reads.load(Ordering::Relaxed), self.unchained.lock().unwrap().clone())
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Mesh pods start in a loop while the installer is SIGKILLed, SIGTERMed with its DaemonSet in
+/// place, SIGTERMed during a rolling update, SIGTERMed with the API server unreachable, and killed
+/// in a crash loop: every ADD installs the redirect or fails, our entry is never missing from the
+/// configuration in use, and the pods that start while no installer runs are redirected. Then the
+/// DaemonSet is deleted: the SIGTERM that follows removes everything, byte for byte.
+#[test]
+fn restarts_crashes_and_upgrades_never_open_a_window_and_only_an_uninstall_removes_the_chain() {
+    if !crate::support::privileged() {
+        return;
+    }
+    let c = Cluster::new("window");
+    let runtime = Arc::new(Runtime::new(&c.host, "10-bridge.conflist"));
+    let (conf_before, bin_before) = (Host::snapshot(&c.host.conf), Host::snapshot(&c.host.bin));
+    // The real plugin, without its debug information (the installer copies and checksums it at
+    // every start: 14 MB instead of 70).
+    let plugin = c.host.root.join("tproxy-cni-stripped");
+    crate::support::sh(Command::new("strip").args(["-o", plugin.to_str().unwrap(), BIN]));
+    let plugin = plugin.as_path();
+    c.pod("tproxy-cni-aaaaa");
+    let mut inst = c.start_watching(plugin, "tproxy-cni-aaaaa", "auto");
+    let traffic = Traffic::start(runtime.clone());
+    traffic.more(2);
+    // The stretches of time with no installer process: pods must still be redirected in them.
+    let mut gaps = Vec::new();
+
+    // 1. kill -9 (an OOM kill, a liveness kill past the grace period): nothing can be removed.
+    let t = std::time::Instant::now();
+    inst.kill();
+    traffic.more(2);
+    inst = c.start_watching(plugin, "tproxy-cni-aaaaa", "auto");
+    gaps.push((t, std::time::Instant::now()));
+
+    // 2. SIGTERM with the DaemonSet in place (a container restart, a node reboot).
+    let t = std::time::Instant::now();
+    let (status, log) = stop(inst);
+    assert!(status.success(), "{log}");
+    assert!(log.contains("leaving the install in place (DaemonSet kube-system/tproxy-cni is in place"), "{log}");
+    assert!(c.installed("10-bridge.conflist"));
+    traffic.more(2);
+    inst = c.start_watching(plugin, "tproxy-cni-aaaaa", "auto");
+    gaps.push((t, std::time::Instant::now()));
+
+    // 3. A rolling update without surge: the template changes, the owner gets SIGTERM first, the
+    //    new pod (a newer generation) comes up after it.
+    c.server.roll_daemonset(NS, DS);
+    let t = std::time::Instant::now();
+    let (status, log) = stop(inst);
+    assert!(status.success() && log.contains("is in place (a restart or an upgrade)"), "{log}");
+    traffic.more(2);
+    c.pod("tproxy-cni-bbbbb");
+    inst = c.start(plugin, "tproxy-cni-bbbbb", "auto", &["--generation", "2"]);
+    wait_for(Duration::from_secs(30), "the new pod ready", || c.host.ready_file().exists());
+    gaps.push((t, std::time::Instant::now()));
+    wait_for(Duration::from_secs(30), "its watch", || inst.log().contains("watching it"));
+    std::thread::sleep(Duration::from_millis(300));
+
+    // 4. The API server unreachable at SIGTERM (and the open watch cut): nothing can be told.
+    c.server.set_fault(Some(apiserver::Fault::Hangup));
+    c.server.cut_watches();
+    let t = std::time::Instant::now();
+    let (status, log) = stop(inst);
+    assert!(status.success(), "{log}");
+    assert!(log.contains("leaving the install in place"), "{log}");
+    assert!(c.installed("10-bridge.conflist"));
+    traffic.more(2);
+    c.server.set_fault(None);
+
+    // 5. A crash loop: killed again and again, sometimes before it is even ready.
+    for delay in [0, 30, 150] {
+        let i = c.start(plugin, "tproxy-cni-bbbbb", "auto", &["--generation", "2"]);
+        std::thread::sleep(Duration::from_millis(delay));
+        i.kill();
+        traffic.more(1);
+    }
+    inst = c.start_watching(plugin, "tproxy-cni-bbbbb", "auto");
+    gaps.push((t, std::time::Instant::now()));
+    traffic.more(3);
+
+    // 6. The uninstall: `kubectl delete ds` (background cascade) removes the DaemonSet, then the
+    //    pod gets SIGTERM.
+    c.server.delete_daemonset(NS, DS, false);
+    wait_for(Duration::from_secs(30), "the watch to see it", || inst.log().contains("will be removed on exit"));
+    let uninstall = std::time::Instant::now();
+    let (status, log) = stop(inst);
+    assert!(status.success(), "{log}");
+    assert!(log.contains("uninstalling: DaemonSet kube-system/tproxy-cni is deleted"), "{log}");
+    traffic.more(3);
+    let (adds, reads, unchained) = traffic.finish();
+
+    let count = |f: &dyn Fn(&Outcome) -> bool| adds.iter().filter(|(_, o)| f(o)).count();
+    let before: Vec<_> = adds.iter().filter(|(at, _)| *at < uninstall).collect();
+    eprintln!(
+        "{} ADDs: {} redirected, {} failed, {} not chained (after the uninstall); {reads} reads of the conf dir",
+        adds.len(),
+        count(&|o| *o == Outcome::Redirected),
+        count(&|o| matches!(o, Outcome::Failed(_))),
+        count(&|o| *o == Outcome::NotChained),
+    );
+    for (_, o) in &adds {
+        assert_ne!(*o, Outcome::PassedThrough, "a mesh pod started without its redirect");
+    }
+    // Before the uninstall every pod is redirected; only the last one may fail, when the removal
+    // took the binary away while it was starting.
+    let failed: Vec<_> = before.iter().enumerate().filter(|(_, (_, o))| *o != Outcome::Redirected).collect();
+    assert!(
+        failed.iter().all(|(i, (_, o))| i + 1 == before.len() && matches!(o, Outcome::Failed(_))),
+        "before the uninstall: {failed:?}"
+    );
+    let in_gaps = before.iter().filter(|(at, _)| gaps.iter().any(|(a, b)| at > a && at < b)).count();
+    assert!(in_gaps >= 4, "pods started while no installer ran: {in_gaps}");
+    assert!(
+        unchained.iter().all(|at| *at > uninstall),
+        "our entry was missing from the configuration in use before the uninstall"
+    );
+    assert!(reads > 1000, "{reads}");
+    assert!(adds.iter().any(|(at, o)| *at > uninstall && *o == Outcome::NotChained), "the uninstall took effect");
+    assert_eq!(Host::snapshot(&c.host.conf), conf_before, "conf dir not restored");
+    assert_eq!(Host::snapshot(&c.host.bin), bin_before, "bin dir not restored");
+}
+
+/// One way the cluster can stand when the owning installer gets SIGTERM, and what must follow.
+struct Case {
+    name: &'static str,
+    /// `--cleanup-on-exit`.
+    mode: &'static str,
+    /// Serve the installer's pod as one of the DaemonSet's (false: a bare pod).
+    owned: bool,
+    /// Pass the pod's name and namespace (the downward API).
+    identity: bool,
+    /// What happens in the cluster before SIGTERM.
+    before: fn(&Cluster, &Installer),
+    removed: bool,
+    /// In the installer's log.
+    says: &'static [&'static str],
+}
+
+fn nothing(_: &Cluster, _: &Installer) {}
+
+/// Waits until the installer's watch has seen the DaemonSet's removal or deletion.
+fn watch_saw_it(c: &Cluster, inst: &Installer) {
+    let _ = c;
+    wait_for(Duration::from_secs(30), "the watch to see the deletion", || {
+        inst.log().contains("the install will be removed on exit")
+    });
+}
+
+fn run_cases(cases: &[Case]) {
+    for case in cases {
+        let c = Cluster::new("exit");
+        c.host.put_conf("10-flannel.conf", &golden("primary", "10-flannel.conf"));
+        let (conf_before, bin_before) = (Host::snapshot(&c.host.conf), Host::snapshot(&c.host.bin));
+        let pod = "tproxy-cni-x7k2p";
+        if case.owned {
+            c.pod(pod);
+        } else {
+            c.server.add_pod(apiserver::PodFixture::new(NS, pod));
+        }
+        let plugin = c.host.fake_plugin("1");
+        let inst = if case.identity && case.owned && case.mode == "auto" {
+            c.start_watching(&plugin, pod, case.mode)
+        } else {
+            let extra: &[&str] = if case.identity { &[] } else { &["--pod-name", "", "--pod-namespace", ""] };
+            let i = c.start(&plugin, pod, case.mode, extra);
+            wait_for(Duration::from_secs(30), "ready", || c.host.ready_file().exists());
+            i
+        };
+        (case.before)(&c, &inst);
+        let (status, log) = stop(inst);
+        assert!(status.success(), "{}: {log}", case.name);
+        for says in case.says {
+            assert!(log.contains(says), "{}: expected {says:?} in:\n{log}", case.name);
+        }
+        if case.mode != "auto" {
+            assert!(c.server.requests().is_empty(), "{}: only auto asks the API server", case.name);
+        }
+        if case.removed {
+            assert_eq!(Host::snapshot(&c.host.conf), conf_before, "{}: conf dir not restored\n{log}", case.name);
+            assert_eq!(Host::snapshot(&c.host.bin), bin_before, "{}: bin dir not restored\n{log}", case.name);
+        } else {
+            assert!(c.installed("10-flannel.conflist"), "{}: the install must stay\n{log}", case.name);
+        }
+        eprintln!("{}: {}", case.name, if case.removed { "removed" } else { "left in place" });
+    }
+}
+
+/// `auto` tells an uninstall however it is done: `kubectl delete` with a background or foreground
+/// cascade, `helm uninstall` (the DaemonSet first, then the RBAC objects, so the GET at SIGTERM is
+/// refused: the watch saw the deletion), `kubectl delete -k` (the ServiceAccount first: the token
+/// is dead before the DaemonSet goes), a DaemonSet deleted and made again under the same name, and a
+/// deletion that happens while the watch is reconnecting.
+#[test]
+fn auto_removes_the_install_when_the_daemonset_is_deleted() {
+    run_cases(&[
+        Case {
+            name: "kubectl delete ds (background cascade)",
+            mode: "auto",
+            owned: true,
+            identity: true,
+            before: |c, _| c.server.delete_daemonset(NS, DS, false),
+            removed: true,
+            says: &["uninstalling: DaemonSet kube-system/tproxy-cni is deleted"],
+        },
+        Case {
+            name: "kubectl delete ds --cascade=foreground",
+            mode: "auto",
+            owned: true,
+            identity: true,
+            before: |c, _| c.server.delete_daemonset(NS, DS, true),
+            removed: true,
+            says: &["uninstalling: DaemonSet kube-system/tproxy-cni is being deleted"],
+        },
+        Case {
+            name: "helm uninstall: the DaemonSet, then the Role and its binding",
+            mode: "auto",
+            owned: true,
+            identity: true,
+            before: |c, inst| {
+                c.server.delete_daemonset(NS, DS, false);
+                watch_saw_it(c, inst);
+                c.server.set_fault(Some(apiserver::Fault::Status(403)));
+            },
+            removed: true,
+            says: &["is deleted (seen by the watch", "with 403 Forbidden"],
+        },
+        Case {
+            name: "kubectl delete -k: the ServiceAccount first, the DaemonSet last",
+            mode: "auto",
+            owned: true,
+            identity: true,
+            before: |c, inst| {
+                c.server.set_fault(Some(apiserver::Fault::Status(401)));
+                c.server.delete_daemonset(NS, DS, false);
+                watch_saw_it(c, inst);
+            },
+            removed: true,
+            says: &["is deleted (seen by the watch", "with 401 Unauthorized"],
+        },
+        Case {
+            name: "deleted and made again: another DaemonSet of the same name",
+            mode: "auto",
+            owned: true,
+            identity: true,
+            before: |c, _| {
+                c.server.delete_daemonset(NS, DS, false);
+                c.server.add_daemonset(NS, DS);
+            },
+            removed: true,
+            says: &[
+                "uninstalling: DaemonSet kube-system/tproxy-cni (uid",
+                "the one of that name now is another object",
+            ],
+        },
+        Case {
+            name: "the watch cut off, the DaemonSet deleted while it reconnects, then RBAC gone",
+            mode: "auto",
+            owned: true,
+            identity: true,
+            before: |c, inst| {
+                let watches = c.watches();
+                c.server.cut_watches();
+                c.server.delete_daemonset(NS, DS, false);
+                wait_for(Duration::from_secs(30), "the watch resumed", || c.watches() > watches);
+                watch_saw_it(c, inst);
+                c.server.set_fault(Some(apiserver::Fault::Status(403)));
+            },
+            removed: true,
+            says: &["is deleted (seen by the watch"],
+        },
+    ]);
+}
+
+/// `auto` keeps the install on a restart or an upgrade (a new DaemonSet adopting the pod included),
+/// and whenever it cannot tell: the API server
+/// unreachable, RBAC refusing the GET with the DaemonSet last seen in place (the pod's token dead
+/// after a forced deletion, the Role not applied), a 404 that names no object, no pod identity, a
+/// pod that no DaemonSet runs.
+#[test]
+fn auto_keeps_the_install_on_a_restart_and_whenever_it_cannot_tell() {
+    run_cases(&[
+        Case {
+            name: "a restart: the DaemonSet in place",
+            mode: "auto",
+            owned: true,
+            identity: true,
+            before: nothing,
+            removed: false,
+            says: &[
+                "leaving the install in place (DaemonSet kube-system/tproxy-cni is in place (a restart or an upgrade))",
+            ],
+        },
+        Case {
+            name: "a rolling update: a new template, the same DaemonSet",
+            mode: "auto",
+            owned: true,
+            identity: true,
+            before: |c, _| c.server.roll_daemonset(NS, DS),
+            removed: false,
+            says: &["is in place (a restart or an upgrade)"],
+        },
+        Case {
+            name: "kubectl delete ds --cascade=orphan, then a new DaemonSet adopting this pod",
+            mode: "auto",
+            owned: true,
+            identity: true,
+            before: |c, inst| {
+                c.server.delete_daemonset(NS, DS, false);
+                c.server.add_pod(apiserver::PodFixture::new(NS, "tproxy-cni-x7k2p")); // orphaned
+                let uid = c.server.add_daemonset(NS, DS);
+                // The new DaemonSet's controller adopts the pod later than the watch sees it.
+                wait_for(Duration::from_secs(30), "the new one seen", || inst.log().contains("another object"));
+                c.server.add_pod(apiserver::PodFixture::new(NS, "tproxy-cni-x7k2p").owned_by_daemonset(DS, &uid));
+            },
+            removed: false,
+            says: &["is in place (a restart or an upgrade)"],
+        },
+        Case {
+            name: "the API server unreachable",
+            mode: "auto",
+            owned: true,
+            identity: true,
+            before: |c, _| {
+                c.server.set_fault(Some(apiserver::Fault::Hangup));
+                c.server.cut_watches();
+            },
+            removed: false,
+            says: &["as last seen by the watch", "did not answer GET daemonset kube-system/tproxy-cni"],
+        },
+        Case {
+            name: "403 with the DaemonSet in place (no RBAC for it)",
+            mode: "auto",
+            owned: true,
+            identity: true,
+            before: |c, _| c.server.set_fault(Some(apiserver::Fault::Status(403))),
+            removed: false,
+            says: &["as last seen by the watch", "with 403 Forbidden"],
+        },
+        Case {
+            name: "401 with the DaemonSet in place (the pod force-deleted, its token dead)",
+            mode: "auto",
+            owned: true,
+            identity: true,
+            before: |c, _| c.server.set_fault(Some(apiserver::Fault::Status(401))),
+            removed: false,
+            says: &["as last seen by the watch", "with 401 Unauthorized"],
+        },
+        Case {
+            name: "a 404 that names no object (a proxy, an API group not served)",
+            mode: "auto",
+            owned: true,
+            identity: true,
+            before: |c, _| c.server.set_fault(Some(apiserver::Fault::Status(404))),
+            removed: false,
+            says: &["as last seen by the watch", "with 404 but not with the Status the API server sends"],
+        },
+        Case {
+            name: "no pod identity (not run by Kubernetes)",
+            mode: "auto",
+            owned: true,
+            identity: false,
+            before: |c, _| c.server.delete_daemonset(NS, DS, false),
+            removed: false,
+            says: &[
+                "cannot tell an uninstall from a restart without the pod's name and namespace",
+                "leaving the install in place",
+            ],
+        },
+        Case {
+            name: "a pod that no DaemonSet runs",
+            mode: "auto",
+            owned: false,
+            identity: true,
+            before: |c, inst| {
+                let _ = c;
+                wait_for(Duration::from_secs(30), "the warning", || inst.log().contains("is not run by a DaemonSet"));
+            },
+            removed: false,
+            says: &["leaving the install in place (pod kube-system/tproxy-cni-x7k2p is not run by a DaemonSet)"],
+        },
+    ]);
+}
+
+/// `true` removes the install on exit whatever the cluster says (today's behaviour before `auto`);
+/// `false` never removes it, even when the DaemonSet is deleted.
+#[test]
+fn cleanup_on_exit_true_always_removes_and_false_never_does() {
+    run_cases(&[
+        Case {
+            name: "true, the DaemonSet in place",
+            mode: "true",
+            owned: true,
+            identity: true,
+            before: nothing,
+            removed: true,
+            says: &["uninstalling: --cleanup-on-exit=true", "install removed"],
+        },
+        Case {
+            name: "false, the DaemonSet deleted",
+            mode: "false",
+            owned: true,
+            identity: true,
+            before: |c, _| c.server.delete_daemonset(NS, DS, false),
+            removed: false,
+            says: &["leaving the install in place (--cleanup-on-exit=false)"],
+        },
+    ]);
 }

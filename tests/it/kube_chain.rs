@@ -6,51 +6,40 @@
 
 use crate::support::apiserver;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use crate::support::*;
 use apiserver::{ApiServer, Fault, KubeconfigSpec, PodFixture, TOKEN};
 use serde_json::{Value, json};
 
 const PROXY_UID: u32 = 5995;
+const ANY4: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
 const TPROXY_STATUS: &str = "consul.hashicorp.com/transparent-proxy-status";
 
-fn sa(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().unwrap(), port)
-}
-
-fn at(ip: IpAddr, port: u16) -> SocketAddr {
-    SocketAddr::new(ip, port)
-}
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-/// A network whose tproxy-cni entry looks pods up through `kubeconfig`; it declares no
-/// capability, so libcni hands the plugin no annotations, as a runtime that does not know the
-/// capability would.
-fn network(kubeconfig: &Path, extra: Value) -> Network {
-    let mut conf = json!({"iptables_mode": "nft", "kubeconfig": kubeconfig, "api_timeout": "2s", "capabilities": {}});
+/// A network on nft whose tproxy-cni entry looks pods up through `kubeconfig`, with `extra`'s keys;
+/// `None` when the test cannot run here. It declares no capability, so libcni hands the plugin no
+/// annotations, as a runtime that does not know the capability would.
+fn network(kubeconfig: &Path, extra: Value) -> Option<Fixture> {
+    let mut conf = json!({"kubeconfig": kubeconfig, "api_timeout": "2s", "capabilities": {}});
     for (k, v) in extra.as_object().unwrap() {
         conf[k] = v.clone();
     }
-    Network::new(conf)
+    Fixture::new("nft", conf)
 }
 
 /// The sibling pod that plays the remote host: answers "server …" on 8080.
 fn server<'n>(net: &'n Network, annotations: Option<&Value>) -> (Pod<'n>, IpAddr, Responder) {
     let pod = net.pod("server", annotations);
     let ip = pod.addr(Fam::V4);
-    let r = Responder::tcp(&pod.ns, sa("0.0.0.0", 8080), "server");
+    let r = Responder::tcp(&pod.ns, sa(ANY4, 8080), "server");
     (pod, ip, r)
 }
 
 /// The stand-in proxy of a mesh pod: its outbound and inbound listeners.
 fn proxy(ns: &Netns) -> Vec<Responder> {
-    vec![Responder::tcp(ns, sa("0.0.0.0", 15001), "outbound"), Responder::tcp(ns, sa("0.0.0.0", 20000), "inbound")]
+    vec![Responder::tcp(ns, sa(ANY4, 15001), "outbound"), Responder::tcp(ns, sa(ANY4, 20000), "inbound")]
 }
 
 /// The merge-patch bodies the stand-in received for one pod, in order.
@@ -71,24 +60,21 @@ fn status_body(value: &str) -> Value {
 
 #[test]
 fn a_consul_pod_found_through_the_api_server_gets_its_redirect() {
-    if !privileged() {
-        return;
-    }
     let api = ApiServer::start();
     api.add_pod(PodFixture::consul("default", "app"));
     api.add_pod(PodFixture::new("default", "server"));
-    let net = network(&api.default_kubeconfig(), json!({}));
+    let Some(net) = network(&api.default_kubeconfig(), json!({})) else { return };
     let (srv, s4, _srv_listener) = server(&net, None);
     let app = net.pod("app", None);
     let _proxy = proxy(&app.ns);
 
     // Outbound from the application lands on the proxy, which sees where it was going; the proxy's
     // own traffic goes straight out.
-    assert_eq!(dial(&app.ns, None, at(s4, 8080)), Ok(format!("outbound {s4}:8080")));
-    assert_eq!(who(&dial(&app.ns, Some(PROXY_UID), at(s4, 8080))), "server");
+    assert_eq!(dial(&app.ns, None, sa(s4, 8080)), Ok(format!("outbound {s4}:8080")));
+    assert_eq!(who(&dial(&app.ns, Some(PROXY_UID), sa(s4, 8080))), "server");
     // Inbound to the pod lands on the proxy's inbound listener.
     let a4 = app.addr(Fam::V4);
-    assert_eq!(dial(&srv.ns, None, at(a4, 7000)), Ok(format!("inbound {a4}:7000")));
+    assert_eq!(dial(&srv.ns, None, sa(a4, 7000)), Ok(format!("inbound {a4}:7000")));
     // The pod outside the mesh got nothing.
     assert_eq!(srv.ns.our_rule_count(Fam::V4, "nft") + srv.ns.our_rule_count(Fam::V6, "nft"), 0);
     assert!(app.ns.our_rule_count(Fam::V4, "nft") > 0 && app.ns.our_rule_count(Fam::V6, "nft") > 0);
@@ -112,18 +98,15 @@ fn a_consul_pod_found_through_the_api_server_gets_its_redirect() {
 
 #[test]
 fn a_pod_outside_the_mesh_passes_through_untouched() {
-    if !privileged() {
-        return;
-    }
     let api = ApiServer::start();
     api.add_pod(PodFixture::new("default", "server"));
     api.add_pod(PodFixture::new("default", "plain").annotation("app.kubernetes.io/name", "plain"));
-    let net = network(&api.default_kubeconfig(), json!({}));
+    let Some(net) = network(&api.default_kubeconfig(), json!({})) else { return };
     let (_srv, s4, _l) = server(&net, None);
     let plain = net.pod("plain", None);
     let before = plain.ns.snapshot();
     assert_eq!(plain.ns.our_rule_count(Fam::V4, "nft") + plain.ns.our_rule_count(Fam::V6, "nft"), 0);
-    assert_eq!(who(&dial(&plain.ns, None, at(s4, 8080))), "server");
+    assert_eq!(who(&dial(&plain.ns, None, sa(s4, 8080))), "server");
     let out = plain.check(None);
     assert!(out.status.success(), "CHECK: {}", text(&out));
     assert_eq!(plain.ns.snapshot(), before);
@@ -132,14 +115,11 @@ fn a_pod_outside_the_mesh_passes_through_untouched() {
 
 #[test]
 fn a_pod_in_an_excluded_namespace_starts_while_the_api_server_is_down() {
-    if !privileged() {
-        return;
-    }
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let files = ApiServer::start(); // only writes the kubeconfig; nothing listens where it points
     let kc =
         files.kubeconfig("down", &KubeconfigSpec { server: Some(format!("https://{dead}")), ..Default::default() });
-    let net = network(&kc, json!({"api_timeout": "1s"}));
+    let Some(net) = network(&kc, json!({"api_timeout": "1s"})) else { return };
 
     let system = net.pod_unstarted("coredns");
     let args = format!(
@@ -170,13 +150,10 @@ fn a_pod_in_an_excluded_namespace_starts_while_the_api_server_is_down() {
 
 #[test]
 fn a_failed_status_patch_does_not_fail_add() {
-    if !privileged() {
-        return;
-    }
     let api = ApiServer::start();
     api.add_pod(PodFixture::consul("default", "app-a"));
     api.add_pod(PodFixture::consul("default", "app-b"));
-    let net = network(&api.default_kubeconfig(), json!({"api_timeout": "1s"}));
+    let Some(net) = network(&api.default_kubeconfig(), json!({"api_timeout": "1s"})) else { return };
 
     // RBAC without "patch pods": both reports are refused at once; the pod starts redirected.
     api.fail_patches(Some(403));
@@ -198,12 +175,9 @@ fn a_failed_status_patch_does_not_fail_add() {
 
 #[test]
 fn the_status_annotation_can_be_switched_off() {
-    if !privileged() {
-        return;
-    }
     let api = ApiServer::start();
     api.add_pod(PodFixture::consul("default", "app"));
-    let net = network(&api.default_kubeconfig(), json!({"consul_status_annotation": false}));
+    let Some(net) = network(&api.default_kubeconfig(), json!({"consul_status_annotation": false})) else { return };
     let app = net.pod("app", None);
     assert!(app.ns.our_rule_count(Fam::V4, "nft") > 0);
     assert!(api.patches().is_empty());
@@ -211,12 +185,13 @@ fn the_status_annotation_can_be_switched_off() {
 
 #[test]
 fn nomad_hands_the_configuration_in_cni_args_and_no_api_call_is_made() {
-    if !privileged() {
-        return;
-    }
     let api = ApiServer::start();
     api.set_fault(Some(Fault::Status(503)));
-    let net = network(&api.default_kubeconfig(), json!({"capabilities": {"io.kubernetes.cri.pod-annotations": true}}));
+    let Some(net) =
+        network(&api.default_kubeconfig(), json!({"capabilities": {"io.kubernetes.cri.pod-annotations": true}}))
+    else {
+        return;
+    };
     // The sibling gets (empty) runtime annotations: no lookup for it either.
     let (_srv, s4, _l) = server(&net, Some(&json!({})));
     let task = net.pod_unstarted("nomad-task");
@@ -225,8 +200,8 @@ fn nomad_hands_the_configuration_in_cni_args_and_no_api_call_is_made() {
         net.cnidrv("add", &task.ns, &task.id, &format!("IgnoreUnknown=true;CONSUL_IPTABLES_CONFIG={config}"), None);
     assert!(out.status.success(), "ADD: {}", text(&out));
     let _proxy = proxy(&task.ns);
-    assert_eq!(dial(&task.ns, None, at(s4, 8080)), Ok(format!("outbound {s4}:8080")));
-    assert_eq!(who(&dial(&task.ns, Some(PROXY_UID), at(s4, 8080))), "server");
+    assert_eq!(dial(&task.ns, None, sa(s4, 8080)), Ok(format!("outbound {s4}:8080")));
+    assert_eq!(who(&dial(&task.ns, Some(PROXY_UID), sa(s4, 8080))), "server");
     assert!(api.requests().is_empty(), "Nomad's path made an API call: {:?}", api.requests());
 }
 
@@ -276,9 +251,6 @@ fn without_a_previous_result_the_plugin_answers_an_empty_result_and_still_redire
 
 #[test]
 fn a_kuma_pod_found_through_the_api_server_is_judged_by_its_containers() {
-    if !privileged() {
-        return;
-    }
     let api = ApiServer::start();
     api.add_pod(PodFixture::new("default", "server"));
     // No CNI-mode marks on the annotations: from annotations alone this would be a kuma-init pod.
@@ -298,17 +270,17 @@ fn a_kuma_pod_found_through_the_api_server_is_judged_by_its_containers() {
             .container("app")
             .container("kuma-sidecar"),
     );
-    let net = network(&api.default_kubeconfig(), json!({}));
+    let Some(net) = network(&api.default_kubeconfig(), json!({})) else { return };
     let (_srv, s4, _srv_listener) = server(&net, None);
 
     let app = net.pod("kapp", None);
-    let _outbound = Responder::tcp(&app.ns, sa("0.0.0.0", 15001), "outbound");
-    assert_eq!(dial(&app.ns, None, at(s4, 8080)), Ok(format!("outbound {s4}:8080")));
+    let _outbound = Responder::tcp(&app.ns, sa(ANY4, 15001), "outbound");
+    assert_eq!(dial(&app.ns, None, sa(s4, 8080)), Ok(format!("outbound {s4}:8080")));
     assert!(app.ns.save(Fam::V4, "nft").contains("KUMA_MESH_OUTBOUND"));
     let out = app.check(None);
     assert!(out.status.success(), "CHECK: {}", text(&out));
 
     let init = net.pod("kinit", None);
-    assert_eq!(who(&dial(&init.ns, None, at(s4, 8080))), "server");
+    assert_eq!(who(&dial(&init.ns, None, sa(s4, 8080))), "server");
     assert!(!init.ns.save(Fam::V4, "nft").contains("KUMA_MESH"), "a kuma-init pod is left alone");
 }

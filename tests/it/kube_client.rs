@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::apiserver::{ApiServer, Auth, Fault, KubeconfigSpec, PodFixture, TOKEN, Trust};
 use serde_json::json;
-use tproxy_cni::kube::{Class, Client, Error, Patch};
+use tproxy_cni::kube::{Class, Client, Error, Patch, WatchEvent};
 use tproxy_cni::text::chain;
 
 /// Generous bound for "returned without waiting for the deadline" (a behaviour, not a benchmark).
@@ -358,4 +358,85 @@ fn names_that_kubernetes_cannot_issue_never_reach_the_server() {
         assert_eq!(e.class(), Class::Config, "{e}");
     }
     assert!(api.requests().is_empty());
+}
+
+/// A DaemonSet is read, listed by name (with the list's resource version) and watched from that
+/// version: a rolling update, a foreground deletion and the removal arrive in order, and a 404 that
+/// names it tells it is gone, where a 404 that names nothing does not.
+#[test]
+fn reads_lists_and_watches_a_daemonset() {
+    let api = ApiServer::start();
+    let uid = api.add_daemonset("kube-system", "tproxy-cni");
+    api.add_daemonset("kube-system", "other");
+    let c = client(&api.default_kubeconfig(), Duration::from_secs(5));
+    let ds = c.get_daemonset("kube-system", "tproxy-cni").unwrap();
+    assert_eq!((ds.metadata.uid.as_deref(), ds.metadata.deletion_timestamp.as_deref()), (Some(uid.as_str()), None));
+    let (listed, version) = c.list_daemonset("kube-system", "tproxy-cni").unwrap();
+    assert_eq!(listed.unwrap().metadata.uid.as_deref(), Some(uid.as_str()));
+    assert!(!version.is_empty());
+
+    let watch = c.watch_daemonset("kube-system", "tproxy-cni", &version, Duration::from_secs(5)).unwrap();
+    let events = std::thread::spawn(move || watch.take(3).collect::<Result<Vec<_>, _>>());
+    api.roll_daemonset("kube-system", "tproxy-cni");
+    api.roll_daemonset("kube-system", "other"); // another name: not in this watch
+    api.delete_daemonset("kube-system", "tproxy-cni", true);
+    api.delete_daemonset("kube-system", "tproxy-cni", false);
+    let events = events.join().unwrap().unwrap();
+    let seen: Vec<(&str, Option<&str>, bool)> = events
+        .iter()
+        .map(|e| match e {
+            WatchEvent::Modified(d) => ("MODIFIED", d.metadata.uid.as_deref(), d.metadata.deletion_timestamp.is_some()),
+            WatchEvent::Deleted(d) => ("DELETED", d.metadata.uid.as_deref(), d.metadata.deletion_timestamp.is_some()),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    let u = Some(uid.as_str());
+    assert_eq!(seen, [("MODIFIED", u, false), ("MODIFIED", u, true), ("DELETED", u, true)]);
+
+    let e = c.get_daemonset("kube-system", "tproxy-cni").unwrap_err();
+    assert!(matches!(e, Error::NotFound { .. }), "{e:?}");
+    let (listed, _) = c.list_daemonset("kube-system", "tproxy-cni").unwrap();
+    assert!(listed.is_none());
+    api.fail_next(1, Fault::Status(404));
+    let e = c.get_daemonset("kube-system", "other").unwrap_err();
+    assert!(matches!(e, Error::NotFoundElsewhere { .. }), "a 404 naming nothing proves nothing: {e:?}");
+
+    let paths: Vec<String> = api.requests().iter().map(|r| r.path.clone()).collect();
+    assert!(
+        paths.iter().any(|p| p.starts_with(
+            "/apis/apps/v1/namespaces/kube-system/daemonsets?fieldSelector=metadata.name%3Dtproxy-cni&watch=true"
+        ) && p.contains(&format!("&resourceVersion={version}&timeoutSeconds=5"))),
+        "{paths:?}"
+    );
+    assert!(api.requests().iter().all(|r| r.bearer.as_deref() == Some(TOKEN)));
+}
+
+/// A watch ends when the server ends it (after `timeoutSeconds`) and soon after the connection is
+/// cut; opening one on a server that refuses is an error at once.
+#[test]
+fn a_watch_ends_when_the_server_ends_it_or_the_connection_drops() {
+    let api = ApiServer::start();
+    api.add_daemonset("kube-system", "tproxy-cni");
+    let c = client(&api.default_kubeconfig(), Duration::from_secs(5));
+    let (_, version) = c.list_daemonset("kube-system", "tproxy-cni").unwrap();
+    let start = Instant::now();
+    let events: Vec<_> =
+        c.watch_daemonset("kube-system", "tproxy-cni", &version, Duration::from_secs(1)).unwrap().collect();
+    assert!(events.is_empty(), "{events:?}");
+    assert!(start.elapsed() >= Duration::from_secs(1) && start.elapsed() < Duration::from_secs(1) + SLACK);
+
+    let watch = c.watch_daemonset("kube-system", "tproxy-cni", &version, Duration::from_secs(60)).unwrap();
+    let ended = std::thread::spawn(move || watch.collect::<Vec<_>>());
+    std::thread::sleep(Duration::from_millis(200));
+    let cut = Instant::now();
+    api.cut_watches();
+    let events = ended.join().unwrap();
+    assert!(cut.elapsed() < PROMPTLY, "the watch outlived its connection by {:?}", cut.elapsed());
+    assert!(events.iter().all(|e| e.is_err()), "{events:?}");
+
+    api.set_fault(Some(Fault::Status(403)));
+    let start = Instant::now();
+    let e = c.watch_daemonset("kube-system", "tproxy-cni", &version, Duration::from_secs(60)).unwrap_err();
+    assert_eq!(e.class(), Class::Access, "{e}");
+    assert!(start.elapsed() < PROMPTLY);
 }

@@ -12,7 +12,6 @@
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::process::Output;
 
 use crate::support::apiserver::{ApiServer, PodFixture};
 use crate::support::*;
@@ -20,10 +19,6 @@ use serde_json::{Value, json};
 
 const PROXY_UID: u32 = 5995;
 const REDIRECT_CONFIG: &str = "consul.hashicorp.com/redirect-traffic-config";
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
 
 fn config(inbound: u16) -> Value {
     json!({"ProxyUserID": PROXY_UID.to_string(), "ProxyInboundPort": inbound, "ProxyOutboundPort": 15001})
@@ -63,24 +58,14 @@ impl Traces {
 
     /// The addresses host-local holds for this network.
     fn reserved(&self) -> Vec<String> {
-        fs::read_dir(&self.ipam)
-            .map(|d| {
-                d.flatten()
-                    .map(|f| f.file_name().to_string_lossy().into_owned())
-                    .filter(|f| f != "lock" && !f.starts_with("last_reserved_ip"))
-                    .collect()
-            })
-            .unwrap_or_default()
+        host_local_reservations(&self.ipam)
     }
 }
 
 #[test]
 fn a_sandbox_life_add_check_del_and_a_new_sandbox_for_the_same_container() {
-    if !privileged() {
-        return;
-    }
-    for backend in ["nft", "legacy"] {
-        let net = Network::new(json!({"iptables_mode": backend}));
+    for net in Fixture::backends(json!({})) {
+        let backend = net.backend;
         let server = net.pod("server", None);
         let s4 = server.addr(Fam::V4);
         let _server = Responder::tcp(&server.ns, sa(std::net::Ipv4Addr::UNSPECIFIED, 8080), "server");
@@ -130,15 +115,13 @@ fn a_sandbox_life_add_check_del_and_a_new_sandbox_for_the_same_container() {
 
 #[test]
 fn a_failed_add_reaches_the_runtime_in_our_words_and_its_del_cleans_up() {
-    if !privileged() {
-        return;
-    }
     let api = ApiServer::start();
     let mut bad = config(20000);
     bad["ProxyInboundPort"] = json!(65536);
     api.add_pod(PodFixture::consul("default", "served-broken").annotation(REDIRECT_CONFIG, &bad.to_string()));
-    let net =
-        Network::new(json!({"iptables_mode": "nft", "kubeconfig": api.default_kubeconfig(), "api_timeout": "2s"}));
+    let Some(net) = Fixture::new("nft", json!({"kubeconfig": api.default_kubeconfig(), "api_timeout": "2s"})) else {
+        return;
+    };
     // The same list without the capability: libcni passes no annotations, the pod is looked up.
     let lookup = Network::new(
         json!({"iptables_mode": "nft", "kubeconfig": api.default_kubeconfig(), "api_timeout": "2s", "capabilities": {}}),
@@ -147,7 +130,9 @@ fn a_failed_add_reaches_the_runtime_in_our_words_and_its_del_cleans_up() {
 
     // The same impossible configuration, once as capability args and once served by the API server.
     let capability = consul_pod(bad.clone(), &[]);
-    for (name, net, annotations) in [("capability-broken", &net, Some(&capability)), ("served-broken", &lookup, None)] {
+    for (name, net, annotations) in
+        [("capability-broken", &net.net, Some(&capability)), ("served-broken", &lookup, None)]
+    {
         let pod = net.pod_unstarted(name);
         let traces = Traces::of(net, &pod.id, &pod.ns);
         let out = pod.add(annotations);
@@ -169,13 +154,11 @@ fn a_failed_add_reaches_the_runtime_in_our_words_and_its_del_cleans_up() {
 
 #[test]
 fn check_follows_the_annotations_as_they_are_now() {
-    if !privileged() {
-        return;
-    }
     let api = ApiServer::start();
     api.add_pod(PodFixture::consul("default", "served"));
-    let net =
-        Network::new(json!({"iptables_mode": "nft", "kubeconfig": api.default_kubeconfig(), "api_timeout": "2s"}));
+    let Some(net) = Fixture::new("nft", json!({"kubeconfig": api.default_kubeconfig(), "api_timeout": "2s"})) else {
+        return;
+    };
 
     // Annotations as capability args: CHECK with other annotations than ADD had names the rules
     // that differ; with the same ones it passes again.

@@ -9,8 +9,6 @@ use std::process::Output;
 use crate::support::*;
 use serde_json::{Value, json};
 
-const BACKENDS: [&str; 2] = ["nft", "legacy"];
-
 fn config(inbound: u16) -> Value {
     json!({
         "ConsulDNSIP": "127.0.0.1", "ConsulDNSPort": 8600, "ProxyUserID": "5995",
@@ -18,14 +16,6 @@ fn config(inbound: u16) -> Value {
         "ExcludeInboundPorts": ["9090"], "ExcludeOutboundPorts": ["5432"],
         "ExcludeOutboundCIDRs": ["192.0.2.0/24", "2001:db8::/32"], "ExcludeUIDs": ["5996"]
     })
-}
-
-const CANARY: &str =
-    "*nat\n:CANARY - [0:0]\n-A OUTPUT -p tcp -m tcp --dport 9999 -j RETURN\n-A CANARY -j RETURN\nCOMMIT\n";
-
-fn plant_canary(ns: &Netns, backend: &str) {
-    ns.restore(Fam::V4, backend, CANARY);
-    ns.restore(Fam::V6, backend, CANARY);
 }
 
 /// The network configuration a runtime hands our plugin as the last link of the chain.
@@ -66,24 +56,15 @@ fn error_of(out: &Output) -> Value {
 }
 
 fn stdout_json(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "call failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "call failed: {}", text(out));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]
 fn repeated_add_leaves_exactly_one_copy() {
-    if !privileged() {
-        return;
-    }
-    for backend in BACKENDS {
-        let net = Network::new(json!({"iptables_mode": backend}));
-        let pod = net.pod_unstarted("web");
-        plant_canary(&pod.ns, backend);
+    for net in Fixture::backends(json!({})) {
+        let backend = net.backend;
+        let (pod, _) = net.canary_pod("web");
         let annotations = consul_pod(config(20000), &[]);
         let result = stdout_json(&pod.add(Some(&annotations)));
         let once = pod.ns.snapshot();
@@ -101,14 +82,9 @@ fn repeated_add_leaves_exactly_one_copy() {
 
 #[test]
 fn repeated_add_with_a_new_configuration_replaces_the_old_one() {
-    if !privileged() {
-        return;
-    }
-    for backend in BACKENDS {
-        let net = Network::new(json!({"iptables_mode": backend}));
-        let pod = net.pod_unstarted("web");
-        plant_canary(&pod.ns, backend);
-        let before = pod.ns.snapshot();
+    for net in Fixture::backends(json!({})) {
+        let backend = net.backend;
+        let (pod, before) = net.canary_pod("web");
         let old = consul_pod(config(20000), &[]);
         let result = stdout_json(&pod.add(Some(&old)));
         let new = consul_pod(config(21000), &[]);
@@ -129,11 +105,8 @@ fn repeated_add_with_a_new_configuration_replaces_the_old_one() {
 
 #[test]
 fn check_passes_after_add_and_names_what_was_tampered_with() {
-    if !privileged() {
-        return;
-    }
-    for backend in BACKENDS {
-        let net = Network::new(json!({"iptables_mode": backend}));
+    for net in Fixture::backends(json!({})) {
+        let backend = net.backend;
         let annotations = consul_pod(config(20000), &[]);
         let pod = net.pod_unstarted("web");
         let result = stdout_json(&pod.add(Some(&annotations)));
@@ -167,14 +140,9 @@ fn check_passes_after_add_and_names_what_was_tampered_with() {
 
 #[test]
 fn del_removes_only_ours_and_succeeds_again_when_the_namespace_is_gone() {
-    if !privileged() {
-        return;
-    }
-    for backend in BACKENDS {
-        let net = Network::new(json!({"iptables_mode": backend}));
-        let pod = net.pod_unstarted("web");
-        plant_canary(&pod.ns, backend);
-        let before = pod.ns.snapshot();
+    for net in Fixture::backends(json!({})) {
+        let backend = net.backend;
+        let (pod, before) = net.canary_pod("web");
         let annotations = consul_pod(config(20000), &[]);
         assert!(pod.add(Some(&annotations)).status.success());
         assert_ne!(pod.ns.snapshot(), before);
@@ -203,10 +171,7 @@ fn del_removes_only_ours_and_succeeds_again_when_the_namespace_is_gone() {
 
 #[test]
 fn non_mesh_pod_is_byte_for_byte_untouched() {
-    if !privileged() {
-        return;
-    }
-    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let Some(net) = Fixture::new("nft", json!({})) else { return };
     let cases = [
         None,
         Some(json!({"app": "web"})),
@@ -214,9 +179,7 @@ fn non_mesh_pod_is_byte_for_byte_untouched() {
         Some(json!({"consul.hashicorp.com/connect-inject-status": "injected"})),
     ];
     for annotations in cases {
-        let pod = net.pod_unstarted("plain");
-        plant_canary(&pod.ns, "nft");
-        let before = pod.ns.snapshot();
+        let (pod, before) = net.canary_pod("plain");
         assert!(pod.add(annotations.as_ref()).status.success());
         assert_eq!(pod.ns.snapshot(), before, "annotations {annotations:?}");
         assert!(pod.check(annotations.as_ref()).status.success(), "CHECK expects nothing of ours: {annotations:?}");
@@ -230,9 +193,7 @@ fn bad_input_gets_its_code_and_a_readable_message_and_changes_nothing() {
     if !privileged() {
         return;
     }
-    let ns = Netns::new("tpe");
-    plant_canary(&ns, "nft");
-    let before = ns.snapshot();
+    let (ns, before) = Netns::with_canary("tpe", "nft");
     let with_config = |c: Value| plugin_stdin("nft", Some(&consul_pod(c, &[])), None);
     let mut bad_port = config(20000);
     bad_port["ProxyInboundPort"] = json!(65536);
@@ -314,8 +275,7 @@ fn a_failed_transaction_leaves_the_namespace_as_it_was() {
     }
     // Someone's native nftables rules in `ip6 nat`, in a chain with one of our names, that
     // iptables-nft cannot parse: the IPv6 transaction fails after the IPv4 one has been applied.
-    let ns = Netns::new("tpf");
-    plant_canary(&ns, "nft");
+    let (ns, _) = Netns::with_canary("tpf", "nft");
     ns.exec(&["nft", "add table ip6 nat; add chain ip6 nat CONSUL_PROXY_INBOUND; add rule ip6 nat CONSUL_PROXY_INBOUND meta mark set 0x1 counter"]);
     let v4_before = ns.save(Fam::V4, "nft");
     let ip6_before = ns.exec(&["nft", "list", "table", "ip6", "nat"]);
@@ -358,11 +318,6 @@ fn without_empty_tables(snapshot: &str) -> String {
     out
 }
 
-/// Is `::6/128` on the namespace's loopback?
-fn has_passthrough_v6(ns: &Netns) -> bool {
-    ns.exec(&["ip", "-6", "-o", "addr", "show", "dev", "lo"]).contains("::6/128")
-}
-
 /// Rules carrying Kuma's comment prefix in one family.
 fn kuma_rule_count(ns: &Netns, family: Fam, backend: &str) -> usize {
     ns.save(family, backend)
@@ -373,15 +328,10 @@ fn kuma_rule_count(ns: &Netns, family: Fam, backend: &str) -> usize {
 
 #[test]
 fn kuma_repeated_add_check_and_del_on_both_backends() {
-    if !privileged() {
-        return;
-    }
     let annotations = kuma_pod(Some(KUMA_CONFIG), &[]);
-    for backend in BACKENDS {
-        let net = Network::new(json!({"iptables_mode": backend}));
-        let pod = net.pod_unstarted("kuma");
-        plant_canary(&pod.ns, backend);
-        let before = pod.ns.snapshot();
+    for net in Fixture::backends(json!({})) {
+        let backend = net.backend;
+        let (pod, before) = net.canary_pod("kuma");
         let result = stdout_json(&pod.add(Some(&annotations)));
         let once = pod.ns.snapshot();
         for fam in [Fam::V4, Fam::V6] {
@@ -391,7 +341,7 @@ fn kuma_repeated_add_check_and_del_on_both_backends() {
             }
             assert_eq!(kuma_rule_count(&pod.ns, fam, backend), 20, "{backend} {fam:?}:\n{saved}");
         }
-        assert!(has_passthrough_v6(&pod.ns), "{backend}: ::6 on lo");
+        assert!(pod.ns.passthrough_v6() > 0, "{backend}: ::6 on lo");
 
         // A runtime retrying ADD: exactly one copy of everything, ::6 included.
         for _ in 0..2 {
@@ -399,7 +349,7 @@ fn kuma_repeated_add_check_and_del_on_both_backends() {
             assert_eq!(again, result);
             assert_eq!(pod.ns.snapshot(), once, "{backend}: a repeated ADD changes nothing");
         }
-        assert_eq!(pod.ns.exec(&["ip", "-6", "-o", "addr", "show", "dev", "lo"]).matches("::6/128").count(), 1);
+        assert_eq!(pod.ns.passthrough_v6(), 1);
         assert!(pod.check(Some(&annotations)).status.success(), "{backend}: CHECK after ADD");
 
         // CHECK names what is missing: a rule of the raw table, and the loopback address.
@@ -418,7 +368,7 @@ fn kuma_repeated_add_check_and_del_on_both_backends() {
         // ADD repairs both.
         stdout_json(&call("ADD", &pod.ns, &plugin_stdin(backend, Some(&annotations), Some(&result))));
         assert_eq!(pod.ns.snapshot(), once, "{backend}: repaired");
-        assert!(has_passthrough_v6(&pod.ns));
+        assert!(pod.ns.passthrough_v6() > 0);
         assert!(pod.check(Some(&annotations)).status.success(), "{backend}: CHECK after repair");
 
         // DEL removes every rule of ours in every table, and ::6; the canary stays.
@@ -428,7 +378,7 @@ fn kuma_repeated_add_check_and_del_on_both_backends() {
             without_empty_tables(&before),
             "{backend}: DEL leaves no rule or chain of ours and every foreign one"
         );
-        assert!(!has_passthrough_v6(&pod.ns), "{backend}: ::6 removed by DEL");
+        assert_eq!(pod.ns.passthrough_v6(), 0, "{backend}: ::6 removed by DEL");
     }
 }
 
@@ -447,10 +397,10 @@ fn kuma_ipv6_pass_follows_the_namespace_not_only_the_previous_result() {
     ns.exec(&["ip", "link", "set", "eth0p", "up"]);
     stdout_json(&call("ADD", &ns, &plugin_stdin("nft", Some(&annotations), Some(&prev_v4))));
     assert!(kuma_rule_count(&ns, Fam::V6, "nft") > 0, "link-local IPv6 is enough for the IPv6 pass");
-    assert!(has_passthrough_v6(&ns));
+    assert!(ns.passthrough_v6() > 0);
     assert!(call("CHECK", &ns, &plugin_stdin("nft", Some(&annotations), Some(&prev_v4))).status.success());
     assert!(call("DEL", &ns, &plugin_stdin("nft", Some(&annotations), None)).status.success());
-    assert!(!has_passthrough_v6(&ns));
+    assert_eq!(ns.passthrough_v6(), 0);
 
     // IPv6 turned off in the namespace: IPv4 pass only, no ::6.
     let ns = Netns::new("tpk");
@@ -466,9 +416,7 @@ fn kuma_bad_input_is_code_100_and_changes_nothing() {
     if !privileged() {
         return;
     }
-    let ns = Netns::new("tpe");
-    plant_canary(&ns, "nft");
-    let before = ns.snapshot();
+    let (ns, before) = Netns::with_canary("tpe", "nft");
     let yaml = |y: &str| plugin_stdin("nft", Some(&kuma_pod(Some(y), &[])), None);
     let legacy = |k: &str, v: &str| plugin_stdin("nft", Some(&kuma_pod(None, &[(k, v)])), None);
     let mut two_meshes = kuma_pod(None, &[]);
@@ -502,7 +450,7 @@ fn kuma_bad_input_is_code_100_and_changes_nothing() {
         assert_eq!(doc["code"], 100, "{what}: {doc}");
         assert!(doc["msg"].as_str().unwrap().contains(msg), "{what}: {doc}");
         assert_eq!(ns.snapshot(), before, "{what}: the namespace must be untouched");
-        assert!(!has_passthrough_v6(&ns), "{what}: no ::6");
+        assert_eq!(ns.passthrough_v6(), 0, "{what}: no ::6");
     }
 }
 
@@ -513,8 +461,7 @@ fn a_kuma_table_failing_after_nat_committed_leaves_nothing_behind() {
     }
     // A native nftables base chain OUTPUT in `ip raw` with a priority iptables-nft does not use:
     // the nat table of our transaction commits, then the raw table fails.
-    let ns = Netns::new("tpf");
-    plant_canary(&ns, "nft");
+    let (ns, _) = Netns::with_canary("tpf", "nft");
     ns.exec(&["nft", "add table ip raw; add chain ip raw OUTPUT { type filter hook output priority 10; }"]);
     let before = ns.snapshot();
     let ruleset_before = ns.exec(&["nft", "list", "ruleset"]);
@@ -523,6 +470,6 @@ fn a_kuma_table_failing_after_nat_committed_leaves_nothing_behind() {
         error_of(&call("ADD", &ns, &plugin_stdin("nft", Some(&kuma_pod(Some(KUMA_CONFIG), &[])), Some(&prev_v4))));
     assert_eq!(doc["code"], 101, "{doc}");
     assert_eq!(ns.snapshot(), before, "no rule or chain of ours is left in any table");
-    assert!(!has_passthrough_v6(&ns), "the ::6 this ADD added is removed again");
+    assert_eq!(ns.passthrough_v6(), 0, "the ::6 this ADD added is removed again");
     assert!(!ns.exec(&["nft", "list", "ruleset"]).contains("KUMA_MESH"), "{ruleset_before}");
 }

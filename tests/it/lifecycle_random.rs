@@ -133,7 +133,7 @@ fn check_namespace(run: &Run, p: &PodState) {
         run.check(foreign[&fam] == canary, || format!("{fam:?}: foreign rules changed: {:?}", foreign[&fam]));
     }
     let kuma_v6 = p.installed.as_ref().is_some_and(|s| s.mesh == "kuma") && p.v6;
-    let addresses = passthrough_v6(ns);
+    let addresses = ns.passthrough_v6();
     run.check(addresses == usize::from(kuma_v6), || format!("::6 on lo {addresses} times, want {}", u8::from(kuma_v6)));
 }
 

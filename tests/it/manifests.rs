@@ -66,6 +66,8 @@ fn kustomization_lists_exactly_the_manifests_and_each_is_a_known_kind() {
         ("ServiceAccount", "v1", true),
         ("ClusterRole", "rbac.authorization.k8s.io/v1", false),
         ("ClusterRoleBinding", "rbac.authorization.k8s.io/v1", false),
+        ("Role", "rbac.authorization.k8s.io/v1", true),
+        ("RoleBinding", "rbac.authorization.k8s.io/v1", true),
         ("ConfigMap", "v1", true),
         ("DaemonSet", "apps/v1", true),
         ("ValidatingAdmissionPolicy", "admissionregistration.k8s.io/v1", false),
@@ -115,6 +117,35 @@ fn rbac_grants_exactly_the_least_verbs() {
         binding["subjects"],
         serde_json::json!([{"kind": "ServiceAccount", "name": "tproxy-cni", "namespace": "kube-system"}])
     );
+
+    // The installer reads and watches its own DaemonSet, by name, in its own namespace, and nothing
+    // else: a Role, not a ClusterRole (to tell an uninstall from a restart).
+    let role = one(&objects, "Role");
+    let ds = one(&objects, "DaemonSet");
+    assert_eq!(role["metadata"]["namespace"], ds["metadata"]["namespace"]);
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{"apiGroups": ["apps"], "resources": ["daemonsets"],
+                            "resourceNames": [ds["metadata"]["name"]], "verbs": ["get", "list", "watch"]}]),
+        "only its own DaemonSet, read-only"
+    );
+    let binding = one(&objects, "RoleBinding");
+    assert_eq!(binding["metadata"]["namespace"], role["metadata"]["namespace"]);
+    assert_eq!(
+        binding["roleRef"],
+        serde_json::json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tproxy-cni"})
+    );
+    assert_eq!(
+        binding["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": "tproxy-cni", "namespace": "kube-system"}])
+    );
+    // The chart's Role names the release's DaemonSet the same way.
+    let chart = installer_dir().join("helm/tproxy-cni/templates");
+    let role = fs::read_to_string(chart.join("role.yaml")).unwrap();
+    assert!(role.contains("resourceNames: [{{ .Release.Name | quote }}]"), "{role}");
+    assert!(role.contains(r#"verbs: ["get", "list", "watch"]"#) && role.contains(r#"apiGroups: ["apps"]"#));
+    let ds = fs::read_to_string(chart.join("daemonset.yaml")).unwrap();
+    assert!(ds.contains("kind: DaemonSet\nmetadata:\n  name: {{ .Release.Name }}\n"), "the DaemonSet the Role names");
 }
 
 #[test]
@@ -195,6 +226,11 @@ fn the_daemonset_is_unprivileged_node_critical_and_everywhere() {
         assert_eq!(get["path"], path);
         assert_eq!(format!("{}:{}", str_at(get, "/host"), get["port"]), probe_addr, "{probe}");
     }
+    // The uninstall detector finds its DaemonSet through its own pod (--cleanup-on-exit=auto).
+    for (name, field) in [("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")] {
+        assert!(env.iter().any(|e| e["name"] == name && e["valueFrom"]["fieldRef"]["fieldPath"] == field), "{name}");
+    }
+    assert_eq!(env_value("TPROXY_CNI_CLEANUP_ON_EXIT").as_deref(), Some("auto"));
     // The generation marker comes from the DaemonSet's pod-template-generation label.
     assert!(env.iter().any(|e| e["name"] == "POD_TEMPLATE_GENERATION"
         && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['pod-template-generation']"));
@@ -273,6 +309,8 @@ fn the_helm_chart_parses_and_its_templates_name_only_existing_values() {
                 "ServiceAccount",
                 "ClusterRole",
                 "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
                 "ConfigMap",
                 "DaemonSet",
                 "ValidatingAdmissionPolicy"
@@ -282,5 +320,5 @@ fn the_helm_chart_parses_and_its_templates_name_only_existing_values() {
         );
         assert!(!text.contains("privileged: true"));
     }
-    assert_eq!(templates, 6);
+    assert_eq!(templates, 8);
 }

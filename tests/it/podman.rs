@@ -50,10 +50,6 @@ const KUMA_PROXY_UID: u32 = 5678;
 const ANY4: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 const ANY6: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
 
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
 /// A network namespace held open by the test: it lives as long as this value, whatever podman
 /// does with its own reference.
 struct HeldNs {
@@ -363,19 +359,7 @@ network_config_dir = "{net}"
 
     /// The values of `transparent-proxy-status` the plugin reported for pod `name`, in order.
     fn status_reports(&self, name: &str) -> Vec<String> {
-        let path = format!("/api/v1/namespaces/{NAMESPACE}/pods/{name}");
-        self.api
-            .patches()
-            .iter()
-            .filter(|r| r.path == path)
-            .map(|r| {
-                let body: Value = serde_json::from_str(&r.body).unwrap();
-                body["metadata"]["annotations"]["consul.hashicorp.com/transparent-proxy-status"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned()
-            })
-            .collect()
+        self.api.status_reports(NAMESPACE, name)
     }
 
     /// Removes every container, the network, the image and the cgroups; returns what failed.
@@ -500,14 +484,8 @@ network_config_dir = "{net}"
             );
         }
         // host-local keeps one file per address it handed out.
-        if let Ok(ips) = fs::read_dir(self.dir.path().join("ipam").join(&self.network)) {
-            left.extend(
-                ips.flatten()
-                    .map(|f| f.file_name().to_string_lossy().into_owned())
-                    .filter(|f| f != "lock" && !f.starts_with("last_reserved_ip"))
-                    .map(|f| format!("IP reservation {f}")),
-            );
-        }
+        let ipam = self.dir.path().join("ipam").join(&self.network);
+        left.extend(host_local_reservations(&ipam).into_iter().map(|f| format!("IP reservation {f}")));
         left.extend(self.cgroup_dirs().into_iter().map(|d| format!("cgroup {}", d.display())));
         let root = self.dir.path().to_string_lossy().into_owned();
         let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -559,32 +537,10 @@ impl Drop for Podman {
     }
 }
 
-/// `dir` and every directory below it.
-fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
-    let mut out = vec![dir.to_owned()];
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                out.extend(walk_dirs(&e.path()));
-            }
-        }
-    }
-    out
-}
-
 /// A Kuma pod as the stand-in serves it: injected, with a `kuma-sidecar` container and no
 /// `kuma-init` (so the plugin owns its redirect); Kuma's defaults.
 fn kuma(name: &str) -> PodFixture {
     PodFixture::new(NAMESPACE, name).annotation("kuma.io/sidecar-injected", "true").container("kuma-sidecar")
-}
-
-/// Waits (bounded) until `cond` holds.
-fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -592,6 +548,7 @@ fn mesh_containers_are_redirected_and_plain_ones_are_untouched() {
     if !privileged_with(TOOLS) {
         return;
     }
+    let _load = busy();
     let pm = Podman::new(json!({"iptables_mode": "nft"}));
     pm.api.add_pod(PodFixture::new(NAMESPACE, "server").label("app", "server"));
     pm.api.add_pod(PodFixture::consul(NAMESPACE, "web"));
@@ -650,6 +607,7 @@ fn stop_start_and_restart_remove_and_reapply_the_rules() {
     if !privileged_with(TOOLS) {
         return;
     }
+    let _load = busy();
     // The legacy backend: each namespace also gets an xtables lock file, which DEL must remove.
     let pm = Podman::new(json!({"iptables_mode": "legacy"}));
     pm.api.add_pod(PodFixture::new(NAMESPACE, "server"));
@@ -704,7 +662,7 @@ fn stop_start_and_restart_remove_and_reapply_the_rules() {
     assert!(out.status.success(), "podman run job: {}", text(&out));
     let job = pm.inspect("job");
     assert_eq!(job.ns.all_ours("legacy"), installed);
-    eventually("the job's network teardown", Duration::from_secs(30), || !job.sandbox.exists());
+    wait_for(Duration::from_secs(30), "the job's network teardown", || !job.sandbox.exists());
     assert_eq!(pm.state("job"), "exited");
     assert_eq!(job.ns.all_ours("legacy"), Vec::<String>::new(), "rules left after the job ended");
     assert!(!lock(&job).exists());
@@ -716,6 +674,7 @@ fn a_failed_add_fails_the_container_with_our_message() {
     if !privileged_with(TOOLS) {
         return;
     }
+    let _load = busy();
     let pm = Podman::new(json!({"iptables_mode": "nft"}));
     let bad_config = r#"{"ProxyUserID":"5995","ProxyInboundPort":65536,"ProxyOutboundPort":15001}"#;
     pm.api.add_pod(

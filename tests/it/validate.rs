@@ -72,10 +72,7 @@ fn redirect_with(ns: &Netns, flags: &[&str]) {
 
 #[test]
 fn passes_in_a_redirected_namespace_as_a_non_root_user() {
-    if !privileged() {
-        return;
-    }
-    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let Some(net) = Fixture::new("nft", json!({})) else { return };
     let s = setup(&net);
     redirect(&s.vm.ns);
 
@@ -118,10 +115,7 @@ fn passes_in_a_redirected_namespace_as_a_non_root_user() {
 
 #[test]
 fn fails_with_its_documented_status_where_the_redirect_is_missing() {
-    if !privileged() {
-        return;
-    }
-    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let Some(net) = Fixture::new("nft", json!({})) else { return };
     let s = setup(&net);
     let s4 = s.server.addr(Fam::V4);
     let _web = Responder::tcp(&s.server.ns, SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 8080), "server:8080");
@@ -161,10 +155,7 @@ fn fails_with_its_documented_status_where_the_redirect_is_missing() {
 
 #[test]
 fn cannot_bind_when_the_port_is_taken_or_privileged() {
-    if !privileged() {
-        return;
-    }
-    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let Some(net) = Fixture::new("nft", json!({})) else { return };
     let s = setup(&net);
     redirect(&s.vm.ns);
     let proxy = Responder::tcp(&s.vm.ns, SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 15001), "proxy");
@@ -189,12 +180,9 @@ fn cannot_bind_when_the_port_is_taken_or_privileged() {
 
 #[test]
 fn passes_under_kumas_rules_too() {
-    if !privileged() {
-        return;
-    }
     // Kuma returns loopback traffic of everyone but the proxy: the probe's off-host target is what
     // exercises its outbound redirect.
-    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let Some(net) = Fixture::new("nft", json!({})) else { return };
     let s = setup(&net);
     redirect_with(&s.vm.ns, &["--kuma-dp-user", "5678"]);
     let out = validate(&s.vm.ns, APP_UID, &["--target", "192.0.2.1:80", "--target", "[2001:db8::1]:80"], &[]);

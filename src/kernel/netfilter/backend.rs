@@ -203,21 +203,20 @@ fn remember(cache: &Path, b: Backend) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TestDir;
 
     #[test]
     fn a_cached_decision_is_used_without_probing() {
-        let dir = std::env::temp_dir().join(format!("tproxy-cni-backend-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let dir = TestDir::new("backend");
         remember(&dir.join("iptables-backend"), Backend::Legacy).unwrap();
         assert_eq!(detect(&dir), Backend::Legacy);
         remember(&dir.join("iptables-backend"), Backend::Nft).unwrap();
         assert_eq!(detect(&dir), Backend::Nft);
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_missing_hint_is_trusted_for_a_while_only() {
-        let dir = std::env::temp_dir().join(format!("tproxy-cni-nohint-{}", std::process::id()));
+        let dir = TestDir::new("nohint");
         let marker = dir.join(NO_HINT_CACHE);
         assert!(!younger_than(&marker, NO_HINT_TTL), "no marker yet");
         remember(&marker, Backend::Nft).unwrap();
@@ -228,7 +227,6 @@ mod tests {
         assert!(!younger_than(&marker, NO_HINT_TTL), "an old marker is stale");
         file.set_modified(SystemTime::now() + Duration::from_secs(3600)).unwrap();
         assert!(!younger_than(&marker, NO_HINT_TTL), "a marker from the future is not trusted");
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

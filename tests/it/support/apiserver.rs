@@ -2,8 +2,9 @@
 //!
 //! There is no API server binary to be had on a test machine, so this plays the part for what the
 //! plugin and the installer use: HTTPS with a test CA (rcgen), `Authorization: Bearer` checked
-//! (or a client certificate signed by the test CA), real Pod and Node JSON, `Status` objects for
-//! errors (401, 403, 404, 409, 422, 429, 5xx), merge-patch and JSON-patch, and faults on demand:
+//! (or a client certificate signed by the test CA), real Pod, Node and DaemonSet JSON (a DaemonSet
+//! can be read, listed by name and watched: a chunked stream of events, as the real server sends
+//! them), `Status` objects for errors (401, 403, 404, 409, 422, 429, 5xx), merge-patch and JSON-patch, and faults on demand:
 //! a delay, N error answers then success, a connection closed mid-response. Every request is
 //! recorded (method, path, content type, body, which token it carried) for tests to assert on.
 //! A test can put validating admission in the write path ([`ApiServer::set_admission`]): every
@@ -124,6 +125,8 @@ pub struct PodFixture {
     pub init_containers: Vec<String>,
     /// `spec.nodeName`: `node-1` unless [`PodFixture::on_node`] says otherwise.
     pub node_name: String,
+    /// The DaemonSet that controls the pod: (name, uid).
+    pub daemonset: Option<(String, String)>,
 }
 
 impl PodFixture {
@@ -136,12 +139,19 @@ impl PodFixture {
             containers: vec!["app".into()],
             init_containers: Vec::new(),
             node_name: "node-1".into(),
+            daemonset: None,
         }
     }
 
     /// The pod is bound to this node.
     pub fn on_node(mut self, node: &str) -> Self {
         self.node_name = node.into();
+        self
+    }
+
+    /// The pod belongs to the DaemonSet `name` with `uid` (its controller `ownerReference`).
+    pub fn owned_by_daemonset(mut self, name: &str, uid: &str) -> Self {
+        self.daemonset = Some((name.into(), uid.into()));
         self
     }
 
@@ -205,6 +215,10 @@ impl PodFixture {
         }
         if !self.labels.is_empty() {
             metadata["labels"] = json!(self.labels);
+        }
+        if let Some((name, uid)) = &self.daemonset {
+            metadata["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": name,
+                "uid": uid, "controller": true, "blockOwnerDeletion": true}]);
         }
         json!({
             "kind": "Pod",
@@ -341,6 +355,11 @@ struct State {
     tokens: Vec<String>,
     pods: BTreeMap<(String, String), Value>,
     nodes: BTreeMap<String, Value>,
+    daemonsets: BTreeMap<(String, String), Value>,
+    /// Every change to a DaemonSet, for watches: (resource version, event type, object).
+    ds_events: Vec<(u64, &'static str, Value)>,
+    /// Bumped by [`ApiServer::cut_watches`]: open watches see it and drop their connections.
+    watch_epoch: u64,
     queued: VecDeque<Fault>,
     sticky: Option<Fault>,
     patch_status: Option<u16>,
@@ -415,6 +434,9 @@ impl ApiServer {
                 tokens: vec![TOKEN.into()],
                 pods: BTreeMap::new(),
                 nodes: BTreeMap::new(),
+                daemonsets: BTreeMap::new(),
+                ds_events: Vec::new(),
+                watch_epoch: 0,
                 queued: VecDeque::new(),
                 sticky: None,
                 patch_status: None,
@@ -496,6 +518,67 @@ impl ApiServer {
         self.shared.lock().nodes.get(name).cloned()
     }
 
+    /// Serves a DaemonSet (as `kubectl apply` creates it) and returns its UID.
+    pub fn add_daemonset(&self, namespace: &str, name: &str) -> String {
+        let mut st = self.shared.lock();
+        st.uid += 1;
+        st.resource_version += 1;
+        let uid = format!("d5e7a3b1-0000-4000-8000-{:012x}", st.uid);
+        let rv = st.resource_version;
+        let ds = daemonset_json(namespace, name, &uid, rv);
+        st.ds_events.push((rv, "ADDED", ds.clone()));
+        st.daemonsets.insert((namespace.into(), name.into()), ds);
+        uid
+    }
+
+    /// A template change (a rolling update): the generation grows, the UID stays.
+    pub fn roll_daemonset(&self, namespace: &str, name: &str) {
+        self.change_daemonset(namespace, name, |ds| {
+            let g = ds["metadata"]["generation"].as_u64().unwrap_or(1) + 1;
+            ds["metadata"]["generation"] = g.into();
+            ds["metadata"]["annotations"]["deprecated.daemonset.template.generation"] = g.to_string().into();
+            ds["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"] =
+                format!("2026-11-21T10:{:02}:00Z", g % 60).into();
+        });
+    }
+
+    /// Deletes the DaemonSet as `kubectl delete` does. Background (the default cascade): the object
+    /// is gone at once, watches see DELETED. Foreground: it stays, with a `deletionTimestamp` and
+    /// the `foregroundDeletion` finalizer, until its pods are gone (here: until deleted again).
+    pub fn delete_daemonset(&self, namespace: &str, name: &str, foreground: bool) {
+        if foreground {
+            self.change_daemonset(namespace, name, |ds| {
+                ds["metadata"]["deletionTimestamp"] = "2026-11-21T10:30:00Z".into();
+                ds["metadata"]["deletionGracePeriodSeconds"] = 0.into();
+                ds["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
+            });
+            return;
+        }
+        let mut st = self.shared.lock();
+        st.resource_version += 1;
+        let rv = st.resource_version;
+        let mut ds = st.daemonsets.remove(&(namespace.to_owned(), name.to_owned())).expect("no such DaemonSet");
+        ds["metadata"]["resourceVersion"] = rv.to_string().into();
+        st.ds_events.push((rv, "DELETED", ds));
+    }
+
+    fn change_daemonset(&self, namespace: &str, name: &str, change: impl FnOnce(&mut Value)) {
+        let mut st = self.shared.lock();
+        st.resource_version += 1;
+        let rv = st.resource_version;
+        let ds = st.daemonsets.get_mut(&(namespace.to_owned(), name.to_owned())).expect("no such DaemonSet");
+        change(ds);
+        ds["metadata"]["resourceVersion"] = rv.to_string().into();
+        let ds = ds.clone();
+        st.ds_events.push((rv, "MODIFIED", ds));
+    }
+
+    /// Drops every open watch connection mid-stream (an API server restart, a load balancer's idle
+    /// timeout): clients must watch again from where they were.
+    pub fn cut_watches(&self) {
+        self.shared.lock().watch_epoch += 1;
+    }
+
     /// Changes the node right after the next GET of a node has been answered: a concurrent writer.
     pub fn change_node_after_next_get(&self, change: impl FnOnce(&mut Value) + Send + 'static) {
         self.shared.lock().after_node_get = Some(Box::new(change));
@@ -540,6 +623,23 @@ impl ApiServer {
     /// The PATCH requests received so far.
     pub fn patches(&self) -> Vec<Recorded> {
         self.requests().into_iter().filter(|r| r.method == "PATCH").collect()
+    }
+
+    /// The values of Consul's `transparent-proxy-status` annotation that the accepted PATCHes of pod
+    /// `namespace/name` set, in order (the plugin's progress reports).
+    pub fn status_reports(&self, namespace: &str, name: &str) -> Vec<String> {
+        let path = format!("/api/v1/namespaces/{namespace}/pods/{name}");
+        self.patches()
+            .iter()
+            .filter(|r| r.path == path && r.status == 200)
+            .map(|r| {
+                let body: Value = serde_json::from_str(&r.body).expect("a JSON patch body");
+                body["metadata"]["annotations"][tproxy_cni::core::mesh::consul::TPROXY_STATUS]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
     }
 
     /// Writes a kubeconfig file named `name` in [`ApiServer::dir`], as an installer would on a node.
@@ -624,9 +724,30 @@ struct Incoming {
 
 /// What to send back.
 enum Reply {
-    Answer { status: u16, headers: Vec<(String, String)>, body: String },
-    Cut { status: u16, body: String },
+    Answer {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+    },
+    Cut {
+        status: u16,
+        body: String,
+    },
     Hangup,
+    /// A watch of DaemonSets.
+    Watch(WatchSpec),
+}
+
+/// A watch to stream: the DaemonSet events after `from` (a resource version) for `name` (or every
+/// name) in `namespace`, after the `initial` objects, until `until`; `metadata`: as
+/// `PartialObjectMetadata`.
+struct WatchSpec {
+    namespace: String,
+    name: Option<String>,
+    from: u64,
+    initial: Vec<Value>,
+    until: Instant,
+    metadata: bool,
 }
 
 fn serve(stream: TcpStream, shared: Arc<Shared>, config: Arc<ServerConfig>) {
@@ -663,6 +784,11 @@ fn serve(stream: TcpStream, shared: Arc<Shared>, config: Arc<ServerConfig>) {
             Reply::Hangup => {
                 let _ = tls.sock.shutdown(Shutdown::Both);
                 return;
+            }
+            Reply::Watch(spec) => {
+                if !stream_watch(tls, &shared, spec) {
+                    return;
+                }
             }
         }
         if req.headers.get("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
@@ -724,6 +850,7 @@ fn reason(status: u16) -> &'static str {
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
+        406 => "Not Acceptable",
         405 => "Method Not Allowed",
         409 => "Conflict",
         415 => "Unsupported Media Type",
@@ -819,6 +946,20 @@ fn route(st: &mut State, req: &Incoming, bearer: Option<&str>, client_cert: bool
             pod_request(st, req, key, bearer)
         }
         ["api", "v1", "nodes", name] => node_request(st, req, (*name).to_owned(), bearer),
+        ["apis", "apps", "v1", "namespaces", ns, "daemonsets", name] if req.method == "GET" => {
+            let metadata = match view(req, "PartialObjectMetadata") {
+                Ok(m) => m,
+                Err(reply) => return reply,
+            };
+            match st.daemonsets.get(&((*ns).to_owned(), (*name).to_owned())) {
+                Some(ds) if metadata => ok(&partial(ds)),
+                Some(ds) => ok(ds),
+                None => not_found_in_group("daemonsets", "apps", name),
+            }
+        }
+        ["apis", "apps", "v1", "namespaces", ns, "daemonsets"] if req.method == "GET" => {
+            daemonset_collection(st, req, ns)
+        }
         _ => status_reply(404, "the server could not find the requested resource", "NotFound"),
     }
 }
@@ -1070,4 +1211,201 @@ fn parent_of<'a>(doc: &'a mut Value, path: &str) -> Result<(&'a mut Value, Strin
     let last = last.replace("~1", "/").replace("~0", "~");
     let parent = doc.pointer_mut(parent).ok_or(format!("doc is missing path: {path}"))?;
     Ok((parent, last))
+}
+
+/// A DaemonSet as the API server returns it, with the fields a real one has.
+fn daemonset_json(namespace: &str, name: &str, uid: &str, rv: u64) -> Value {
+    let labels = json!({"app.kubernetes.io/name": name});
+    json!({
+        "kind": "DaemonSet",
+        "apiVersion": "apps/v1",
+        "metadata": {
+            "name": name, "namespace": namespace, "uid": uid, "resourceVersion": rv.to_string(), "generation": 1,
+            "creationTimestamp": "2026-11-21T10:00:00Z", "labels": labels,
+            "annotations": {"deprecated.daemonset.template.generation": "1"},
+        },
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {}},
+                "spec": {"containers": [{"name": "install", "image": "tproxy-cni:0.1.0", "command": ["/tproxy-cni", "install"]}],
+                         "serviceAccountName": name, "hostNetwork": true, "tolerations": [{"operator": "Exists"}]},
+            },
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "revisionHistoryLimit": 10,
+        },
+        "status": {"currentNumberScheduled": 1, "desiredNumberScheduled": 1, "numberMisscheduled": 0,
+                   "numberReady": 1, "observedGeneration": 1, "updatedNumberScheduled": 1, "numberAvailable": 1},
+    })
+}
+
+/// [`not_found`] for a resource of an API group (`daemonsets.apps "NAME" not found`).
+fn not_found_in_group(resource: &str, group: &str, name: &str) -> Reply {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("{resource}.{group} \"{name}\" not found"), "reason": "NotFound",
+        "details": {"name": name, "group": group, "kind": resource}, "code": 404,
+    })
+    .to_string();
+    Reply::Answer { status: 404, headers: Vec::new(), body }
+}
+
+/// The query parameters of a request path, percent-decoded.
+fn query(path: &str) -> BTreeMap<String, String> {
+    let decode = |s: &str| -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            match (b[i], b.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())) {
+                (b'%', Some(v)) => {
+                    out.push(v);
+                    i += 3;
+                }
+                (c, _) => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let q = path.split_once('?').map(|(_, q)| q).unwrap_or("");
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect()
+}
+
+/// Whether the client asked for metadata only (`Accept: application/json;as=KIND;g=meta.k8s.io;v=v1`,
+/// as metadata informers do) or for whole objects; a 406 for a representation not served here.
+fn view(req: &Incoming, kind: &str) -> Result<bool, Reply> {
+    let accept = req.headers.get("accept").map(String::as_str).unwrap_or("application/json");
+    let mut whole = false;
+    for media in accept.split(',').map(str::trim) {
+        let mut params = media.split(';').map(str::trim);
+        if !matches!(params.next(), Some("application/json" | "*/*")) {
+            continue;
+        }
+        let params: Vec<&str> = params.collect();
+        if params.is_empty() {
+            whole = true;
+        } else if params.contains(&format!("as={kind}").as_str())
+            && params.contains(&"g=meta.k8s.io")
+            && params.contains(&"v=v1")
+        {
+            return Ok(true);
+        }
+    }
+    if whole {
+        Ok(false)
+    } else {
+        Err(status_reply(406, &format!("only application/json and as={kind} are served"), "NotAcceptable"))
+    }
+}
+
+/// An object's metadata only, as the API server sends a `PartialObjectMetadata`.
+fn partial(obj: &Value) -> Value {
+    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]})
+}
+
+/// A list (or, with `watch=true`, a watch) of the DaemonSets in a namespace, optionally selected by
+/// `fieldSelector=metadata.name=NAME`, whole or metadata only.
+fn daemonset_collection(st: &mut State, req: &Incoming, ns: &str) -> Reply {
+    let q = query(&req.path);
+    let watch = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let metadata = match view(req, if watch { "PartialObjectMetadata" } else { "PartialObjectMetadataList" }) {
+        Ok(m) => m,
+        Err(reply) => return reply,
+    };
+    let name = match q.get("fieldSelector").map(String::as_str) {
+        None | Some("") => None,
+        Some(sel) => match sel.strip_prefix("metadata.name=") {
+            Some(n) if !n.contains(',') => Some(n.to_owned()),
+            _ => return status_reply(400, &format!("unsupported field selector {sel:?}"), "BadRequest"),
+        },
+    };
+    let selected: Vec<Value> = st
+        .daemonsets
+        .iter()
+        .filter(|((n, d), _)| n == ns && name.as_ref().is_none_or(|want| want == d))
+        .map(|(_, v)| if metadata { partial(v) } else { v.clone() })
+        .collect();
+    if watch {
+        let seconds: u64 = q.get("timeoutSeconds").and_then(|t| t.parse().ok()).unwrap_or(1800);
+        let until = Instant::now() + Duration::from_secs(seconds);
+        let (from, initial) = match q.get("resourceVersion").map(String::as_str) {
+            // "Start at most recent": the current objects as ADDED, then what changes.
+            None | Some("") | Some("0") => (st.resource_version, selected),
+            Some(v) => match v.parse::<u64>() {
+                Ok(rv) => (rv, Vec::new()),
+                Err(_) => return status_reply(400, &format!("invalid resourceVersion {v:?}"), "BadRequest"),
+            },
+        };
+        return Reply::Watch(WatchSpec { namespace: ns.to_owned(), name, from, initial, until, metadata });
+    }
+    let (kind, api_version) =
+        if metadata { ("PartialObjectMetadataList", "meta.k8s.io/v1") } else { ("DaemonSetList", "apps/v1") };
+    ok(&json!({
+        "kind": kind,
+        "apiVersion": api_version,
+        "metadata": {"resourceVersion": st.resource_version.to_string()},
+        "items": selected,
+    }))
+}
+
+/// Streams a watch (of whole objects, or of their metadata) as chunked JSON lines until its deadline (then ends it cleanly), until the
+/// stand-in stops, or until [`ApiServer::cut_watches`] (then drops the connection). Returns
+/// whether the connection can carry another request.
+fn stream_watch(w: &mut StreamOwned<ServerConnection, TcpStream>, shared: &Shared, spec: WatchSpec) -> bool {
+    let WatchSpec { namespace, name, from, initial, until, metadata } = spec;
+    let name = name.as_deref();
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\
+                Audit-Id: 00000000-0000-0000-0000-000000000000\r\n\r\n";
+    let chunk = |w: &mut StreamOwned<ServerConnection, TcpStream>, ty: &str, obj: &Value| -> bool {
+        let line = format!("{}\n", json!({"type": ty, "object": obj}));
+        w.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes()).and_then(|_| w.flush()).is_ok()
+    };
+    if w.write_all(head.as_bytes()).and_then(|_| w.flush()).is_err() {
+        return false;
+    }
+    for obj in &initial {
+        if !chunk(w, "ADDED", obj) {
+            return false;
+        }
+    }
+    let epoch = shared.lock().watch_epoch;
+    let mut cursor = from;
+    loop {
+        let (events, cut) = {
+            let st = shared.lock();
+            let events: Vec<(u64, &'static str, Value)> = st
+                .ds_events
+                .iter()
+                .filter(|(rv, _, obj)| {
+                    *rv > cursor
+                        && obj["metadata"]["namespace"] == namespace
+                        && name.is_none_or(|n| obj["metadata"]["name"] == n)
+                })
+                .cloned()
+                .collect();
+            (events, st.watch_epoch != epoch)
+        };
+        if cut || shared.stop.load(Ordering::SeqCst) {
+            let _ = w.sock.shutdown(Shutdown::Both);
+            return false;
+        }
+        for (rv, ty, obj) in events {
+            let obj = if metadata { partial(&obj) } else { obj };
+            if !chunk(w, ty, &obj) {
+                return false;
+            }
+            cursor = rv;
+        }
+        if Instant::now() >= until {
+            return w.write_all(b"0\r\n\r\n").and_then(|_| w.flush()).is_ok();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -42,7 +42,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::support::{Fam, NsPath, TempDir, harden, plugin, sh, unique};
+use crate::support::{Fam, NsPath, TempDir, harden, host_local_reservations, plugin, sh, unique, walk_dirs};
 
 /// The programs a CRI test needs besides those of every network test.
 pub const TOOLS: &[&str] = &[
@@ -546,14 +546,7 @@ impl Containerd {
 
     /// The addresses host-local holds (one file per address).
     pub fn reserved(&self) -> Vec<String> {
-        fs::read_dir(self.path("ipam").join(&self.bridge))
-            .map(|d| {
-                d.flatten()
-                    .map(|f| f.file_name().to_string_lossy().into_owned())
-                    .filter(|f| f != "lock" && !f.starts_with("last_reserved_ip"))
-                    .collect()
-            })
-            .unwrap_or_default()
+        host_local_reservations(&self.path("ipam").join(&self.bridge))
     }
 
     /// The network namespaces containerd has mounted (under its state directory).
@@ -795,19 +788,6 @@ fn mount_points() -> Vec<String> {
         .lines()
         .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
         .collect()
-}
-
-/// `dir` and every directory below it.
-fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
-    let mut out = vec![dir.to_owned()];
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                out.extend(walk_dirs(&e.path()));
-            }
-        }
-    }
-    out
 }
 
 /// The sandbox's network namespace in PodSandboxStatus's verbose info: the runtime spec's

@@ -17,9 +17,6 @@ use tproxy_cni::core::rules;
 
 use super::{Fam, Netns, consul_pod, in_netns, kuma_pod};
 
-/// The iptables backends.
-pub const BACKENDS: [&str; 2] = ["nft", "legacy"];
-
 /// A mesh configuration a pod can carry.
 #[derive(Debug, Clone)]
 pub struct Spec {
@@ -248,8 +245,7 @@ pub fn canary_rules() -> Vec<String> {
 
 /// Plants the canary in both families.
 pub fn plant_canary(ns: &Netns, backend: &str) {
-    ns.restore(Fam::V4, backend, CANARY);
-    ns.restore(Fam::V6, backend, CANARY);
+    ns.plant(backend, CANARY);
 }
 
 /// The foreign rules of both families, sorted (to compare with the canary).
@@ -274,14 +270,6 @@ pub fn state(ns: &Netns, backend: &str) -> (BTreeMap<Fam, Ours>, BTreeMap<Fam, V
         foreign.insert(f, v);
     }
     (ours, foreign)
-}
-
-/// How many times `::6/128` is on the namespace's loopback.
-pub fn passthrough_v6(ns: &Netns) -> usize {
-    let out =
-        in_netns(ns, None, || Command::new("/usr/sbin/ip").args(["-6", "-o", "addr", "show", "dev", "lo"]).output())
-            .unwrap();
-    String::from_utf8_lossy(&out.stdout).matches(" ::6/128 ").count()
 }
 
 /// A small, seedable generator (SplitMix64): runs are reproducible from their seed.

@@ -17,7 +17,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -195,6 +195,24 @@ pub fn in_own_process(module: &str, test: &str, deadline: Duration) -> bool {
     false
 }
 
+/// Tests that load the whole machine for a while (a container runtime with its disk work, 64
+/// plugins at once, a kill loop) and tests that give another process a deadline tight enough for
+/// that load to break (the installer re-chaining within a second) must not overlap. As test binaries
+/// of their own they never did; in the one binary [`busy`] and [`punctual`] keep them apart.
+static LOAD: RwLock<()> = RwLock::new(());
+
+/// Held by a test that loads the machine: any number of them run together, never beside a
+/// [`punctual`] one.
+pub fn busy() -> RwLockReadGuard<'static, ()> {
+    // A test that panicked while holding it poisoned nothing of ours: the lock guards no data.
+    LOAD.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held by a test whose deadlines a [`busy`] test's load could break: it runs with none of them.
+pub fn punctual() -> RwLockWriteGuard<'static, ()> {
+    LOAD.write().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A short name unique across this machine's concurrent test processes (interface names are
 /// limited to 15 bytes).
 pub fn unique(prefix: &str) -> String {
@@ -205,13 +223,46 @@ pub fn unique(prefix: &str) -> String {
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{cmd:?} failed: {}", text(&out));
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `cond` every 5 ms until it holds or `limit` passes; returns how long it took.
+pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `dir` and every directory below it (cgroup trees, to remove them children first).
+pub fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_owned()];
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(walk_dirs(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// The addresses host-local has handed out from its data directory for one network (`dir`): one
+/// file per address, beside its lock and last-reserved markers.
+pub fn host_local_reservations(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|f| f.file_name().to_string_lossy().into_owned())
+                .filter(|f| f != "lock" && !f.starts_with("last_reserved_ip"))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A scratch directory removed on drop.
@@ -330,6 +381,36 @@ impl Netns {
         assert!(out.status.success(), "{tool}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Applies `rules` (restore input) in both families with `backend`.
+    pub fn plant(&self, backend: &str, rules: &str) {
+        self.restore(Fam::V4, backend, rules);
+        self.restore(Fam::V6, backend, rules);
+    }
+
+    /// Plants the foreign canary ([`NAT_CANARY`]) in both families.
+    pub fn plant_canary(&self, backend: &str) {
+        self.plant(backend, NAT_CANARY);
+    }
+
+    /// A new namespace holding the canary in `backend`'s tables, and its [`Netns::snapshot`].
+    pub fn with_canary(prefix: &str, backend: &str) -> (Netns, String) {
+        let ns = Netns::new(prefix);
+        ns.plant_canary(backend);
+        let before = ns.snapshot();
+        (ns, before)
+    }
+
+    /// How many times `::6/128` (Kuma's IPv6 inbound passthrough address) is on the loopback.
+    pub fn passthrough_v6(&self) -> usize {
+        // Run from a thread inside the namespace: cheaper than `ip netns exec`, and the crash tests
+        // ask often.
+        let out = in_netns(self, None, || {
+            Command::new("/usr/sbin/ip").args(["-6", "-o", "addr", "show", "dev", "lo"]).output()
+        })
+        .unwrap();
+        String::from_utf8_lossy(&out.stdout).matches(" ::6/128 ").count()
+    }
+
     /// Counts the rules of ours in one family: for the iptables engine (`backend` `nft` or
     /// `legacy`) those carrying our ownership comment, for the nftables engine (`nftables`) the
     /// rules of our table.
@@ -358,6 +439,14 @@ impl Drop for Netns {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
+
+/// Foreign rules that must survive whatever the plugin does: a rule of someone else's in a built-in
+/// chain we also use, and a chain of their own, in nat.
+const NAT_CANARY: &str =
+    "*nat\n:CANARY - [0:0]\n-A OUTPUT -p tcp -m tcp --dport 9999 -j RETURN\n-A CANARY -j RETURN\nCOMMIT\n";
+
+/// The iptables backends, in the order tests go through them.
+pub const BACKENDS: [&str; 2] = ["nft", "legacy"];
 
 /// A network namespace that can be entered through a path: a test's own [`Netns`], or one a
 /// container runtime made (its bind mount, or `/proc/PID/ns/net`).
@@ -534,6 +623,52 @@ impl Drop for Network {
     }
 }
 
+/// The start every network test shares: the privileged guard, a [`Network`] whose tproxy-cni entry
+/// uses one backend, and pods holding a foreign canary whose snapshot the test compares against.
+/// Derefs to its network.
+pub struct Fixture {
+    /// The backend of the network's tproxy-cni entry (`iptables_mode`).
+    pub backend: &'static str,
+    pub net: Network,
+}
+
+impl Fixture {
+    /// A network on `backend` with `conf`'s keys added to the tproxy-cni entry; `None` when the
+    /// test cannot run here (see [`privileged`]: skipped outside CI, a failure in CI).
+    pub fn new(backend: &'static str, conf: serde_json::Value) -> Option<Fixture> {
+        privileged().then(|| Fixture::on(backend, &conf))
+    }
+
+    /// One fixture per backend, each made when the loop reaches it (the previous one is gone by
+    /// then); none when the test cannot run here.
+    pub fn backends(conf: serde_json::Value) -> impl Iterator<Item = Fixture> {
+        let run = privileged();
+        BACKENDS.into_iter().filter(move |_| run).map(move |backend| Fixture::on(backend, &conf))
+    }
+
+    fn on(backend: &'static str, conf: &serde_json::Value) -> Fixture {
+        let mut conf = conf.clone();
+        conf["iptables_mode"] = backend.into();
+        Fixture { backend, net: Network::new(conf) }
+    }
+
+    /// A pod not ADDed yet whose namespace holds the canary, and the namespace's snapshot.
+    pub fn canary_pod(&self, name: &str) -> (Pod<'_>, String) {
+        let pod = self.net.pod_unstarted(name);
+        pod.ns.plant_canary(self.backend);
+        let before = pod.ns.snapshot();
+        (pod, before)
+    }
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = Network;
+
+    fn deref(&self) -> &Network {
+        &self.net
+    }
+}
+
 /// A pod sandbox on a [`Network`]. Dropping it DELs it through the chain and removes its namespace.
 pub struct Pod<'n> {
     pub net: &'n Network,
@@ -577,6 +712,11 @@ impl Drop for Pod<'_> {
             let _ = self.net.cnidrv("del", &self.ns, &self.id, &self.cni_args(), None);
         }
     }
+}
+
+/// A finished command's stdout and stderr, for messages.
+pub fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 /// Calls the plugin binary directly (as a runtime would), with a CNI environment and stdin.
