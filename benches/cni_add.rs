@@ -5,6 +5,10 @@
 //! `docs/performance.md` come from here); never fails on a slow machine (it is a benchmark, not a
 //! test). Needs root.
 //!
+//! The nftables engine is measured the same way, against the iptables engine, one bare
+//! iptables-restore of the same rules and a pass-through ADD, and by the rate of new connections
+//! through the redirect with a thousand excluded networks.
+//!
 //!   cargo bench --bench cni_add            (hack/bench.sh builds and runs it)
 //!   BENCH_RUNS=200 (default) runs per row; BENCH_QUICK=1 for a smoke run.
 
@@ -25,7 +29,8 @@ use std::time::{Duration, Instant};
 use apiserver::{ApiServer, PodFixture};
 use serde_json::{Value, json};
 use tproxy_cni::core::mesh::{self, PodNetwork};
-use tproxy_cni::core::rules;
+use tproxy_cni::core::redirect::Family;
+use tproxy_cni::core::{nft, rules};
 
 fn plugin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tproxy-cni"))
@@ -115,11 +120,18 @@ enum Source<'a> {
     RuntimeReporting(&'a Value, &'a Path),
 }
 
+/// The plugin's stdin; `mode` is an `iptables_mode` (`nft`, `legacy`, `auto`), or `nftables` for
+/// the nftables engine.
 fn stdin_for(source: &Source, mode: &str) -> String {
     let mut conf = json!({
-        "cniVersion": "1.0.0", "name": "bench", "type": "tproxy-cni", "iptables_mode": mode,
+        "cniVersion": "1.0.0", "name": "bench", "type": "tproxy-cni",
         "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "198.18.0.2/24"}]},
     });
+    if mode == "nftables" {
+        conf["backend"] = json!("nftables");
+    } else {
+        conf["iptables_mode"] = json!(mode);
+    }
     match source {
         Source::Runtime(annotations) => {
             conf["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": annotations});
@@ -173,6 +185,28 @@ fn transaction(annotations: &Value) -> String {
     let a: mesh::Annotations = serde_json::from_value(annotations.clone()).unwrap();
     let r = mesh::classify(&a, PodNetwork::default()).unwrap().unwrap();
     rules::render_fresh(&rules::build(&r)[0])
+}
+
+/// The restore transactions of both families, for a pod with IPv6.
+fn transactions_dual(annotations: &Value) -> (String, String) {
+    let a: mesh::Annotations = serde_json::from_value(annotations.clone()).unwrap();
+    let r = mesh::classify(&a, PodNetwork { has_ipv6: true }).unwrap().unwrap();
+    let sets = rules::build(&r);
+    (rules::render_fresh(&sets[0]), rules::render_fresh(&sets[1]))
+}
+
+/// The `nft -f` script of the nftables engine's batch for these annotations.
+fn nft_script(annotations: &Value, has_ipv6: bool) -> String {
+    let a: mesh::Annotations = serde_json::from_value(annotations.clone()).unwrap();
+    let r = mesh::classify(&a, PodNetwork { has_ipv6 }).unwrap().unwrap();
+    nft::render::script(&nft::from_rules(&rules::build(&r)), &Family::ALL)
+}
+
+/// `stdin` with an IPv6 address in the previous result too (a dual-stack pod).
+fn dual_stack(stdin: &str) -> String {
+    let mut conf: Value = serde_json::from_str(stdin).unwrap();
+    conf["prevResult"]["ips"].as_array_mut().unwrap().push(json!({"address": "fd18::2/64"}));
+    conf.to_string()
 }
 
 #[derive(Default)]
@@ -323,6 +357,72 @@ fn bare_restore(tx: &str) -> impl FnMut(&Ns) -> Sample {
         let f = File::open(ns.path()).unwrap();
         timed(in_ns(Command::new("/usr/sbin/iptables-nft-restore").arg("--noflush"), &f), &tx)
     }
+}
+
+/// `iptables-restore` then `ip6tables-restore` of a dual-stack pod's rules, both entered by setns
+/// in the forked child: the floor of the iptables engine for such a pod.
+fn bare_restore_both(tx4: &str, tx6: &str) -> impl FnMut(&Ns) -> Sample {
+    let (tx4, tx6) = (tx4.to_owned(), tx6.to_owned());
+    move |ns| {
+        let f = File::open(ns.path()).unwrap();
+        let start = Instant::now();
+        let (_, ok4) = timed(in_ns(Command::new("/usr/sbin/iptables-nft-restore").arg("--noflush"), &f), &tx4);
+        let (_, ok6) = timed(in_ns(Command::new("/usr/sbin/ip6tables-nft-restore").arg("--noflush"), &f), &tx6);
+        (start.elapsed(), ok4 && ok6)
+    }
+}
+
+/// `nft -f` of the nftables engine's rule set, entered by setns in the forked child: what the
+/// nftables-based peers do (they all run the `nft` program).
+fn nft_program(script: &str) -> impl FnMut(&Ns) -> Sample {
+    let script = script.to_owned();
+    move |ns| {
+        let f = File::open(ns.path()).unwrap();
+        timed(in_ns(Command::new("/usr/sbin/nft").args(["-f", "-"]), &f), &script)
+    }
+}
+
+/// New outbound TCP connections per second through the redirect of a Consul pod with `cidrs`
+/// excluded networks, installed by the engine of `mode`: a pod namespace with a veth to a sibling
+/// namespace (the only route it has), a listener on the proxy's outbound port, and one thread that
+/// dials the sibling's address `conns` times, accepts each redirected connection and closes both.
+/// Setting up the namespaces and the ADD is not timed.
+fn connection_rate(mode: &str, annotations: &Value, conns: usize) -> f64 {
+    let (pod, remote) = (Ns::new(), Ns::new());
+    run(Command::new("ip").args(["-n", &pod.0, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1"]));
+    run(Command::new("ip").args(["-n", &pod.0, "link", "set", "veth1", "netns", &remote.0]));
+    for (ns, dev, addr) in [(&pod, "veth0", "198.18.0.1/24"), (&remote, "veth1", "198.18.0.2/24")] {
+        run(Command::new("ip").args(["-n", &ns.0, "addr", "add", addr, "dev", dev]));
+        run(Command::new("ip").args(["-n", &ns.0, "link", "set", dev, "up"]));
+        run(Command::new("ip").args(["-n", &ns.0, "link", "set", "lo", "up"]));
+    }
+    let mut cmd = Command::new(plugin());
+    cni_env(&pod, "ADD", "bench", &mut cmd);
+    let stdin = stdin_for(&Source::Runtime(annotations), mode).replace("198.18.0.2/24", "198.18.0.1/24");
+    assert!(timed(&mut cmd, &stdin).1, "ADD for the connection benchmark failed ({mode})");
+    let f = File::open(pod.path()).unwrap();
+    let elapsed = std::thread::scope(|s| {
+        s.spawn(|| {
+            // Safety: only this thread changes namespace, and it ends with the scope.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let listener = std::net::TcpListener::bind("0.0.0.0:15001").unwrap();
+            let target: std::net::SocketAddr = "198.18.0.2:8080".parse().unwrap();
+            let start = Instant::now();
+            for _ in 0..conns {
+                let client = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))
+                    .expect("the redirect takes the connection to the proxy's port");
+                let (server, _) = listener.accept().unwrap();
+                // A reset instead of TIME_WAIT: thousands of connections leave no state behind.
+                socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO)).unwrap();
+                drop(client);
+                drop(server);
+            }
+            start.elapsed()
+        })
+        .join()
+        .unwrap()
+    });
+    conns as f64 / elapsed.as_secs_f64()
 }
 
 /// The same restore spawned (vfork, no fork) by a short-lived thread that entered the namespace:
@@ -591,18 +691,104 @@ fn main() {
         kuma_base - p50(&k[5]),
     );
 
+    println!(
+        "\n## The nftables engine: Consul pod (IPv4, runtimeConfig), {runs} runs of each, interleaved, fresh \
+         namespace per run (ms)\n"
+    );
+    let consul_script = nft_script(&consul, false);
+    let n = measure_all(
+        runs,
+        vec![
+            strategy(
+                "tproxy-cni ADD, nftables engine (one netlink batch)",
+                1,
+                tproxy_add(stdin_for(&Source::Runtime(&consul), "nftables"), "bench"),
+            ),
+            strategy(
+                "tproxy-cni ADD, iptables engine (iptables-nft)",
+                2,
+                tproxy_add(stdin_for(&Source::Runtime(&consul), "nft"), "bench"),
+            ),
+            strategy("one bare iptables-restore of the same rules, setns in the forked child", 1, {
+                bare_restore(&consul_tx)
+            }),
+            strategy("nft -f of the same rule set, setns in the forked child", 1, nft_program(&consul_script)),
+            strategy(
+                "tproxy-cni ADD, pod in no mesh (pass-through, runtimeConfig)",
+                1,
+                tproxy_add(stdin_for(&Source::Runtime(&plain), "nftables"), "bench"),
+            ),
+        ],
+    );
+    let nft_base = n[0].stats.pct(0.5);
+    print_rows(&n, nft_base, "nftables ADD");
+
+    let (kuma_tx4, kuma_tx6) = transactions_dual(&kuma);
+    let kuma_script = nft_script(&kuma, true);
+    println!(
+        "\n## The nftables engine: dual-stack Kuma pod (IPv4 + IPv6, nat + raw), {runs} runs of each, interleaved (ms)\n"
+    );
+    let nk = measure_all(
+        runs,
+        vec![
+            strategy(
+                "tproxy-cni ADD, nftables engine (one netlink batch, ::6 on lo)",
+                1,
+                tproxy_add(dual_stack(&stdin_for(&Source::Runtime(&kuma), "nftables")), "bench"),
+            ),
+            strategy(
+                "tproxy-cni ADD, iptables engine (iptables-nft, both families)",
+                3,
+                tproxy_add(dual_stack(&stdin_for(&Source::Runtime(&kuma), "nft")), "bench"),
+            ),
+            strategy("bare iptables-restore + ip6tables-restore of the same rules", 2, {
+                bare_restore_both(&kuma_tx4, &kuma_tx6)
+            }),
+            strategy("one bare iptables-restore of the IPv4 rules only", 1, bare_restore(&kuma_tx4)),
+            strategy("nft -f of the same rule set (both families)", 1, nft_program(&kuma_script)),
+            strategy(
+                "tproxy-cni ADD, pod in no mesh (pass-through, runtimeConfig)",
+                1,
+                tproxy_add(dual_stack(&stdin_for(&Source::Runtime(&plain), "nftables")), "bench"),
+            ),
+        ],
+    );
+    let nk_base = nk[0].stats.pct(0.5);
+    print_rows(&nk, nk_base, "nftables ADD");
+    println!(
+        "\nnftables engine, Consul: / bare iptables-restore = {:.2} (target <= 0.5); / pass-through ADD = {:.2} \
+         (target <= 1.5); / iptables engine = {:.2}; / nft -f = {:.2}",
+        nft_base / p50(&n[2]),
+        nft_base / p50(&n[4]),
+        nft_base / p50(&n[1]),
+        nft_base / p50(&n[3]),
+    );
+    println!(
+        "nftables engine, dual-stack Kuma: / bare restores of both families = {:.2} (target <= 0.5; IPv4 restore \
+         alone: {:.2}); / pass-through ADD = {:.2} (target <= 1.5); / iptables engine = {:.2}; / nft -f = {:.2}",
+        nk_base / p50(&nk[2]),
+        nk_base / p50(&nk[3]),
+        nk_base / p50(&nk[5]),
+        nk_base / p50(&nk[1]),
+        nk_base / p50(&nk[4]),
+    );
+
     println!("\n## 64 concurrent ADDs (Consul pod, runtimeConfig)\n");
     println!("| backend | wall time (ms) | failures |");
     println!("|---|---:|---:|");
-    for mode in ["nft", "legacy"] {
+    for mode in ["nft", "legacy", "nftables"] {
         let (wall, failures) = concurrent(&consul, mode, 64);
         println!("| {mode} | {:.1} | {failures} |", wall.as_secs_f64() * 1e3);
     }
 
     let scale_runs = if quick { 5 } else { 30 };
     println!("\n## Rule-count scaling: excluded outbound CIDRs and ports, {scale_runs} runs each (ms)\n");
-    println!("| excluded CIDRs + ports | rules (IPv4) | tproxy-cni p50 | bare restore p50 | ratio |");
-    println!("|---:|---:|---:|---:|---:|");
+    println!(
+        "| excluded CIDRs + ports | rules (IPv4) | tproxy-cni p50 | bare restore p50 | ratio | nftables engine p50 \
+         | nftables / its 10-CIDR p50 |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mut nft_first = None;
     for n in [10, 100, 1000] {
         let pod = consul_pod(n, n);
         let tx = transaction(&pod);
@@ -611,14 +797,41 @@ fn main() {
             vec![
                 strategy("tproxy-cni", 2, tproxy_add(stdin_for(&Source::Runtime(&pod), "nft"), "bench")),
                 strategy("bare restore", 1, bare_restore(&tx)),
+                strategy("nftables", 1, tproxy_add(stdin_for(&Source::Runtime(&pod), "nftables"), "bench")),
             ],
         );
-        let (ours, bare) = (rows[0].stats.pct(0.5), rows[1].stats.pct(0.5));
+        let (ours, bare, nft) = (rows[0].stats.pct(0.5), rows[1].stats.pct(0.5), rows[2].stats.pct(0.5));
+        let first = *nft_first.get_or_insert(nft);
         println!(
-            "| {n} + {n} | {} | {ours:.2} | {bare:.2} | {:.2}x |",
+            "| {n} + {n} | {} | {ours:.2} | {bare:.2} | {:.2}x | {nft:.2} | {:.2}x |",
             tx.lines().filter(|l| l.starts_with("-A")).count(),
-            ours / bare
+            ours / bare,
+            nft / first
         );
+    }
+
+    let rate_rounds = if quick { 2 } else { 5 };
+    let rate_conns = if quick { 300 } else { 2000 };
+    println!(
+        "\n## New outbound TCP connections per second through the redirect, Consul pod with 1000 excluded CIDRs + \
+         1000 ports ({rate_rounds} rounds of {rate_conns} connections per engine, interleaved)\n"
+    );
+    let big = consul_pod(1000, 1000);
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..rate_rounds {
+        for (i, mode) in ["nft", "nftables"].into_iter().enumerate() {
+            rates[i].push(connection_rate(mode, &big, rate_conns));
+        }
+    }
+    println!("| engine | connections/s (median) | min | max |");
+    println!("|---|---:|---:|---:|");
+    for (i, what) in ["iptables engine (iptables-nft: 2000 rules in a chain)", "nftables engine (interval sets)"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut r = rates[i].clone();
+        r.sort_by(f64::total_cmp);
+        println!("| {what} | {:.0} | {:.0} | {:.0} |", r[r.len() / 2], r[0], r[r.len() - 1]);
     }
 
     let stripped = std::env::temp_dir().join(format!("tproxy-cni-stripped-{}", std::process::id()));
@@ -638,6 +851,21 @@ fn main() {
         ("Consul ADD, runtimeConfig (the plugin, or the iptables-restore it runs)", consul_stdin.clone(), "bench"),
         ("Consul ADD, API stand-in (the plugin with TLS, or iptables-restore)", status_stdin, "consul-api-status"),
         ("Kuma ADD, runtimeConfig (the plugin, or the iptables-restore it runs)", kuma_stdin, "bench"),
+        (
+            "Consul ADD, nftables engine (the whole ADD: no other program)",
+            stdin_for(&Source::Runtime(&consul), "nftables"),
+            "bench",
+        ),
+        (
+            "dual-stack Kuma ADD, nftables engine (the whole ADD: no other program)",
+            dual_stack(&stdin_for(&Source::Runtime(&kuma), "nftables")),
+            "bench",
+        ),
+        (
+            "Consul ADD with 1000 CIDRs + 1000 ports, nftables engine",
+            stdin_for(&Source::Runtime(&consul_pod(1000, 1000)), "nftables"),
+            "bench",
+        ),
     ];
     for (what, stdin, name) in rss_rows {
         let mut kib: Vec<i64> = (0..rss_runs).filter_map(|_| peak_rss(&stdin, name)).collect();

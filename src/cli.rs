@@ -14,7 +14,10 @@ use clap::{CommandFactory, Parser, Subcommand};
 use thiserror::Error;
 
 use crate::core::mesh::{self, AnnotationError, PodNetwork};
+use crate::core::nft;
+use crate::core::redirect::Family;
 use crate::core::rules;
+use crate::host::namespace::BackendArg;
 use crate::host::{Report, redirect, uninstall, validate};
 use crate::installer::cli as install;
 use crate::text::chain;
@@ -32,7 +35,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Print the iptables-restore input a pod with these annotations would get, per family.
+    /// Print the rules a pod with these annotations would get: the iptables-restore input per
+    /// family, or with `--backend nftables` the `nft -f` script of the nftables engine's batch.
     ///
     /// The annotations are a JSON object of strings (as in a Pod's metadata.annotations), read
     /// from FILE or stdin. Nothing is applied. Prints nothing when the pod is in no mesh.
@@ -42,6 +46,9 @@ enum Cmd {
         /// Assume the pod has an IPv6 address (its previous plugin's result had one).
         #[arg(long)]
         pod_ipv6: bool,
+        /// The engine whose rules to print.
+        #[arg(long, value_enum, value_name = "ENGINE", default_value = "iptables")]
+        backend: BackendArg,
     },
     /// Install a mesh's transparent-proxy redirect on this host (or in --netns).
     ///
@@ -77,7 +84,7 @@ pub fn main() -> ExitCode {
     // The rest of the environment, read once here (clap has read the flags' fallbacks).
     let ssh_connection = std::env::var("SSH_CONNECTION").ok();
     let result = match cli.command {
-        Cmd::Render { file, pod_ipv6 } => render(file, pod_ipv6),
+        Cmd::Render { file, pod_ipv6, backend } => render(file, pod_ipv6, backend),
         Cmd::Redirect(args) => {
             if !args.names_a_mesh() {
                 mesh_missing().exit();
@@ -158,7 +165,7 @@ enum RenderError {
     Annotation(#[from] AnnotationError),
 }
 
-fn render(file: Option<PathBuf>, pod_ipv6: bool) -> Result<String, RenderError> {
+fn render(file: Option<PathBuf>, pod_ipv6: bool, backend: BackendArg) -> Result<String, RenderError> {
     let text = match file.as_deref() {
         None => read_stdin()?,
         Some(p) if p.as_os_str() == "-" => read_stdin()?,
@@ -166,7 +173,10 @@ fn render(file: Option<PathBuf>, pod_ipv6: bool) -> Result<String, RenderError> 
     };
     let annotations: BTreeMap<String, String> = serde_json::from_str(&text).map_err(RenderError::Json)?;
     match mesh::classify(&annotations, PodNetwork { has_ipv6: pod_ipv6 })? {
-        Some(r) => Ok(rules::render_all(&rules::build(&r))),
+        Some(r) => Ok(match backend {
+            BackendArg::Iptables => rules::render_all(&rules::build(&r)),
+            BackendArg::Nftables => nft::render::script(&nft::from_rules(&rules::build(&r)), &Family::ALL),
+        }),
         None => {
             eprintln!("tproxy-cni: these annotations put the pod in no mesh: nothing would be applied");
             Ok(String::new())

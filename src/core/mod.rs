@@ -8,5 +8,6 @@
 
 pub mod limits;
 pub mod mesh;
+pub mod nft;
 pub mod redirect;
 pub mod rules;

@@ -134,6 +134,21 @@ impl PortRange {
         PortRange { first: port.0.get(), last: port.0.get() }
     }
 
+    /// The range `first..=last`, when it is one (`first` does not exceed `last`).
+    pub fn new(first: Port, last: Port) -> Option<PortRange> {
+        (first <= last).then_some(PortRange { first: first.get(), last: last.get() })
+    }
+
+    /// The first port of the range.
+    pub fn first(self) -> u16 {
+        self.first
+    }
+
+    /// The last port of the range (the first, for a single port).
+    pub fn last(self) -> u16 {
+        self.last
+    }
+
     /// Is `port` in the range?
     pub fn contains(self, port: u16) -> bool {
         (self.first..=self.last).contains(&port)
@@ -179,6 +194,22 @@ pub struct UidRange {
 impl UidRange {
     pub fn single(uid: u32) -> UidRange {
         UidRange { first: uid, last: uid }
+    }
+
+    /// The range `first..=last`, when it is one: `first` does not exceed `last`, and neither is
+    /// `u32::MAX` (the kernel's "no user").
+    pub fn new(first: u32, last: u32) -> Option<UidRange> {
+        (first <= last && last != u32::MAX).then_some(UidRange { first, last })
+    }
+
+    /// The first UID of the range.
+    pub fn first(self) -> u32 {
+        self.first
+    }
+
+    /// The last UID of the range (the first, for a single UID).
+    pub fn last(self) -> u32 {
+        self.last
     }
 }
 

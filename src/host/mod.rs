@@ -7,7 +7,7 @@
 //! session. Each command is a function of its parsed flags returning a [`Report`]; `crate::cli`
 //! prints it and turns errors into exit statuses.
 
-mod namespace;
+pub mod namespace;
 pub mod redirect;
 mod ssh;
 pub mod uninstall;

@@ -1,11 +1,13 @@
-//! The namespace a host command works on, and with which iptables: flags shared by `redirect`
-//! and `uninstall`.
+//! The namespace a host command works on, and with which engine and iptables: flags shared by
+//! `redirect` and `uninstall`.
 
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
-use crate::kernel::netfilter::{Backend, Mode, Netfilter};
+use crate::kernel::deadline::Deadline;
+use crate::kernel::engine::{Engine, EngineKind};
+use crate::kernel::netfilter::Mode;
 use crate::kernel::netns::{Netns, NetnsError};
 
 /// Where the rules go.
@@ -20,6 +22,28 @@ pub struct NamespaceArgs {
     /// picks nft otherwise. `redirect` and `uninstall` must use the same one.
     #[arg(long, value_enum, value_name = "MODE", env = "TPROXY_CNI_IPTABLES_MODE", default_value = "auto")]
     pub iptables_mode: IptablesMode,
+
+    /// Which engine installs the rules: `iptables` runs the node's iptables-restore; `nftables`
+    /// programs tables of our own over netlink and needs no program at all. `redirect` and
+    /// `uninstall` must use the same one.
+    #[arg(long, value_enum, value_name = "ENGINE", env = "TPROXY_CNI_BACKEND", default_value = "iptables")]
+    pub backend: BackendArg,
+}
+
+/// `--backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    Iptables,
+    Nftables,
+}
+
+impl From<BackendArg> for EngineKind {
+    fn from(b: BackendArg) -> EngineKind {
+        match b {
+            BackendArg::Iptables => EngineKind::Iptables,
+            BackendArg::Nftables => EngineKind::Nftables,
+        }
+    }
 }
 
 /// `--iptables-mode`.
@@ -39,13 +63,14 @@ impl NamespaceArgs {
         }
     }
 
-    /// The netfilter engine for the chosen backend.
-    pub fn netfilter(&self) -> Netfilter {
-        Netfilter::new(Backend::resolve(match self.iptables_mode {
+    /// The chosen engine, every tool it runs and every kernel exchange ending by `deadline`.
+    pub fn engine(&self, deadline: Deadline) -> Engine {
+        let mode = match self.iptables_mode {
             IptablesMode::Auto => Mode::Auto,
             IptablesMode::Nft => Mode::Nft,
             IptablesMode::Legacy => Mode::Legacy,
-        }))
+        };
+        Engine::new(self.backend.into(), mode, deadline)
     }
 
     /// How to name the namespace in messages.

@@ -1,7 +1,7 @@
 //! `tproxy-cni redirect`: install a mesh's transparent-proxy redirect on a host or VM (or in any
 //! network namespace), through the same engine as the CNI plugin: flags or a mesh's configuration
 //! file → the validated constructor (`core::mesh::consul_host` or `kuma_host`: the dialect's checks,
-//! then the rule budget, as for a pod) → `rules::build` → `Netfilter::apply`.
+//! then the rule budget, as for a pod) → `rules::build` → `Engine::apply`.
 //!
 //! The mesh is the one whose flags are given: Consul's (`consul connect redirect-traffic`'s, or
 //! `--consul-config`) or Kuma's (`kumactl install transparent-proxy`'s, or `--kuma-config`).
@@ -26,7 +26,8 @@ use crate::core::redirect::{
 };
 use crate::core::rules;
 use crate::kernel::deadline::Deadline;
-use crate::kernel::netfilter::{DEFAULT_BUDGET, NetfilterError, PlanError};
+use crate::kernel::engine::{EngineError, PlanError};
+use crate::kernel::netfilter::DEFAULT_BUDGET;
 use crate::kernel::netlink::{self, NetlinkError};
 use crate::kernel::netns::{Netns, NetnsError};
 
@@ -236,7 +237,7 @@ pub enum RedirectError {
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
-    Netfilter(#[from] NetfilterError),
+    Engine(#[from] EngineError),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
 }
@@ -263,8 +264,8 @@ pub fn run(args: &RedirectArgs, ssh_connection: Option<&str>) -> Result<Report, 
     if !args.force {
         ssh_guard(&ns, &redirect, &source, ssh_connection)?;
     }
-    let nf = args.namespace.netfilter();
-    let plan = nf.plan_apply(&ns, &sets)?;
+    let engine = args.namespace.engine(deadline);
+    let plan = engine.plan_apply(&ns, &sets)?;
     let where_ = args.namespace.describe();
     if args.dry_run {
         let mut out = plan.render();
@@ -274,19 +275,19 @@ pub fn run(args: &RedirectArgs, ssh_connection: Option<&str>) -> Result<Report, 
         return Ok(Report::out(out));
     }
     let prepared = netlink::prepare(&ns, redirect, deadline)?;
-    let applied = nf.apply(&ns, &sets)?;
+    let applied = engine.apply(&ns, &sets)?;
     // Kuma's `::6` after the rules, as in ADD: an interrupted command never leaves the address alone.
     if let Err(e) = prepared.add_address(&ns, deadline) {
-        nf.undo(&ns, applied);
+        engine.undo(&ns, applied);
         return Err(e.into());
     }
     let families: Vec<&str> = sets.iter().map(|s| s.family.name()).collect();
-    let verb = if plan.steps.iter().any(|s| s.ours_before.rules > 0) { "replaced" } else { "installed" };
+    let verb = if plan.replaces() { "replaced" } else { "installed" };
     Ok(Report::out(format!(
-        "tproxy-cni: {} redirect {verb} in {where_} ({}, iptables-{})\n",
+        "tproxy-cni: {} redirect {verb} in {where_} ({}, {})\n",
         prepared.redirect.mesh(),
         families.join("+"),
-        nf.backend().name()
+        engine.name()
     )))
 }
 

@@ -1,7 +1,8 @@
 //! `tproxy-cni uninstall`: remove every rule and chain of ours from a namespace, and nothing else.
 //!
-//! What is ours is decided by the marks `netfilter::save` knows (our chain names, our comments:
-//! `tproxy-cni`, and Kuma's prefix on Kuma's layout). With Kuma's IPv6 pass goes the `::6/128` it
+//! What is ours is decided, for the iptables engine, by the marks `netfilter::save` knows (our
+//! chain names, our comments: `tproxy-cni`, and Kuma's prefix on Kuma's layout); for the nftables
+//! engine it is our tables, `ip tproxy-cni` and `ip6 tproxy-cni`. With Kuma's IPv6 pass goes the `::6/128` it
 //! needs on `lo`, as on DEL.
 //! When our chain names hold rules without our comment — installed by `consul connect
 //! redirect-traffic`, kuma-init or `kumactl install transparent-proxy` — nothing is removed and the
@@ -15,7 +16,8 @@ use super::namespace::NamespaceArgs;
 use crate::core::redirect::{Family, KUMA_INBOUND_PASSTHROUGH_V6};
 use crate::core::rules::kuma;
 use crate::kernel::deadline::Deadline;
-use crate::kernel::netfilter::{DEFAULT_BUDGET, NetfilterError, PlanError};
+use crate::kernel::engine::{EngineError, PlanError};
+use crate::kernel::netfilter::DEFAULT_BUDGET;
 use crate::kernel::netlink::{self, NetlinkError};
 use crate::kernel::netns::NetnsError;
 
@@ -38,7 +40,7 @@ pub enum UninstallError {
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
-    Netfilter(#[from] NetfilterError),
+    Engine(#[from] EngineError),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
 }
@@ -46,12 +48,11 @@ pub enum UninstallError {
 /// Removes (or, with `--dry-run`, prints the removal of) everything of ours.
 pub fn run(args: &UninstallArgs) -> Result<Report, UninstallError> {
     let ns = args.namespace.open()?;
-    let nf = args.namespace.netfilter();
-    let plan = nf.plan_removal(&ns)?;
+    let engine = args.namespace.engine(Deadline::after(DEFAULT_BUDGET));
+    let plan = engine.plan_removal(&ns)?;
     let where_ = args.namespace.describe();
-    if plan.steps.is_empty() {
-        let note =
-            format!("tproxy-cni: nothing of ours in {where_} (iptables-{}): nothing to remove\n", nf.backend().name());
+    if plan.is_empty() {
+        let note = format!("tproxy-cni: nothing of ours in {where_} ({}): nothing to remove\n", engine.name());
         // A dry run prints only transactions on stdout: there is none.
         return Ok(if args.dry_run { Report { stdout: String::new(), stderr: note } } else { Report::out(note) });
     }
@@ -67,18 +68,7 @@ pub fn run(args: &UninstallArgs) -> Result<Report, UninstallError> {
         }
         return Ok(Report::out(out));
     }
-    nf.execute(&ns, &plan)?;
+    engine.execute(&ns, &plan)?;
     netlink::release(&ns, &removed, Deadline::after(DEFAULT_BUDGET))?;
-    let what: Vec<String> = plan
-        .steps
-        .iter()
-        .map(|s| {
-            format!("{}: {} rule(s), {} chain(s)", s.family.name(), s.ours_before.rules, s.ours_before.chains.len())
-        })
-        .collect();
-    Ok(Report::out(format!(
-        "tproxy-cni: removed from {where_} (iptables-{}): {}\n",
-        nf.backend().name(),
-        what.join("; ")
-    )))
+    Ok(Report::out(format!("tproxy-cni: removed from {where_} ({}): {}\n", engine.name(), plan.before().join("; "))))
 }

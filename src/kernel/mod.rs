@@ -7,8 +7,10 @@
 //! The core decides what to install; this layer only carries it out and reports what it found.
 
 pub mod deadline;
+pub mod engine;
 pub mod exec;
 pub mod netfilter;
 pub mod netlink;
 pub mod netns;
+pub mod nftables;
 pub mod origdst;

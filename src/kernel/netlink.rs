@@ -7,9 +7,9 @@
 //! has a link-local one).
 //!
 //! No `ip` process and no netlink crate: three small messages (dump addresses, add one, delete one).
-//! The socket is created on a short-lived thread that entered the pod's namespace
-//! ([`Netns::run_on_thread`]); a netlink socket stays bound to the namespace it was created in,
-//! so everything after that runs on the calling thread, which never leaves the host namespace.
+//! The socket is made inside the pod's namespace ([`Netns::socket`]: the calling thread enters it
+//! for that one `socket(2)` call and comes straight back); a netlink socket stays bound to the
+//! namespace it was created in, so everything after that runs in the host namespace.
 //!
 //! Every exchange is bounded by the caller's [`Deadline`]: each send and receive waits at most
 //! what is left of it (`SO_SNDTIMEO`, `SO_RCVTIMEO`), and a kernel that stays silent past it ends
@@ -17,7 +17,7 @@
 
 use std::io;
 use std::net::Ipv6Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -63,16 +63,7 @@ impl RouteSocket {
     /// Opens a socket in `ns`, from a thread that entered it and ends right after; every exchange
     /// on it must end by `deadline`.
     pub fn open_in(ns: &Netns, deadline: Deadline) -> Result<RouteSocket, NetlinkError> {
-        let fd = ns.run_on_thread(|| {
-            // Safety: plain socket(2) call; the result is checked before use.
-            let fd =
-                unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // Safety: `fd` was just returned by socket(2) and is owned by nothing else.
-            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-        })?;
+        let fd = ns.socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE)?;
         let fd = fd.map_err(|source| NetlinkError::Io { what: "open a netlink socket", source })?;
         Ok(RouteSocket { fd, seq: 0, deadline })
     }

@@ -3,9 +3,11 @@
 //! We never move a long-lived thread of the plugin into the pod's namespace. A command that must
 //! run there is given a `pre_exec` hook that calls `setns(2)` in the forked child, just before
 //! `exec`; the parent stays in the host namespace whatever happens in the child. In-process work
-//! (a netlink socket, reading the namespace's `/proc/net` files, making sockets there) runs on a
-//! thread made for it, which enters the namespace and ends with the work
-//! ([`Netns::run_on_thread`]); nothing else ever runs on that thread.
+//! (reading the namespace's `/proc/net` files, making `validate`'s sockets there) runs on a thread
+//! made for it, which enters the namespace and ends with the work ([`Netns::run_on_thread`]);
+//! nothing else ever runs on that thread. A netlink socket, which every mesh pod's ADD needs, is
+//! made without a thread ([`Netns::socket`]): the calling thread enters the namespace for the one
+//! `socket(2)` call and comes straight back, with no code in between that could fail to.
 //!
 //! When the namespace is the one the process already runs in (the host command without `--netns`,
 //! or run by an init container), nothing is entered: `setns(2)` needs `CAP_SYS_ADMIN`, which such a
@@ -13,7 +15,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -134,6 +136,49 @@ impl Netns {
         })
     }
 
+    /// Creates a socket inside this namespace (a socket stays in the namespace it was made in,
+    /// for its whole life), without a thread: the calling thread enters the namespace for the one
+    /// `socket(2)` call and comes straight back. Nothing but those three system calls runs in
+    /// between — no Rust code that could panic — and should the way back fail, the process aborts
+    /// rather than go on in the wrong namespace. In the process's own namespace, the socket is
+    /// simply made here. As with [`Netns::run_on_thread`], the outer error says the namespace could
+    /// not be entered, the inner one that `socket(2)` failed.
+    pub fn socket(
+        &self,
+        domain: libc::c_int,
+        ty: libc::c_int,
+        protocol: libc::c_int,
+    ) -> Result<io::Result<OwnedFd>, NetnsError> {
+        let make = || {
+            // Safety: plain socket(2) call; the result is checked before use.
+            let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, protocol) };
+            if fd < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                // Safety: `fd` was just returned by socket(2) and is owned by nothing else.
+                Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+            }
+        };
+        if self.current {
+            return Ok(make());
+        }
+        let enter = |source| NetnsError::Enter { path: self.path.clone(), source };
+        let home = File::open(CURRENT).map_err(enter)?;
+        // Safety: both descriptors are open namespace files for the duration of the calls;
+        // setns(2) changes the namespace of this thread only, and the thread returns to `home`
+        // before anything else runs (or the process aborts).
+        unsafe {
+            if libc::setns(self.file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(enter(io::Error::last_os_error()));
+            }
+            let made = make();
+            if libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                libc::abort();
+            }
+            Ok(made)
+        }
+    }
+
     /// Reads one file of `/proc/net` (`tcp`, `tcp6`, `if_inet6`, …) as this namespace sees it.
     pub fn read_proc_net(&self, name: &str) -> io::Result<String> {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
@@ -201,6 +246,15 @@ mod tests {
         let here = std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino();
         let there = ns.run_on_thread(|| std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()).unwrap();
         assert_eq!(here, there, "our own namespace: the work runs where we are");
+        assert_eq!(std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino(), here);
+    }
+
+    #[test]
+    fn a_socket_made_for_a_namespace_leaves_the_thread_where_it_was() {
+        let here = std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino();
+        let ns = Netns::open(Path::new("/proc/self/ns/net")).unwrap();
+        let fd = ns.socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE).unwrap().unwrap();
+        assert!(fd.as_raw_fd() >= 0);
         assert_eq!(std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino(), here);
     }
 

@@ -1,7 +1,7 @@
 //! The network configuration on stdin: decoded, defaulted and validated here, once.
 //!
-//! Keys of our own: `log_level`, `log_file`, `iptables_mode`, `unclassified_pods`, `netns_timeout`, and for the
-//! API-server path `exclude_namespaces`, `installer_pods`, `api_timeout`, `default_namespace`,
+//! Keys of our own: `log_level`, `log_file`, `iptables_mode`, `backend`, `unclassified_pods`,
+//! `netns_timeout`, and for the API-server path `exclude_namespaces`, `installer_pods`, `api_timeout`, `default_namespace`,
 //! `consul_status_annotation`. Keys of consul-cni are accepted so that a conflist written for it
 //! keeps working when only `type` changes: `cni_bin_dir`, `cni_net_dir`, `kubeconfig`, `log_level`,
 //! `multus`. Any other key is ignored, as the spec asks of plugins. `prevResult` stays raw JSON: we
@@ -16,6 +16,7 @@ use serde_json::value::RawValue;
 use thiserror::Error;
 
 use super::version::{UnsupportedVersion, Version};
+use crate::kernel::engine::EngineKind;
 use crate::kernel::netfilter::Mode;
 
 /// The runtime capability through which containerd and CRI-O hand us the pod's annotations.
@@ -41,6 +42,8 @@ pub struct NetConf {
     pub log_level: log::LevelFilter,
     pub log_file: Option<PathBuf>,
     pub iptables_mode: Mode,
+    /// Which engine installs the rules: `iptables` (the default) or `nftables`.
+    pub backend: EngineKind,
     /// Kubeconfig path, resolved against `cni_net_dir` the way consul-cni does (used by the API path).
     pub kubeconfig: Option<PathBuf>,
     /// Pods in these namespaces are passed through before any lookup (default: `kube-system`).
@@ -119,6 +122,8 @@ pub enum ConfigError {
     LogLevel(String),
     #[error("iptables_mode {} is not one of auto, nft, legacy", crate::text::Quoted::new(.0))]
     IptablesMode(String),
+    #[error("backend {} is not one of iptables, nftables", crate::text::Quoted::new(.0))]
+    Backend(String),
     #[error("unclassified_pods {} is not one of fail, pass", crate::text::Quoted::new(.0))]
     UnclassifiedPods(String),
     #[error("{key} {} is not a valid Kubernetes namespace name", crate::text::Quoted::new(value))]
@@ -151,6 +156,7 @@ struct Raw {
     log_level: Option<String>,
     log_file: Option<PathBuf>,
     iptables_mode: Option<String>,
+    backend: Option<String>,
     unclassified_pods: Option<String>,
     // consul-cni's keys.
     #[allow(dead_code)]
@@ -206,6 +212,10 @@ impl NetConf {
             Some("legacy") => Mode::Legacy,
             Some(other) => return Err(ConfigError::IptablesMode(other.to_owned())),
         };
+        let backend = match raw.backend.as_deref() {
+            None | Some("") => EngineKind::default(),
+            Some(name) => EngineKind::from_name(name).ok_or_else(|| ConfigError::Backend(name.to_owned()))?,
+        };
         let unclassified_pods = match raw.unclassified_pods.as_deref() {
             None | Some("fail") => Unclassified::Fail,
             Some("pass") => Unclassified::Pass,
@@ -259,6 +269,7 @@ impl NetConf {
             log_level,
             log_file: raw.log_file.filter(|p| !p.as_os_str().is_empty()),
             iptables_mode,
+            backend,
             kubeconfig,
             exclude_namespaces,
             installer_pods: raw.installer_pods,

@@ -27,9 +27,11 @@ use self::version::Version;
 use crate::core::mesh::{AnnotationError, PodNetwork};
 use crate::core::rules;
 use crate::kernel::deadline::Deadline;
-use crate::kernel::netfilter::{Backend, CheckError, Mismatch, Mode, Netfilter, NetfilterError};
+use crate::kernel::engine::{CheckError, Engine, EngineError, EngineKind, NotReady};
+use crate::kernel::netfilter::{Mismatch, Mode, NetfilterError};
 use crate::kernel::netlink::{self, NetlinkError};
 use crate::kernel::netns::{Netns, NetnsError};
+use crate::kernel::nftables::NftablesError;
 use crate::kube::Class;
 
 /// The CNI operations.
@@ -105,9 +107,20 @@ pub enum Error {
     #[error(transparent)]
     Netfilter(#[from] NetfilterError),
     #[error(transparent)]
+    Nftables(#[from] NftablesError),
+    #[error(transparent)]
     Check(#[from] CheckError),
     #[error("cannot serve ADD: {0}")]
-    NotReady(#[source] crate::kernel::netfilter::backend::BackendError),
+    NotReady(#[source] NotReady),
+}
+
+impl From<EngineError> for Error {
+    fn from(e: EngineError) -> Error {
+        match e {
+            EngineError::Iptables(e) => Error::Netfilter(e),
+            EngineError::Nftables(e) => Error::Nftables(e),
+        }
+    }
 }
 
 /// The one place where failures become CNI error codes.
@@ -129,7 +142,7 @@ pub fn to_cni_error(e: &Error) -> CniError {
         },
         Error::Netns(_) | Error::Netlink(_) | Error::Lock(LockError::Io { .. }) => Code::Netns,
         Error::Lock(LockError::Busy { .. }) => Code::TryAgainLater,
-        Error::Netfilter(_) | Error::Check(CheckError::Netfilter(_)) => Code::Netfilter,
+        Error::Netfilter(_) | Error::Nftables(_) | Error::Check(CheckError::Engine(_)) => Code::Netfilter,
         Error::Check(CheckError::Mismatch(_)) => Code::CheckMismatch,
         Error::NotReady(_) => Code::PluginNotAvailable,
     };
@@ -215,16 +228,16 @@ fn add(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
     let redirect = found.redirect(pod_network(conf, &ns, deadline)?)?.expect("a mesh pod stays one");
     let prepared = netlink::prepare(&ns, redirect, deadline)?;
     let (redirect, sets) = (&prepared.redirect, rules::build(&prepared.redirect));
-    let nf = Netfilter::new(Backend::resolve(conf.iptables_mode)).with_deadline(deadline);
-    let applied = nf.apply(&ns, &sets)?;
+    let engine = Engine::new(conf.backend, conf.iptables_mode, deadline);
+    let applied = engine.apply(&ns, &sets)?;
     if let Err(e) = prepared.add_address(&ns, deadline) {
         // Leave the namespace as this call found it.
-        nf.undo(&ns, applied);
+        engine.undo(&ns, applied);
         return Err(e.into());
     }
     drop(lock);
     let families: Vec<_> = sets.iter().map(|s| s.family.name()).collect();
-    log::info!("{} redirect installed ({}, iptables-{})", redirect.mesh(), families.join("+"), nf.backend().name());
+    log::info!("{} redirect installed ({}, {})", redirect.mesh(), families.join("+"), engine.name());
     status.iter().for_each(|s| s.report(pod::CONSUL_STATUS_COMPLETE));
     Ok(output)
 }
@@ -247,17 +260,19 @@ fn pod_network(conf: &NetConf, ns: &Netns, deadline: Deadline) -> Result<PodNetw
 /// our rules live in the pod's namespace and go with it, while a DEL that fails would keep the
 /// sandbox from being torn down. Only malformed input fails DEL (in [`dispatch`]).
 fn del(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
-    remove_from(inv.netns.as_deref(), conf.iptables_mode, Deadline::after(conf.netns_timeout));
+    remove_from(inv.netns.as_deref(), &[conf.backend], conf.iptables_mode, Deadline::after(conf.netns_timeout));
     Ok(String::new())
 }
 
 fn del_with_defaults(env: &HashMap<String, String>) -> Result<String, Error> {
     let inv = invocation(env, Command::Del)?;
-    remove_from(inv.netns.as_deref(), Mode::Auto, Deadline::after(config::DEFAULT_NETNS_TIMEOUT));
+    // The configuration does not say which engine installed our rules: both remove theirs.
+    let engines = [EngineKind::Nftables, EngineKind::Iptables];
+    remove_from(inv.netns.as_deref(), &engines, Mode::Auto, Deadline::after(config::DEFAULT_NETNS_TIMEOUT));
     Ok(String::new())
 }
 
-fn remove_from(netns: Option<&std::path::Path>, mode: Mode, deadline: Deadline) {
+fn remove_from(netns: Option<&std::path::Path>, engines: &[EngineKind], mode: Mode, deadline: Deadline) {
     let Some(path) = netns else {
         log::debug!("DEL without CNI_NETNS: nothing to remove");
         return;
@@ -284,16 +299,20 @@ fn remove_from(netns: Option<&std::path::Path>, mode: Mode, deadline: Deadline) 
             None
         }
     };
-    let nf = Netfilter::new(Backend::resolve(mode)).with_deadline(deadline);
-    match nf.remove(&ns) {
-        Ok(removed) => {
-            if let Err(e) = netlink::release(&ns, &removed, deadline) {
-                log::warn!("DEL: {}: the address goes with the namespace", crate::text::chain(&e));
+    for kind in engines {
+        let engine = Engine::new(*kind, mode, deadline);
+        match engine.remove(&ns) {
+            Ok(removed) => {
+                if let Err(e) = netlink::release(&ns, &removed, deadline) {
+                    log::warn!("DEL: {}: the address goes with the namespace", crate::text::chain(&e));
+                }
+            }
+            Err(e) => {
+                log::warn!("DEL: cannot remove our rules: {} (they go with the namespace)", crate::text::chain(&e))
             }
         }
-        Err(e) => log::warn!("DEL: cannot remove our rules: {} (they go with the namespace)", crate::text::chain(&e)),
+        engine.forget(&ns);
     }
-    nf.forget_lock(&ns);
     if let Some(lock) = lock {
         lock.remove();
     }
@@ -317,8 +336,7 @@ fn check(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
         }
         None => (Vec::new(), Vec::new()),
     };
-    let nf = Netfilter::new(Backend::resolve(conf.iptables_mode)).with_deadline(deadline);
-    match nf.check(&ns, &sets) {
+    match Engine::new(conf.backend, conf.iptables_mode, deadline).check(&ns, &sets) {
         Ok(()) if address_diffs.is_empty() => Ok(String::new()),
         Ok(()) => Err(CheckError::Mismatch(Mismatch(address_diffs)).into()),
         Err(CheckError::Mismatch(Mismatch(mut diffs))) => {
@@ -329,12 +347,14 @@ fn check(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
     }
 }
 
-/// STATUS: ready when every tool ADD may run is installed.
+/// STATUS: ready when every tool ADD may run is installed (iptables engine), or when the kernel has
+/// every nf_tables feature the engine uses (nftables engine).
 fn status(conf: &NetConf) -> Result<String, Error> {
     if !conf.cni_version.has_status_and_gc() {
         return Err(Error::NotInVersion(Command::Status, Version::V1_1_0, conf.cni_version));
     }
-    Netfilter::new(Backend::resolve(conf.iptables_mode)).ready().map_err(Error::NotReady)?;
+    let deadline = Deadline::after(conf.netns_timeout);
+    Engine::new(conf.backend, conf.iptables_mode, deadline).ready().map_err(Error::NotReady)?;
     Ok(String::new())
 }
 

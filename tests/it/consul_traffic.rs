@@ -7,6 +7,7 @@
 
 use std::net::IpAddr;
 
+use crate::both_engines;
 use crate::support::*;
 use serde_json::json;
 
@@ -31,9 +32,12 @@ fn typical_config() -> serde_json::Value {
     })
 }
 
-#[test]
-fn consul_pod_outbound_inbound_and_dns_follow_consuls_rules() {
-    let Some(net) = Fixture::new("nft", json!({})) else { return };
+both_engines!(consul_pod_outbound_inbound_and_dns_follow_consuls_rules);
+fn consul_pod_outbound_inbound_and_dns_follow_consuls_rules(engine: Engine) {
+    if !privileged() {
+        return;
+    }
+    let net = Network::new(engine.conf());
     let srv = server(&net);
     let app = net.pod("app", Some(&consul_pod(typical_config(), &[])));
     let _l = consul_app_listeners(&app.ns);
@@ -76,12 +80,15 @@ fn consul_pod_outbound_inbound_and_dns_follow_consuls_rules() {
     assert_eq!(dial(&srv.pod.ns, None, sa(app6, 7000)), Ok(format!("inbound6 [{app6}]:7000")));
 
     // The plain pod was passed through: nothing of ours in its namespace.
-    assert_eq!(srv.pod.ns.our_rule_count(Fam::V4, "nft") + srv.pod.ns.our_rule_count(Fam::V6, "nft"), 0);
+    assert_eq!(engine.our_rules(&srv.pod.ns), 0);
 }
 
-#[test]
-fn dual_stack_consul_pod_resolves_through_ipv6_loopback_only() {
-    let Some(net) = Fixture::new("nft", json!({})) else { return };
+both_engines!(dual_stack_consul_pod_resolves_through_ipv6_loopback_only);
+fn dual_stack_consul_pod_resolves_through_ipv6_loopback_only(engine: Engine) {
+    if !privileged() {
+        return;
+    }
+    let net = Network::new(engine.conf());
     let srv = server(&net);
     let mut config = typical_config();
     config["ConsulDNSIP"] = json!("::1");
@@ -100,9 +107,12 @@ fn dual_stack_consul_pod_resolves_through_ipv6_loopback_only() {
     assert_eq!(who(&dial(&app.ns, None, sa(s6, 8080))), "outbound6");
 }
 
-#[test]
-fn dns_ip_without_port_sends_all_dns_to_that_address() {
-    let Some(net) = Fixture::new("legacy", json!({})) else { return };
+both_engines!(dns_ip_without_port_sends_all_dns_to_that_address, "legacy");
+fn dns_ip_without_port_sends_all_dns_to_that_address(engine: Engine) {
+    if !privileged() {
+        return;
+    }
+    let net = Network::new(engine.conf());
     let srv = server(&net);
     let s4 = srv.v4;
     let _dns = Responder::udp(&srv.pod.ns, sa("0.0.0.0".parse::<IpAddr>().unwrap(), 53), "server-dns");

@@ -1,6 +1,7 @@
 //! Golden tests of the rendered rules: `tproxy-cni render` on representative pods, compared with
-//! the reviewed transactions in `tests/golden/`. Run with `UPDATE_GOLDEN=1` to rewrite them after a
-//! deliberate change, then review the diff.
+//! the reviewed transactions in `tests/golden/` (`.rules`: the iptables engine's restore input;
+//! `.nft`: the nftables engine's rule set as an `nft -f` script). Run with `UPDATE_GOLDEN=1` to
+//! rewrite them after a deliberate change, then review the diff.
 //!
 //! A second test loads every golden transaction into a throwaway namespace with both iptables
 //! backends and checks the kernel reports each rule back in exactly the spelling we render: that is
@@ -27,18 +28,27 @@ fn cases() -> Vec<PathBuf> {
 
 /// Runs `tproxy-cni render` for a case file and returns stdout.
 fn render(case: &Path) -> String {
+    render_for(case, "iptables")
+}
+
+/// Runs `tproxy-cni render --backend BACKEND` for a case file and returns stdout.
+fn render_for(case: &Path, backend: &str) -> String {
     let doc: serde_json::Value = serde_json::from_str(&fs::read_to_string(case).unwrap()).unwrap();
-    render_annotations(&doc["annotations"], doc["pod_ipv6"].as_bool().unwrap())
+    render_annotations_for(&doc["annotations"], doc["pod_ipv6"].as_bool().unwrap(), backend)
         .unwrap_or_else(|e| panic!("render {}: {e}", case.display()))
 }
 
 /// Runs `tproxy-cni render` for a pod's annotations: stdout, or stderr if it fails.
 fn render_annotations(annotations: &serde_json::Value, pod_ipv6: bool) -> Result<String, String> {
+    render_annotations_for(annotations, pod_ipv6, "iptables")
+}
+
+fn render_annotations_for(annotations: &serde_json::Value, pod_ipv6: bool, backend: &str) -> Result<String, String> {
     let dir = TempDir::new("golden");
     let file = dir.path().join("annotations.json");
     fs::write(&file, annotations.to_string()).unwrap();
     let mut cmd = Command::new(plugin());
-    cmd.arg("render").arg(&file);
+    cmd.arg("render").arg(&file).args(["--backend", backend]);
     if pod_ipv6 {
         cmd.arg("--pod-ipv6");
     }
@@ -53,9 +63,11 @@ fn render_annotations(annotations: &serde_json::Value, pod_ipv6: bool) -> Result
 fn rendered_rules_match_the_golden_files() {
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
     let mut failures = Vec::new();
-    for case in cases() {
-        let got = render(&case);
-        let golden = case.with_extension("rules");
+    for (case, backend, ext) in
+        cases().into_iter().flat_map(|c| [(c.clone(), "iptables", "rules"), (c, "nftables", "nft")])
+    {
+        let got = render_for(&case, backend);
+        let golden = case.with_extension(ext);
         if update {
             fs::write(&golden, &got).unwrap();
             continue;
@@ -73,6 +85,7 @@ fn rendered_rules_match_the_golden_files() {
 fn a_pod_in_no_mesh_renders_nothing() {
     let case = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/consul/not-in-mesh.json");
     assert_eq!(render(&case), "");
+    assert_eq!(render_for(&case, "nftables"), "");
 }
 
 #[test]

@@ -11,6 +11,7 @@
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 use std::process::{Command, Output};
 
+use crate::both_engines;
 use crate::support::*;
 use serde_json::{Value, json};
 
@@ -47,17 +48,25 @@ fn refused(out: &Output) -> String {
     err
 }
 
-/// `redirect --netns NS --iptables-mode BACKEND FLAGS…`.
+/// The flags that choose the engine: `--iptables-mode BACKEND` for `nft` and `legacy`,
+/// `--backend nftables` for `nftables`.
+fn engine_flags(backend: &str) -> [&str; 2] {
+    if backend == "nftables" { ["--backend", "nftables"] } else { ["--iptables-mode", backend] }
+}
+
+/// `redirect --netns NS --iptables-mode BACKEND FLAGS…` (or `--backend nftables`).
 fn redirect(ns: &Netns, backend: &str, flags: &[&str], env: &[(&str, &str)]) -> Output {
     let path = ns.path();
-    let mut args = vec!["redirect", "--netns", path.to_str().unwrap(), "--iptables-mode", backend];
+    let mut args = vec!["redirect", "--netns", path.to_str().unwrap()];
+    args.extend(engine_flags(backend));
     args.extend_from_slice(flags);
     tproxy(&args, env)
 }
 
 fn uninstall(ns: &Netns, backend: &str, flags: &[&str]) -> Output {
     let path = ns.path();
-    let mut args = vec!["uninstall", "--netns", path.to_str().unwrap(), "--iptables-mode", backend];
+    let mut args = vec!["uninstall", "--netns", path.to_str().unwrap()];
+    args.extend(engine_flags(backend));
     args.extend_from_slice(flags);
     tproxy(&args, &[])
 }
@@ -144,9 +153,12 @@ fn redirect_with_consul_flags_installs_what_a_consul_pod_gets() {
     assert_eq!(host.ns.snapshot(), pod.ns.snapshot(), "dual-stack: flags must give exactly the pod's rules");
 }
 
-#[test]
-fn traffic_follows_the_redirect_and_flows_directly_again_after_uninstall() {
-    let Some(net) = Fixture::new("nft", json!({})) else { return };
+both_engines!(traffic_follows_the_redirect_and_flows_directly_again_after_uninstall);
+fn traffic_follows_the_redirect_and_flows_directly_again_after_uninstall(engine: Engine) {
+    if !privileged() {
+        return;
+    }
+    let net = Network::new(engine.conf());
     let sibling = Sibling::new(&net, &[8080, 5432], &["198.18.0.200/24", "fd18::200/64"]);
     let (server, s4, s6) = (&sibling.pod, sibling.v4, sibling.v6);
     // The "VM": attached without annotations, so the plugin leaves it alone; the host command
@@ -154,7 +166,7 @@ fn traffic_follows_the_redirect_and_flows_directly_again_after_uninstall() {
     let vm = net.pod("vm", None);
     let _l = consul_app_listeners(&vm.ns);
     let (vm4, vm6) = (vm.addr(Fam::V4), vm.addr(Fam::V6));
-    ok(&redirect(&vm.ns, "nft", CONSUL_FLAGS, &[]));
+    ok(&redirect(&vm.ns, engine.backend(), CONSUL_FLAGS, &[]));
 
     assert_eq!(dial(&vm.ns, None, sa(s4, 8080)), Ok(format!("outbound {s4}:8080")));
     assert_eq!(who(&dial(&vm.ns, Some(APP_UID), sa(s4, 8080))), "outbound");
@@ -171,11 +183,11 @@ fn traffic_follows_the_redirect_and_flows_directly_again_after_uninstall() {
     assert_eq!(who(&dial(&vm.ns, None, sa("fd18::200".parse::<IpAddr>().unwrap(), 8080))), "server6:8080");
     assert_eq!(dial(&server.ns, None, sa(vm6, 7000)), Ok(format!("inbound6 [{vm6}]:7000")));
 
-    ok(&uninstall(&vm.ns, "nft", &[]));
+    ok(&uninstall(&vm.ns, engine.backend(), &[]));
     assert_eq!(who(&dial(&vm.ns, None, sa(s4, 8080))), "server:8080", "no redirect once uninstalled");
     assert_eq!(who(&dial(&vm.ns, None, sa(s6, 8080))), "server6:8080");
     assert_eq!(who(&dial(&server.ns, None, sa(vm4, 7000))), "refused", "nothing listens on 7000 itself");
-    assert_eq!(vm.ns.our_rule_count(Fam::V4, "nft") + vm.ns.our_rule_count(Fam::V6, "nft"), 0);
+    assert_eq!(engine.our_rules(&vm.ns), 0);
 }
 
 #[test]
@@ -568,9 +580,12 @@ fn redirect_with_kuma_flags_installs_what_a_kuma_pod_gets() {
     }
 }
 
-#[test]
-fn kuma_traffic_follows_the_redirect_and_uninstall_restores_everything() {
-    let Some(net) = Fixture::new("nft", json!({})) else { return };
+both_engines!(kuma_traffic_follows_the_redirect_and_uninstall_restores_everything);
+fn kuma_traffic_follows_the_redirect_and_uninstall_restores_everything(engine: Engine) {
+    if !privileged() {
+        return;
+    }
+    let net = Network::new(engine.conf());
     let sibling = Sibling::new(&net, &[8080, 5432], &["198.18.0.200/24", "198.18.0.201/24"]);
     let (server, s4, s6) = (&sibling.pod, sibling.v4, sibling.v6);
     let _dns = Responder::udp(&server.ns, sa(s4, 53), "server-dns");
@@ -580,10 +595,10 @@ fn kuma_traffic_follows_the_redirect_and_uninstall_restores_everything() {
     let canary_raw = "*raw\n:CANARY_RAW - [0:0]\n-A OUTPUT -p udp -m udp --dport 9999 -j CANARY_RAW\nCOMMIT\n";
     vm.ns.plant_canary("nft");
     vm.ns.plant("nft", canary_raw);
-    let before = vm.ns.snapshot();
+    let before = engine.snapshot(&vm.ns);
     let lo_before = vm.ns.exec(&["ip", "-6", "addr", "show", "dev", "lo"]);
 
-    ok(&redirect(&vm.ns, "nft", KUMA_FLAGS, &[]));
+    ok(&redirect(&vm.ns, engine.backend(), KUMA_FLAGS, &[]));
     let any4 = IpAddr::from(Ipv4Addr::UNSPECIFIED);
     let any6 = IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED);
     let _l = [
@@ -610,15 +625,19 @@ fn kuma_traffic_follows_the_redirect_and_uninstall_restores_everything() {
     assert_eq!(dial(&vm.ns, None, sa(s6, 8080)), Ok(format!("outbound6 [{s6}]:8080")));
     assert!(vm.ns.passthrough_v6() > 0);
 
-    let dry = ok(&uninstall(&vm.ns, "nft", &["--dry-run"]));
+    let dry = ok(&uninstall(&vm.ns, engine.backend(), &["--dry-run"]));
+    let removes = match engine {
+        Engine::Iptables(_) => "-X KUMA_MESH_OUTBOUND",
+        Engine::Nftables => "delete table ip6 tproxy-cni",
+    };
     assert!(
-        dry.contains("-X KUMA_MESH_OUTBOUND")
+        dry.contains(removes)
             && dry.ends_with("# lo: remove ::6/128 (the source of Kuma's IPv6 inbound passthrough)\n"),
         "{dry}"
     );
-    let out = ok(&uninstall(&vm.ns, "nft", &[]));
+    let out = ok(&uninstall(&vm.ns, engine.backend(), &[]));
     assert!(out.contains("ipv4: ") && out.contains("ipv6: "), "{out}");
-    assert_eq!(vm.ns.snapshot(), before, "uninstall restores every table exactly, canaries included");
+    assert_eq!(engine.snapshot(&vm.ns), before, "uninstall restores every table exactly, canaries included");
     assert_eq!(vm.ns.exec(&["ip", "-6", "addr", "show", "dev", "lo"]), lo_before, "::6 goes with the IPv6 pass");
     assert_eq!(who(&dial(&vm.ns, None, sa(s4, 8080))), "server:8080", "no redirect once uninstalled");
 }

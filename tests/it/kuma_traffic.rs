@@ -7,8 +7,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use crate::both_engines;
 use crate::support::*;
-use serde_json::json;
 
 const PROXY_UID: u32 = 5678;
 /// Inside the per-UID exclusion's range (4000-4100), and outside it.
@@ -67,9 +67,12 @@ redirect:
 dropInvalidPackets: true
 "#;
 
-#[test]
-fn kuma_pod_traffic_follows_kumas_rules_in_both_families() {
-    let Some(net) = Fixture::new("nft", json!({})) else { return };
+both_engines!(kuma_pod_traffic_follows_kumas_rules_in_both_families);
+fn kuma_pod_traffic_follows_kumas_rules_in_both_families(engine: Engine) {
+    if !privileged() {
+        return;
+    }
+    let net = Network::new(engine.conf());
     let srv = server(&net);
     let app = net.pod("app", Some(&kuma_pod(Some(FULL_CONFIG), &[])));
     let _l = app_listeners(&app.ns);
@@ -132,9 +135,12 @@ fn kuma_pod_traffic_follows_kumas_rules_in_both_families() {
     assert_eq!(srv.pod.ns.passthrough_v6(), 0);
 }
 
-#[test]
-fn include_ports_gateway_mode_and_ipv4_mode() {
-    let Some(net) = Fixture::new("legacy", json!({})) else { return };
+both_engines!(include_ports_gateway_mode_and_ipv4_mode, "legacy");
+fn include_ports_gateway_mode_and_ipv4_mode(engine: Engine) {
+    if !privileged() {
+        return;
+    }
+    let net = Network::new(engine.conf());
     let srv = server(&net);
     let (s4, s6) = (srv.v4, srv.v6);
 
@@ -164,16 +170,16 @@ fn include_ports_gateway_mode_and_ipv4_mode() {
     assert!(gw.ns.passthrough_v6() > 0, "dual-stack gets ::6");
 }
 
+both_engines!(legacy_annotations_exclude_the_application_probe_proxy_port_as_kuma_cni_does);
 /// Kuma's per-knob form (webhooks up to v2.14): the application probe proxy's port is excluded from
 /// inbound redirection as kuma-cni excludes it — 9001 when `kuma.io/application-probe-proxy-port` is
 /// absent, the annotated port otherwise, none for `0` — so the kubelet's probes (played by the
 /// server pod) reach kuma-dp's probe proxy and not the inbound listener.
-#[test]
-fn legacy_annotations_exclude_the_application_probe_proxy_port_as_kuma_cni_does() {
+fn legacy_annotations_exclude_the_application_probe_proxy_port_as_kuma_cni_does(engine: Engine) {
     if !privileged() {
         return;
     }
-    let net = Network::new(json!({"iptables_mode": "nft"}));
+    let net = Network::new(engine.conf());
     let srv = server(&net);
     let s4 = srv.v4;
     let probe_listeners =
@@ -204,17 +210,29 @@ fn legacy_annotations_exclude_the_application_probe_proxy_port_as_kuma_cni_does(
     }
 }
 
-#[test]
-fn drop_invalid_packets_drops_what_conntrack_finds_invalid() {
-    let Some(net) = Fixture::new("nft", json!({})) else { return };
+both_engines!(drop_invalid_packets_drops_what_conntrack_finds_invalid);
+fn drop_invalid_packets_drops_what_conntrack_finds_invalid(engine: Engine) {
+    if !privileged() {
+        return;
+    }
+    let net = Network::new(engine.conf());
     let srv = server(&net);
     let app = net.pod("app", Some(&kuma_pod(Some(FULL_CONFIG), &[])));
     let _l = app_listeners(&app.ns);
     let a4 = app.addr(Fam::V4);
-    let dropped = || {
-        let saved = app.ns.exec(&["iptables-nft-save", "-c", "-t", "mangle"]);
-        let line = saved.lines().find(|l| l.contains("--ctstate INVALID")).expect("the drop rule is installed");
-        line.trim_start_matches('[').split(':').next().unwrap().parse::<u64>().unwrap()
+    // The drop rule's packet counter.
+    let dropped = || match engine {
+        Engine::Iptables(_) => {
+            let saved = app.ns.exec(&["iptables-nft-save", "-c", "-t", "mangle"]);
+            let line = saved.lines().find(|l| l.contains("--ctstate INVALID")).expect("the drop rule is installed");
+            line.trim_start_matches('[').split(':').next().unwrap().parse::<u64>().unwrap()
+        }
+        Engine::Nftables => {
+            let table = app.ns.nft_table(Fam::V4);
+            let line = table.lines().find(|l| l.contains("ct state invalid")).expect("the drop rule is installed");
+            let count = line.split_whitespace().skip_while(|w| *w != "packets").nth(1).expect("the rule counts");
+            count.parse::<u64>().unwrap()
+        }
     };
     assert_eq!(dropped(), 0);
     // Valid connections are untouched by the rule.

@@ -32,6 +32,7 @@ mod libcni;
 mod lifecycle;
 mod lifecycle_random;
 mod manifests;
+mod nftables;
 mod podman;
 mod protocol;
 mod validate;

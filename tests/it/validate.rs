@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use crate::both_engines;
 use crate::support::*;
 use serde_json::json;
 use tproxy_cni::host::validate::{EXIT_CANNOT_BIND, EXIT_NO_ROUTE, EXIT_OK, EXIT_REDIRECT_MISSING, EXIT_TIMEOUT};
@@ -57,24 +58,30 @@ fn setup(net: &Network) -> Setup<'_> {
 
 /// Installs Consul's redirect (proxy UID 5995) in `ns` with the host command.
 fn redirect(ns: &Netns) {
-    redirect_with(ns, &["--proxy-uid", &PROXY_UID.to_string()]);
+    redirect_with(ns, Engine::Iptables("nft"), &["--proxy-uid", &PROXY_UID.to_string()]);
 }
 
-fn redirect_with(ns: &Netns, flags: &[&str]) {
+/// Installs a redirect in `ns` with the host command and `engine`.
+fn redirect_with(ns: &Netns, engine: Engine, flags: &[&str]) {
+    let engine_flags = match engine {
+        Engine::Iptables(mode) => ["--iptables-mode", mode],
+        Engine::Nftables => ["--backend", "nftables"],
+    };
     let out = Command::new(plugin())
         .env_clear()
-        .args(["redirect", "--netns", ns.path().to_str().unwrap(), "--iptables-mode", "nft"])
+        .args(["redirect", "--netns", ns.path().to_str().unwrap()])
+        .args(engine_flags)
         .args(flags)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
-#[test]
-fn passes_in_a_redirected_namespace_as_a_non_root_user() {
+both_engines!(passes_in_a_redirected_namespace_as_a_non_root_user);
+fn passes_in_a_redirected_namespace_as_a_non_root_user(engine: Engine) {
     let Some(net) = Fixture::new("nft", json!({})) else { return };
     let s = setup(&net);
-    redirect(&s.vm.ns);
+    redirect_with(&s.vm.ns, engine, &["--proxy-uid", &PROXY_UID.to_string()]);
 
     let out = validate(&s.vm.ns, APP_UID, &[], &[]);
     assert_eq!(status(&out), i32::from(EXIT_OK), "{}", text(&out.stderr));
@@ -178,13 +185,13 @@ fn cannot_bind_when_the_port_is_taken_or_privileged() {
     }
 }
 
-#[test]
-fn passes_under_kumas_rules_too() {
+both_engines!(passes_under_kumas_rules_too);
+fn passes_under_kumas_rules_too(engine: Engine) {
     // Kuma returns loopback traffic of everyone but the proxy: the probe's off-host target is what
     // exercises its outbound redirect.
     let Some(net) = Fixture::new("nft", json!({})) else { return };
     let s = setup(&net);
-    redirect_with(&s.vm.ns, &["--kuma-dp-user", "5678"]);
+    redirect_with(&s.vm.ns, engine, &["--kuma-dp-user", "5678"]);
     let out = validate(&s.vm.ns, APP_UID, &["--target", "192.0.2.1:80", "--target", "[2001:db8::1]:80"], &[]);
     assert_eq!(status(&out), i32::from(EXIT_OK), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("outbound: [2001:db8::1]:80 was redirected"), "{}", text(&out.stdout));

@@ -51,6 +51,7 @@ pub fn privileged_with(extra_tools: &[&str]) -> bool {
         "/usr/sbin/ip",
         "/usr/sbin/iptables-nft-restore",
         "/usr/sbin/iptables-legacy-restore",
+        "/usr/sbin/nft",
         "/usr/lib/cni/bridge",
         "/usr/lib/cni/host-local",
     ];
@@ -68,6 +69,69 @@ pub fn privileged_with(extra_tools: &[&str]) -> bool {
     }
     eprintln!("SKIPPED: {msg}");
     false
+}
+
+/// The engine a test runs the plugin with: the iptables engine with one iptables backend, or
+/// the nftables engine. Tests of behaviour both engines share take it as a parameter (see
+/// [`both_engines!`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// `iptables_mode` `nft` or `legacy`.
+    Iptables(&'static str),
+    Nftables,
+}
+
+impl Engine {
+    /// The keys of the plugin's configuration that choose the engine.
+    pub fn conf(self) -> serde_json::Value {
+        match self {
+            Engine::Iptables(mode) => serde_json::json!({"iptables_mode": mode}),
+            Engine::Nftables => serde_json::json!({"backend": "nftables"}),
+        }
+    }
+
+    /// The name [`Netns::our_rule_count`] takes.
+    pub fn backend(self) -> &'static str {
+        match self {
+            Engine::Iptables(mode) => mode,
+            Engine::Nftables => "nftables",
+        }
+    }
+
+    /// The namespace's rules as this engine's tests compare them ([`Netns::snapshot`], and for the
+    /// nftables engine every nftables table too).
+    pub fn snapshot(self, ns: &Netns) -> String {
+        match self {
+            Engine::Iptables(_) => ns.snapshot(),
+            Engine::Nftables => ns.snapshot_with_nft(),
+        }
+    }
+
+    /// How many rules of ours `ns` holds, both families.
+    pub fn our_rules(self, ns: &Netns) -> usize {
+        ns.our_rule_count(Fam::V4, self.backend()) + ns.our_rule_count(Fam::V6, self.backend())
+    }
+}
+
+/// Makes a test of each engine from `fn NAME(engine: Engine)`: `NAME::iptables` (with iptables-nft,
+/// or the mode given) and `NAME::nftables`.
+#[macro_export]
+macro_rules! both_engines {
+    ($name:ident) => {
+        both_engines!($name, "nft");
+    };
+    ($name:ident, $mode:literal) => {
+        mod $name {
+            #[test]
+            fn iptables() {
+                super::$name($crate::support::Engine::Iptables($mode))
+            }
+            #[test]
+            fn nftables() {
+                super::$name($crate::support::Engine::Nftables)
+            }
+        }
+    };
 }
 
 /// The environment variable that tells a child test process which one test it runs, in
@@ -272,6 +336,36 @@ impl Netns {
         s
     }
 
+    /// [`Netns::snapshot`] and every nftables table (`nft list ruleset`), for the nftables
+    /// engine's "untouched" comparisons. (iptables-nft leaves a built-in chain it created in
+    /// nftables after its last rule is gone, which `iptables-save` does not tell from a chain it
+    /// never created, so the iptables engine's tests compare what `iptables-save` shows.)
+    pub fn snapshot_with_nft(&self) -> String {
+        self.snapshot() + "## nft list ruleset\n" + &self.nft_ruleset()
+    }
+
+    /// `nft list ruleset`, with counters zeroed (traffic is not a change of rules).
+    pub fn nft_ruleset(&self) -> String {
+        let out = self.exec(&["nft", "list", "ruleset"]);
+        let mut words: Vec<String> = out.split(' ').map(str::to_owned).collect();
+        for i in 1..words.len() {
+            if matches!(words[i - 1].as_str(), "packets" | "bytes") {
+                words[i] = format!("0{}", words[i].trim_start_matches(|c: char| c.is_ascii_digit()));
+            }
+        }
+        words.join(" ")
+    }
+
+    /// Our nftables table of one family, as `nft list table` prints it; empty when there is none.
+    pub fn nft_table(&self, family: Fam) -> String {
+        let fam = if family == Fam::V4 { "ip" } else { "ip6" };
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "nft", "list", "table", fam, "tproxy-cni"])
+            .output()
+            .expect("nft runs");
+        if out.status.success() { String::from_utf8_lossy(&out.stdout).into_owned() } else { String::new() }
+    }
+
     /// Applies restore input in this namespace (to plant canaries or tamper with rules).
     pub fn restore(&self, family: Fam, backend: &str, input: &str) {
         let tool = format!("{}-{backend}-restore", family.tool());
@@ -317,8 +411,13 @@ impl Netns {
         String::from_utf8_lossy(&out.stdout).matches(" ::6/128 ").count()
     }
 
-    /// Counts the rules carrying our ownership comment in one family.
+    /// Counts the rules of ours in one family: for the iptables engine (`backend` `nft` or
+    /// `legacy`) those carrying our ownership comment, for the nftables engine (`nftables`) the
+    /// rules of our table.
     pub fn our_rule_count(&self, family: Fam, backend: &str) -> usize {
+        if backend == "nftables" {
+            return self.nft_table(family).lines().filter(|l| l.contains(" comment \"")).count();
+        }
         self.save(family, backend)
             .lines()
             .filter(|l| l.starts_with("-A ") && l.contains("--comment tproxy-cni"))
