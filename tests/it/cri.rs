@@ -51,6 +51,7 @@ macro_rules! engine_tests {
 engine_tests! {
     iptables_nft => super::Engine::IptablesNft,
     iptables_legacy => super::Engine::IptablesLegacy,
+    nftables => super::Engine::Nftables,
 }
 
 /// A Consul pod's annotations as consul-k8s's webhook writes them (CNI mode).

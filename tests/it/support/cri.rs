@@ -28,6 +28,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
+use std::io::Write;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
@@ -42,7 +43,9 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::support::{Fam, NsPath, TempDir, harden, host_local_reservations, plugin, sh, unique, walk_dirs};
+use crate::support::{
+    Fam, Netns, NsPath, TempDir, harden, host_local_reservations, plugin, sh, unique, walk_dirs, zero_counters,
+};
 
 /// The programs a CRI test needs besides those of every network test.
 pub const TOOLS: &[&str] = &[
@@ -80,13 +83,15 @@ int main(void) {
 "#;
 
 /// A packet-filtering engine of the plugin, as a test selects it in the conflist and reads back
-/// what it installed. The nftables engine joins as one more variant.
+/// what it installed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
     /// The iptables engine with iptables-nft.
     IptablesNft,
     /// The iptables engine with iptables-legacy (which keeps a lock file per namespace).
     IptablesLegacy,
+    /// The native nftables engine: the tables `ip tproxy-cni` and `ip6 tproxy-cni`.
+    Nftables,
 }
 
 impl Engine {
@@ -95,6 +100,7 @@ impl Engine {
         match self {
             Engine::IptablesNft => json!({"iptables_mode": "nft"}),
             Engine::IptablesLegacy => json!({"iptables_mode": "legacy"}),
+            Engine::Nftables => json!({"backend": "nftables"}),
         }
     }
 
@@ -102,6 +108,7 @@ impl Engine {
         match self {
             Engine::IptablesNft => "nft",
             Engine::IptablesLegacy => "legacy",
+            Engine::Nftables => unreachable!("the nftables engine has no iptables backend"),
         }
     }
 
@@ -117,6 +124,9 @@ impl Engine {
     /// Every chain and rule of ours in the namespace, one line each (empty when it holds
     /// nothing of ours).
     pub fn ours(self, ns: &(impl NsPath + ?Sized)) -> Vec<String> {
+        if self == Engine::Nftables {
+            return nft_tables(ns).lines().map(str::to_owned).collect();
+        }
         let mut v = Vec::new();
         for (fam, o) in self.installed(ns) {
             v.extend(o.chains.iter().map(|(t, c)| format!("{} {t} :{c}", fam.tool())));
@@ -130,7 +140,22 @@ impl Engine {
     /// Asserts that the namespace holds exactly what a pod with `annotations` and an IPv6
     /// address must get, as the library's pure rule builder gives it (pinned by the golden tests):
     /// every chain and rule, in order, in both families, and nothing more.
+    ///
+    /// For the nftables engine the reference is what the `nft` program makes, in a namespace of
+    /// the test's own, of the script `tproxy-cni render --backend nftables` prints (the nftables
+    /// tests pin that script against the golden cases).
     pub fn assert_installed(self, ns: &(impl NsPath + ?Sized), annotations: &Value, what: &str) {
+        if self == Engine::Nftables {
+            let script = render_nftables(annotations);
+            let reference = Netns::new("tpr");
+            let mut nft = Command::new("ip");
+            nft.args(["netns", "exec", &reference.name, "nft", "-f", "-"]).stdin(Stdio::piped());
+            let mut child = nft.spawn().expect("nft runs");
+            child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+            assert!(child.wait().unwrap().success(), "nft -f of the rendered script:\n{script}");
+            assert_eq!(nft_tables(ns), nft_tables(&reference), "{what}: the tables in its namespace");
+            return;
+        }
         assert_eq!(self.installed(ns), harden::expected(annotations, true), "{what}: the rules in its namespace");
     }
 
@@ -138,6 +163,34 @@ impl Engine {
     pub fn locks(self) -> bool {
         self == Engine::IptablesLegacy
     }
+}
+
+/// Our two nftables tables as `nft list table` prints them, counters zeroed; empty when there are none.
+fn nft_tables(ns: &(impl NsPath + ?Sized)) -> String {
+    let mut out = String::new();
+    for family in ["ip", "ip6"] {
+        let listed = Command::new("nsenter")
+            .arg(format!("--net={}", ns.ns_path().display()))
+            .args(["nft", "list", "table", family, "tproxy-cni"])
+            .output()
+            .expect("nft runs");
+        if listed.status.success() {
+            out += &zero_counters(&String::from_utf8_lossy(&listed.stdout));
+        }
+    }
+    out
+}
+
+/// The `nft -f` script `tproxy-cni render --backend nftables` prints for a pod with these
+/// annotations and an IPv6 address.
+fn render_nftables(annotations: &Value) -> String {
+    let mut render = Command::new(plugin());
+    render.args(["render", "--backend", "nftables", "--pod-ipv6", "-"]).stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = render.spawn().expect("the plugin runs");
+    child.stdin.take().unwrap().write_all(annotations.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "render --backend nftables failed");
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// All netfilter state of a namespace, whoever made it: every nftables table (iptables-nft's

@@ -220,6 +220,17 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed))
 }
 
+/// `nft` output with every `packets N bytes M` shown as zero: traffic is not a change of rules.
+pub fn zero_counters(text: &str) -> String {
+    let mut words: Vec<String> = text.split(' ').map(str::to_owned).collect();
+    for i in 1..words.len() {
+        if matches!(words[i - 1].as_str(), "packets" | "bytes") {
+            words[i] = format!("0{}", words[i].trim_start_matches(|c: char| c.is_ascii_digit()));
+        }
+    }
+    words.join(" ")
+}
+
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
@@ -346,14 +357,7 @@ impl Netns {
 
     /// `nft list ruleset`, with counters zeroed (traffic is not a change of rules).
     pub fn nft_ruleset(&self) -> String {
-        let out = self.exec(&["nft", "list", "ruleset"]);
-        let mut words: Vec<String> = out.split(' ').map(str::to_owned).collect();
-        for i in 1..words.len() {
-            if matches!(words[i - 1].as_str(), "packets" | "bytes") {
-                words[i] = format!("0{}", words[i].trim_start_matches(|c: char| c.is_ascii_digit()));
-            }
-        }
-        words.join(" ")
+        zero_counters(&self.exec(&["nft", "list", "ruleset"]))
     }
 
     /// Our nftables table of one family, as `nft list table` prints it; empty when there is none.
