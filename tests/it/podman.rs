@@ -391,26 +391,9 @@ network_config_dir = "{net}"
         while !self.processes().is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
+        // Children first: podman's per-container cgroups (normally gone), conmon's, the parent.
         for dir in self.cgroup_dirs() {
-            // Children first: podman's per-container cgroups (normally gone), conmon's, the parent.
-            // A process on its way out may hold one for a moment: retry, bounded.
-            let mut dirs: Vec<PathBuf> = walk_dirs(&dir);
-            dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-            for d in dirs {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                loop {
-                    match fs::remove_dir(&d) {
-                        Ok(()) => break,
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                        Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-                        Err(e) => {
-                            let procs = fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
-                            errors.push(format!("rmdir {}: {e} (processes: {procs:?})", d.display()));
-                            break;
-                        }
-                    }
-                }
-            }
+            errors.extend(remove_cgroup_tree(&dir));
         }
         errors
     }

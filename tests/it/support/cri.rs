@@ -44,7 +44,7 @@ use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::support::{
-    Fam, Netns, NsPath, TempDir, harden, host_local_reservations, plugin, sh, unique, walk_dirs, zero_counters,
+    Fam, Netns, NsPath, TempDir, harden, host_local_reservations, plugin, remove_cgroup_tree, sh, unique, zero_counters,
 };
 
 /// The programs a CRI test needs besides those of every network test.
@@ -766,22 +766,7 @@ impl Containerd {
         let mut errors = Vec::new();
         let _ = Command::new("ip").args(["link", "del", &self.bridge]).stderr(Stdio::null()).status();
         for dir in self.cgroup_dirs() {
-            let mut dirs = walk_dirs(&dir);
-            dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-            for d in dirs {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                loop {
-                    match fs::remove_dir(&d) {
-                        Ok(()) => break,
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                        Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-                        Err(e) => {
-                            errors.push(format!("rmdir {}: {e}", d.display()));
-                            break;
-                        }
-                    }
-                }
-            }
+            errors.extend(remove_cgroup_tree(&dir));
         }
         errors
     }

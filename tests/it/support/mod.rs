@@ -250,6 +250,31 @@ pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> 
     }
 }
 
+/// Removes a cgroup and everything below it, children first. A process on its way out may hold a
+/// cgroup for a moment, so each removal is retried for a bounded while; returns what failed,
+/// naming the processes still inside.
+pub fn remove_cgroup_tree(dir: &Path) -> Vec<String> {
+    let mut errors = Vec::new();
+    let mut dirs = walk_dirs(dir);
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for d in dirs {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match fs::remove_dir(&d) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => {
+                    let procs = fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                    errors.push(format!("rmdir {}: {e} (processes: {procs:?})", d.display()));
+                    break;
+                }
+            }
+        }
+    }
+    errors
+}
+
 /// `dir` and every directory below it (cgroup trees, to remove them children first).
 pub fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
     let mut out = vec![dir.to_owned()];
