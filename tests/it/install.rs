@@ -16,6 +16,11 @@ use crate::support::apiserver;
 use crate::support::install::{BIN, Host, Installer, free_port, golden, http_status};
 use crate::support::{punctual, wait_for};
 
+/// How long the tests give the installer's directory watch to react. The installers here resync
+/// once a minute (`--resync-interval 60s`), so an answer within this bound can only be the watch's;
+/// the bound is generous because a test asserts behaviour, not speed, on a loaded two-core machine.
+const WATCH_BOUND: Duration = Duration::from_secs(10);
+
 const PRIMARIES: [&str; 4] = ["10-bridge.conflist", "10-flannel.conf", "10-calico.conflist", "05-cilium.conflist"];
 
 fn list_name(primary: &str) -> String {
@@ -153,15 +158,17 @@ fn write_settings(host: &Host, json: &str) -> std::path::PathBuf {
 
 /// With no configuration yet the installer waits, says so, and chains as soon as one appears.
 #[test]
-fn waits_for_the_primary_then_chains_within_a_second() {
+fn waits_for_the_primary_then_chains_by_the_watch() {
     let _load = punctual();
     let host = Host::new("wait");
     let inst = host.start(&host.fake_plugin("1"), &[]);
     wait_for(Duration::from_secs(10), "the waiting log line", || inst.log().contains("waiting for the primary CNI"));
     assert!(!host.ready_file().exists());
     host.replace_conf("10-calico.conflist", &golden("primary", "10-calico.conflist"));
-    let took = wait_for(Duration::from_secs(1), "our entry", || host.chained("10-calico.conflist"));
-    wait_for(Duration::from_secs(1), "ready", || host.ready_file().exists());
+    // The resync is a minute away: only the watch chains within the bound (a bound, not a speed
+    // claim: the time taken is printed, and measured in docs/installer.md).
+    let took = wait_for(WATCH_BOUND, "our entry", || host.chained("10-calico.conflist"));
+    wait_for(WATCH_BOUND, "ready", || host.ready_file().exists());
     eprintln!("chained {took:?} after the primary wrote its file");
     assert!(inst.terminate().0.success());
 }
@@ -188,8 +195,8 @@ fn follows_the_configuration_the_runtime_uses() {
     assert_eq!(fs::read(host.conf.join("05-cilium.conflist")).unwrap(), golden("primary", "05-cilium.conflist"));
 }
 
-/// Another process rewrites the primary's file 200 times; after each, our entry is back within a
-/// second, and a reader polling the file never sees anything but valid JSON.
+/// Another process rewrites the primary's file 200 times; after each, our entry is back well before
+/// the resync could have put it there, and a reader polling the file never sees anything but valid JSON.
 #[test]
 fn the_watch_re_injects_after_200_rewrites_and_readers_never_see_invalid_json() {
     let _load = punctual();
@@ -220,7 +227,7 @@ fn the_watch_re_injects_after_200_rewrites_and_readers_never_see_invalid_json() 
         // The primary rewrites its file (a new MTU each time), without our entry.
         let text = String::from_utf8(calico.clone()).unwrap().replace("\"mtu\": 0", &format!("\"mtu\": {}", 1400 + i));
         host.replace_conf("10-calico.conflist", text.as_bytes());
-        let took = wait_for(Duration::from_secs(1), &format!("our entry back after rewrite {i}"), || {
+        let took = wait_for(WATCH_BOUND, &format!("our entry back after rewrite {i}"), || {
             host.conf_json("10-calico.conflist")
                 .is_some_and(|d| d["plugins"][0]["mtu"] == 1400 + i && d["plugins"][3]["type"] == "tproxy-cni")
         });
@@ -260,8 +267,7 @@ fn the_token_copy_follows_kubelet_rotation() {
     for i in 2..=4 {
         let token = format!("token-{i}");
         host.rotate_token(&token);
-        let took =
-            wait_for(Duration::from_secs(1), "token copy", || fs::read(host.token_copy()).unwrap() == token.as_bytes());
+        let took = wait_for(WATCH_BOUND, "token copy", || fs::read(host.token_copy()).unwrap() == token.as_bytes());
         eprintln!("token {i} followed in {took:?}");
         assert_eq!(fs::metadata(host.token_copy()).unwrap().mode() & 0o777, 0o600);
     }

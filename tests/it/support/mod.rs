@@ -197,7 +197,7 @@ pub fn in_own_process(module: &str, test: &str, deadline: Duration) -> bool {
 
 /// Tests that load the whole machine for a while (a container runtime with its disk work, 64
 /// plugins at once, a kill loop) and tests that give another process a deadline tight enough for
-/// that load to break (the installer re-chaining within a second) must not overlap. As test binaries
+/// that load to break (the installer re-chaining through its watch) must not overlap. As test binaries
 /// of their own they never did; in the one binary [`busy`] and [`punctual`] keep them apart.
 static LOAD: RwLock<()> = RwLock::new(());
 
