@@ -28,7 +28,6 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::Write;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
@@ -44,7 +43,8 @@ use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::support::{
-    Fam, Netns, NsPath, TempDir, harden, host_local_reservations, plugin, remove_cgroup_tree, sh, unique, zero_counters,
+    Fam, NsPath, TempDir, harden, host_local_reservations, nft_reference, nft_tables, plugin, remove_cgroup_tree, sh,
+    unique,
 };
 
 /// The programs a CRI test needs besides those of every network test.
@@ -146,14 +146,7 @@ impl Engine {
     /// tests pin that script against the golden cases).
     pub fn assert_installed(self, ns: &(impl NsPath + ?Sized), annotations: &Value, what: &str) {
         if self == Engine::Nftables {
-            let script = render_nftables(annotations);
-            let reference = Netns::new("tpr");
-            let mut nft = Command::new("ip");
-            nft.args(["netns", "exec", &reference.name, "nft", "-f", "-"]).stdin(Stdio::piped());
-            let mut child = nft.spawn().expect("nft runs");
-            child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-            assert!(child.wait().unwrap().success(), "nft -f of the rendered script:\n{script}");
-            assert_eq!(nft_tables(ns), nft_tables(&reference), "{what}: the tables in its namespace");
+            assert_eq!(nft_tables(ns), nft_reference(annotations, true), "{what}: the tables in its namespace");
             return;
         }
         assert_eq!(self.installed(ns), harden::expected(annotations, true), "{what}: the rules in its namespace");
@@ -163,34 +156,6 @@ impl Engine {
     pub fn locks(self) -> bool {
         self == Engine::IptablesLegacy
     }
-}
-
-/// Our two nftables tables as `nft list table` prints them, counters zeroed; empty when there are none.
-fn nft_tables(ns: &(impl NsPath + ?Sized)) -> String {
-    let mut out = String::new();
-    for family in ["ip", "ip6"] {
-        let listed = Command::new("nsenter")
-            .arg(format!("--net={}", ns.ns_path().display()))
-            .args(["nft", "list", "table", family, "tproxy-cni"])
-            .output()
-            .expect("nft runs");
-        if listed.status.success() {
-            out += &zero_counters(&String::from_utf8_lossy(&listed.stdout));
-        }
-    }
-    out
-}
-
-/// The `nft -f` script `tproxy-cni render --backend nftables` prints for a pod with these
-/// annotations and an IPv6 address.
-fn render_nftables(annotations: &Value) -> String {
-    let mut render = Command::new(plugin());
-    render.args(["render", "--backend", "nftables", "--pod-ipv6", "-"]).stdin(Stdio::piped()).stdout(Stdio::piped());
-    let mut child = render.spawn().expect("the plugin runs");
-    child.stdin.take().unwrap().write_all(annotations.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "render --backend nftables failed");
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// All netfilter state of a namespace, whoever made it: every nftables table (iptables-nft's

@@ -92,11 +92,20 @@ pub fn prev_result(v6: bool) -> Value {
     json!({"cniVersion": "1.0.0", "ips": ips})
 }
 
-/// The network configuration the runtime hands the plugin as the last link of a chain.
+/// The network configuration the runtime hands the plugin as the last link of a chain, with the
+/// iptables engine on `backend` (`nft` or `legacy`).
 pub fn stdin(backend: &str, annotations: &Value, prev: &Value) -> String {
-    json!({"cniVersion": "1.0.0", "name": "harden", "type": "tproxy-cni", "iptables_mode": backend,
-        "prevResult": prev, "runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations}})
-    .to_string()
+    stdin_with(json!({"iptables_mode": backend}), annotations, prev)
+}
+
+/// [`stdin`] with the engine chosen by `engine_conf` (an [`Engine::conf`](super::Engine::conf)).
+pub fn stdin_with(engine_conf: Value, annotations: &Value, prev: &Value) -> String {
+    let mut conf = json!({"cniVersion": "1.0.0", "name": "harden", "type": "tproxy-cni",
+        "prevResult": prev, "runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations}});
+    for (k, v) in engine_conf.as_object().expect("engine keys").clone() {
+        conf[k] = v;
+    }
+    conf.to_string()
 }
 
 /// The CNI environment of one call.

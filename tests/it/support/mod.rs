@@ -231,6 +231,56 @@ pub fn zero_counters(text: &str) -> String {
     words.join(" ")
 }
 
+/// Our two nftables tables (`ip tproxy-cni`, `ip6 tproxy-cni`) as `nft list table` prints them in
+/// `ns`, counters zeroed; empty when there are none.
+pub fn nft_tables(ns: &(impl NsPath + ?Sized)) -> String {
+    let mut out = String::new();
+    for family in ["ip", "ip6"] {
+        let listed = Command::new("nsenter")
+            .arg(format!("--net={}", ns.ns_path().display()))
+            .args(["nft", "list", "table", family, "tproxy-cni"])
+            .output()
+            .expect("nft runs");
+        if listed.status.success() {
+            out += &zero_counters(&String::from_utf8_lossy(&listed.stdout));
+        }
+    }
+    out
+}
+
+/// The `nft -f` script `tproxy-cni render --backend nftables` prints for a pod with these
+/// annotations (and an IPv6 address when `v6`).
+pub fn render_nftables(annotations: &serde_json::Value, v6: bool) -> String {
+    let mut render = Command::new(plugin());
+    render.args(["render", "--backend", "nftables"]);
+    if v6 {
+        render.arg("--pod-ipv6");
+    }
+    render.arg("-").stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = render.spawn().expect("the plugin runs");
+    child.stdin.take().unwrap().write_all(annotations.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "render --backend nftables failed");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// What the nftables engine must install for a pod with these annotations (and an IPv6 address
+/// when `v6`), as [`nft_tables`] lists it: what the `nft` program makes, in a namespace of the
+/// test's own, of the script [`render_nftables`] gives (the nftables tests pin that script against
+/// the golden cases).
+pub fn nft_reference(annotations: &serde_json::Value, v6: bool) -> String {
+    let script = render_nftables(annotations, v6);
+    let reference = Netns::new("tpr");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &reference.name, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("nft runs");
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "nft -f of the rendered script:\n{script}");
+    nft_tables(&reference)
+}
+
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
