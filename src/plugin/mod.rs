@@ -214,8 +214,11 @@ fn add(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
     let output = result::passthrough(conf.prev_result.as_deref(), conf.cni_version)?;
     let api = Api::new(conf);
     let found = pod::lookup(conf, &inv.args, &api)?;
-    // Whether the pod is in a mesh does not depend on its addresses; its redirect may.
-    let Some(redirect) = found.redirect(PodNetwork::default())? else {
+    // Chained, the previous result says whether the pod has IPv6 and the redirect is built once.
+    // Otherwise only the namespace can say: whether the pod is in a mesh does not depend on it, so
+    // that is decided first and the redirect built again once the namespace is open.
+    let known = conf.prev_result.as_deref().map(|prev| PodNetwork { has_ipv6: result::has_ipv6(Some(prev)) });
+    let Some(redirect) = found.redirect(known.unwrap_or_default())? else {
         log::debug!("pod is not in a mesh with transparent proxy: passing through");
         return Ok(output);
     };
@@ -225,7 +228,10 @@ fn add(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
     let deadline = Deadline::after(conf.netns_timeout);
     let ns = Netns::open(inv.netns.as_deref().expect("ADD requires CNI_NETNS"))?;
     let lock = NetnsLock::acquire(&ns, deadline)?;
-    let redirect = found.redirect(pod_network(conf, &ns, deadline)?)?.expect("a mesh pod stays one");
+    let redirect = match known {
+        Some(_) => redirect,
+        None => found.redirect(pod_network(conf, &ns, deadline)?)?.expect("a mesh pod stays one"),
+    };
     let prepared = netlink::prepare(&ns, redirect, deadline)?;
     let (redirect, sets) = (&prepared.redirect, rules::build(&prepared.redirect));
     let engine = Engine::new(conf.backend, conf.iptables_mode, deadline);
