@@ -96,12 +96,7 @@ pub fn prev_result(v6: bool) -> Value {
 }
 
 /// The network configuration the runtime hands the plugin as the last link of a chain, with the
-/// iptables engine on `backend` (`nft` or `legacy`).
-pub fn stdin(backend: &str, annotations: &Value, prev: &Value) -> String {
-    stdin_with(json!({"iptables_mode": backend}), annotations, prev)
-}
-
-/// [`stdin`] with the engine chosen by `engine_conf` (an [`Engine::conf`](super::Engine::conf)).
+/// engine chosen by `engine_conf` (an [`Engine::conf`](super::Engine::conf)).
 pub fn stdin_with(engine_conf: Value, annotations: &Value, prev: &Value) -> String {
     let mut conf = json!({"cniVersion": "1.0.0", "name": "harden", "type": "tproxy-cni",
         "prevResult": prev, "runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations}});
