@@ -166,6 +166,20 @@ fn list(ns: &Netns, family: &str) -> Listed {
     l
 }
 
+/// Deletes `chain` of our table of `family` (listed as `l`), with the rules that jump to it, in
+/// one `nft -f` transaction.
+fn delete_nft_chain(ns: &Netns, family: &str, chain: &str, l: &Listed) {
+    let at = format!("{family} tproxy-cni");
+    let mut script = String::new();
+    for (c, rule, handle) in &l.rules {
+        if rule.contains(&format!("jump {chain} ")) || rule.contains(&format!("goto {chain} ")) {
+            script += &format!("delete rule {at} {c} handle {handle}\n");
+        }
+    }
+    script += &format!("flush chain {at} {chain}\ndelete chain {at} {chain}\n");
+    nft_in(ns, &["-f", "-"], Some(&script));
+}
+
 /// Damages our nftables tables with `nft`, as an operator or another program might: a rule
 /// deleted, an element added to a set, a chain deleted (with the rules that jump to it), a stray
 /// rule added. Returns what was done and what CHECK must name.
@@ -195,14 +209,7 @@ fn tamper_nftables(rng: &mut Rng, p: &PodState) -> (String, String) {
         }
         2 => {
             let (chain, _) = rng.pick(&l.chains);
-            let mut script = String::new();
-            for (c, rule, handle) in &l.rules {
-                if rule.contains(&format!("jump {chain} ")) || rule.contains(&format!("goto {chain} ")) {
-                    script += &format!("delete rule {at} {c} handle {handle}\n");
-                }
-            }
-            script += &format!("flush chain {at} {chain}\ndelete chain {at} {chain}\n");
-            nft_in(ns, &["-f", "-"], Some(&script));
+            delete_nft_chain(ns, family, chain, &l);
             (format!("deleted chain {at} {chain}"), format!("missing chain {at} {chain}"))
         }
         3 => {
@@ -375,4 +382,55 @@ fn random_lifecycles_leave_zero_or_one_copy_and_every_canary() {
         "random lifecycles: {sequences} sequences in {:.1} s, seed {seed}; steps by kind: {counts:?}",
         start.elapsed().as_secs_f64()
     );
+}
+
+/// Regression test, pinned from a long random run: DEL removed Kuma's `::6` only when it removed
+/// the IPv6 `KUMA_MESH_INBOUND` chain, so a namespace where that chain had been deleted by hand
+/// kept the address after DEL (on either engine; the iptables tampering above only flushes
+/// chains, the nftables one also deletes them). On each engine: a dual-stack Kuma pod, its IPv6
+/// inbound chain deleted with the rule that jumps to it, then DEL: nothing of ours, no `::6`.
+#[test]
+fn del_removes_the_kuma_address_when_the_inbound_chain_was_deleted_by_hand() {
+    if !privileged() {
+        return;
+    }
+    let kuma = specs().into_iter().find(|s| s.name == "kuma-yaml").unwrap();
+    let inbound = "KUMA_MESH_INBOUND";
+    for engine in ENGINES {
+        let ns = Netns::new("tpr");
+        plant_canaries(engine, &ns);
+        let foreign = foreign_state(engine, &ns);
+        let path = ns.path().to_string_lossy().into_owned();
+        let stdin = stdin_with(engine.conf(), &kuma.annotations, &prev_result(true));
+        let out = call_plugin(&env("ADD", &path, "pinned"), &stdin);
+        assert!(out.status.success(), "{engine:?} ADD: {}", text(&out));
+        assert_eq!(ns.passthrough_v6(), 1, "{engine:?}: ::6 after ADD");
+        match engine {
+            Engine::Iptables(backend) => {
+                let (ours, _) = read(&save(&ns, Fam::V6, backend));
+                let mut input = String::from("*nat\n");
+                for ((table, chain), rules) in &ours.rules {
+                    for rule in rules
+                        .iter()
+                        .filter(|r| r.split(" -j ").nth(1).is_some_and(|t| t.split(' ').next() == Some(inbound)))
+                    {
+                        assert_eq!(table, "nat");
+                        input += &format!("-D {chain} {rule}\n");
+                    }
+                }
+                input += &format!("-F {inbound}\n-X {inbound}\nCOMMIT\n");
+                ns.restore(Fam::V6, backend, &input);
+                assert!(!read(&save(&ns, Fam::V6, backend)).0.chains.iter().any(|(_, c)| c == inbound));
+            }
+            Engine::Nftables => {
+                delete_nft_chain(&ns, "ip6", inbound, &list(&ns, "ip6"));
+                assert!(!list(&ns, "ip6").chains.iter().any(|(c, _)| c == inbound));
+            }
+        }
+        let out = call_plugin(&env("DEL", &path, "pinned"), &stdin);
+        assert!(out.status.success(), "{engine:?} DEL: {}", text(&out));
+        assert!(held(engine, &ns).is_nothing(), "{engine:?}: DEL left rules of ours");
+        assert_eq!(ns.passthrough_v6(), 0, "{engine:?}: DEL left ::6 on lo");
+        assert_eq!(foreign_state(engine, &ns), foreign, "{engine:?}: foreign rules changed");
+    }
 }
