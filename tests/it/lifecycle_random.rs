@@ -244,6 +244,30 @@ fn check_namespace(run: &mut Run, p: &PodState) {
     run.check(addresses == usize::from(kuma_v6), || format!("::6 on lo {addresses} times, want {}", u8::from(kuma_v6)));
 }
 
+/// CHECK, and what it must say: success exactly when the namespace holds the pod's configuration
+/// untouched, 103 otherwise (102 when the namespace is gone), naming the last tampering on the
+/// nftables engine.
+fn check(run: &mut Run, p: &PodState) {
+    let out = call(p, "CHECK", &p.spec.annotations);
+    let intact = p.installed.as_ref().is_some_and(|s| s.name == p.spec.name) && !p.tampered;
+    let want_code = if p.ns.is_none() {
+        Some(102)
+    } else if intact {
+        None
+    } else {
+        Some(103)
+    };
+    let got = (!out.status.success()).then(|| code_of(&out));
+    run.check(got == want_code, || {
+        format!("CHECK gave {got:?}, want {want_code:?}: {}", String::from_utf8_lossy(&out.stdout))
+    });
+    if let (Some(names), true, Some(_)) = (&p.names, p.tampered, &p.ns) {
+        let said = text(&out).replace("\\\"", "\"");
+        run.check(said.contains(names.as_str()), || format!("CHECK does not name {names:?}: {said}"));
+        *run.counts.entry("CHECK naming the tampering").or_default() += 1;
+    }
+}
+
 fn sequence(run: &mut Run, rng: &mut Rng, specs: &[Spec], steps: usize) {
     let mut pods: Vec<PodState> = Vec::new();
     for _ in 0..3 {
@@ -293,26 +317,7 @@ fn sequence(run: &mut Run, rng: &mut Rng, specs: &[Spec], steps: usize) {
                     format!("refused ADD: {}", String::from_utf8_lossy(&out.stdout))
                 });
             }
-            "CHECK" => {
-                let out = call(p, "CHECK", &p.spec.annotations);
-                let intact = p.installed.as_ref().is_some_and(|s| s.name == p.spec.name) && !p.tampered;
-                let want_code = if p.ns.is_none() {
-                    Some(102)
-                } else if intact {
-                    None
-                } else {
-                    Some(103)
-                };
-                let got = (!out.status.success()).then(|| code_of(&out));
-                run.check(got == want_code, || {
-                    format!("CHECK gave {got:?}, want {want_code:?}: {}", String::from_utf8_lossy(&out.stdout))
-                });
-                if let (Some(names), true, Some(_)) = (&p.names, p.tampered, &p.ns) {
-                    let said = text(&out).replace("\\\"", "\"");
-                    run.check(said.contains(names.as_str()), || format!("CHECK does not name {names:?}: {said}"));
-                    *run.counts.entry("CHECK naming the tampering").or_default() += 1;
-                }
-            }
+            "CHECK" => check(run, p),
             "DEL" => {
                 let out = call(p, "DEL", &p.spec.annotations);
                 run.check(out.status.success() && out.stdout.is_empty(), || {
@@ -337,9 +342,11 @@ fn sequence(run: &mut Run, rng: &mut Rng, specs: &[Spec], steps: usize) {
             _ => {
                 if p.ns.is_some() && p.installed.is_some() {
                     let (what, names) = tamper(rng, p);
-                    write!(run.log, ": {what}").unwrap();
+                    write!(run.log, ": {what}; CHECK").unwrap();
                     p.tampered = true;
                     p.names = names;
+                    // What a monitoring CHECK would see at once (a later CHECK may see more).
+                    check(run, p);
                 }
             }
         }
