@@ -60,11 +60,14 @@ pub struct Nftables {
     deadline: Deadline,
 }
 
-/// What [`Nftables::apply`] replaced: the families where our tables existed before it.
+/// What [`Nftables::apply`] replaced: the families where our tables existed before it, and the
+/// copy of ours they held, as read back before the batch (`None` when there was none, or one
+/// with something in it we cannot read: see [`Seen::ruleset`]).
 #[derive(Debug)]
 #[must_use = "a caller that fails after apply must undo what it applied"]
 pub struct Applied {
     replaced: Vec<Family>,
+    previous: Option<Ruleset>,
 }
 
 /// What of ours a namespace holds, as read back from the kernel.
@@ -118,6 +121,37 @@ impl Plan {
 }
 
 impl Seen {
+    /// Our tables as a rule set [`install`] can send again; `None` when anything in them is not
+    /// ours to read (a set with another key, a chain with another hook, a rule of other
+    /// expressions), which no batch of ours could make again.
+    pub fn ruleset(&self) -> Option<Ruleset> {
+        let mut tables = Vec::new();
+        for t in &self.tables {
+            let mut sets = Vec::new();
+            for (set, intervals) in &t.sets {
+                sets.push(nft::NftSet { name: set.name.clone(), key: set.key?, intervals: intervals.clone() });
+            }
+            let mut chains = Vec::new();
+            for c in &t.chains {
+                let hook = match &c.hook {
+                    None => None,
+                    Some(Ok(hook)) => Some(*hook),
+                    Some(Err(_)) => return None,
+                };
+                let mut rules = Vec::new();
+                for (_, rule) in t.rules.iter().filter(|(chain, _)| *chain == c.name) {
+                    match rule {
+                        SeenRule::Ours(r) => rules.push(r.clone()),
+                        SeenRule::Foreign(_) => return None,
+                    }
+                }
+                chains.push(nft::NftChain { name: c.name.clone(), hook, rules });
+            }
+            tables.push(nft::NftTable { family: t.family, sets, chains });
+        }
+        Some(Ruleset { tables })
+    }
+
     /// Every chain of our tables, with its family.
     pub fn removed(&self) -> Removed {
         let chains = self.tables.iter().flat_map(|t| t.chains.iter().map(move |c| (t.family, c.name.clone())));
@@ -143,21 +177,32 @@ impl Nftables {
         let rules = nft::from_rules(sets);
         features::require(&rules)?;
         let mut sock = self.open(ns)?;
-        let replaced = install(&mut sock, &rules).map_err(|e| socket_error(ns, e))?;
-        Ok(Applied { replaced })
+        let (replaced, previous) = install(&mut sock, &rules).map_err(|e| socket_error(ns, e))?;
+        Ok(Applied { replaced, previous })
     }
 
     /// Undoes an [`Nftables::apply`] whose caller failed afterwards (Kuma's `::6` could not be
-    /// added): removes the tables it made, which leaves a fresh namespace — every pod's first ADD —
-    /// exactly as it was. A copy of ours that the apply replaced is not put back (the batch that
-    /// replaced it freed it); the runtime then DELs and retries, as after any failed ADD. Best
-    /// effort: a failure is logged.
+    /// added): puts back the copy of ours the apply replaced, with the same one batch an ADD
+    /// sends, or removes the tables it made when there was none (a fresh namespace — every pod's
+    /// first ADD — is then exactly as it was). Best effort: a failure is logged.
     pub fn undo(&self, ns: &Netns, applied: Applied) {
-        if !applied.replaced.is_empty() {
-            log::warn!("the previous copy of our tables ({:?}) is not restored: removing ours", applied.replaced);
-        }
-        if let Err(e) = self.remove(ns) {
-            log::warn!("cannot undo this call's nftables changes: {}", crate::text::chain(&e));
+        let done = match &applied.previous {
+            Some(previous) => self
+                .open(ns)
+                .and_then(|mut sock| install(&mut sock, previous).map(drop).map_err(|e| socket_error(ns, e))),
+            None => {
+                if !applied.replaced.is_empty() {
+                    log::warn!(
+                        "the previous copy of our tables ({:?}) cannot be restored: removing ours",
+                        applied.replaced
+                    );
+                }
+                self.remove(ns).map(drop)
+            }
+        };
+        match done {
+            Ok(()) => log::debug!("undid this call's nftables changes"),
+            Err(e) => log::warn!("cannot undo this call's nftables changes: {}", crate::text::chain(&e)),
         }
     }
 
@@ -214,14 +259,18 @@ impl Nftables {
     }
 }
 
-/// Installs `rules` with one batch that deletes only the tables of ours that exist. Deleting
+/// Installs `rules` with one batch that deletes only the tables of ours that exist, and returns
+/// the families it replaced with the copy they held (read whole first, for an undo to put back;
+/// a fresh namespace has nothing to read, so a first ADD costs no more). Deleting
 /// costs the kernel a grace period before it frees what was deleted, which the socket's close
 /// then waits for (milliseconds on a busy node); a first ADD into a fresh namespace deletes
 /// nothing and does not wait. Should a table of ours appear between the read and the batch (a
 /// concurrent ADD), the kernel refuses the batch, changing nothing, and the batch that replaces
 /// every family is sent instead.
-fn install(sock: &mut NfSocket, rules: &Ruleset) -> Result<Vec<Family>, SocketError> {
-    let present: Vec<Family> = read(sock, false)?.tables.iter().map(|t| t.family).collect();
+fn install(sock: &mut NfSocket, rules: &Ruleset) -> Result<(Vec<Family>, Option<Ruleset>), SocketError> {
+    let before = read(sock, true)?;
+    let present: Vec<Family> = before.tables.iter().map(|t| t.family).collect();
+    let previous = if present.is_empty() { None } else { before.ruleset() };
     let batch = encode::install(rules, &present, sock.next_seq());
     let bytes = batch.end_bytes();
     match sock.send(&batch, &bytes) {
@@ -229,7 +278,8 @@ fn install(sock: &mut NfSocket, rules: &Ruleset) -> Result<Vec<Family>, SocketEr
             log::debug!("a table of ours appeared meanwhile: replacing every family");
             let batch = encode::replace(rules, sock.next_seq());
             sock.send(&batch, &batch.end_bytes())?;
-            Ok(Family::ALL.to_vec())
+            // Not the copy read above: another call's, which this call had no right to keep.
+            Ok((Family::ALL.to_vec(), None))
         }
         Ok(()) => {
             log::debug!(
@@ -237,7 +287,7 @@ fn install(sock: &mut NfSocket, rules: &Ruleset) -> Result<Vec<Family>, SocketEr
                 batch.what.len(),
                 bytes.len()
             );
-            Ok(present)
+            Ok((present, previous))
         }
         Err(e) => Err(e),
     }
