@@ -689,10 +689,14 @@ fn seccomp(fault: Fault) -> std::io::Result<()> {
         stmt(LD_W_ABS, 16),
         jump(libc::AF_NETLINK as u32, 0, 2),
         stmt(LD_W_ABS, 32),
-        jump(match fault {
-            Fault::NetlinkRefused(protocol) => protocol as u32,
-            Fault::NetlinkUnanswered => u32::MAX,
-        }, 1, 0),
+        jump(
+            match fault {
+                Fault::NetlinkRefused(protocol) => protocol as u32,
+                Fault::NetlinkUnanswered => u32::MAX,
+            },
+            1,
+            0,
+        ),
         allow,
         stmt(RET, libc::SECCOMP_RET_ERRNO | libc::EACCES as u32),
     ];
