@@ -627,7 +627,8 @@ fn stop_start_and_restart_remove_and_reapply_the_rules(engine: Engine) {
     // the lock file; podman then drops the namespace.
     pm.ok(&["stop", "--time", "0", "web"]);
     assert_eq!(first.ns.all_ours(engine), Vec::<String>::new(), "rules left after podman stop");
-    assert!(!first.sandbox.exists() && !(legacy && lock(&first).exists()));
+    assert!(!first.sandbox.exists(), "podman dropped the namespace");
+    assert!(!(legacy && lock(&first).exists()), "lock file left after podman stop");
 
     // podman start: a new namespace, the same rules, the redirect works again.
     pm.ok(&["start", "web"]);
