@@ -93,6 +93,11 @@ fn a_consul_pod_found_through_the_api_server_gets_its_redirect(engine: Engine) {
     // The pod outside the mesh got nothing.
     assert_eq!(engine.our_rules(&srv.ns), 0);
     assert!(rules(engine, &app.ns, Fam::V4) > 0 && rules(engine, &app.ns, Fam::V6) > 0);
+    if engine == Engine::Nftables {
+        // Exactly the tables of the served pod's annotations (the pod has IPv6).
+        let served = json!(PodFixture::consul("default", "app").annotations);
+        assert_eq!(nft_tables(&app.ns), nft_reference(&served, true));
+    }
 
     // consul-cni's progress report: waiting, then complete, as merge patches of that one key.
     assert_eq!(status_patches(&api, "app"), [(status_body("waiting"), 200), (status_body("complete"), 200)]);

@@ -578,6 +578,11 @@ fn mesh_containers_are_redirected_and_plain_ones_are_untouched(engine: Engine) {
         assert_eq!(c.ns.netfilter(), "", "{}'s namespace must be untouched", c.name);
     }
     assert!(!web.ns.all_ours(engine).is_empty() && !shop.ns.all_ours(engine).is_empty());
+    if engine == Engine::Nftables {
+        // Exactly the tables of the served Consul pod's annotations (the container has IPv6).
+        let served = json!(PodFixture::consul(NAMESPACE, "web").annotations);
+        assert_eq!(nft_tables(&web.ns), nft_reference(&served, true));
+    }
 
     // consul-cni's progress report on the Consul pod, and only there.
     assert_eq!(pm.status_reports("web"), ["waiting", "complete"]);
