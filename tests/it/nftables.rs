@@ -216,6 +216,35 @@ fn foreign_tables_and_iptables_rules_survive_add_check_del_byte_for_byte() {
 }
 
 #[test]
+fn a_copy_edited_by_hand_is_removed_not_restored_when_add_fails_after_its_batch() {
+    if !privileged() {
+        return;
+    }
+    // (A copy the engine wrote is put back exactly: lifecycle.rs, on both engines.)
+    let ns = Netns::new("tpn");
+    let annotations = kuma_pod(None, &[]);
+    ok(&call("ADD", &ns, &plugin_stdin(&annotations, Some(&prev_result(false)))));
+    // Someone adds a rule to our table that the engine does not write: that copy cannot be
+    // written back as it was.
+    nft(&ns, &["add", "rule", "ip", "tproxy-cni", "nat_output", "meta", "l4proto", "udp", "return"], None);
+    // A repeated ADD with IPv6 whose `::6` fails (the loopback refuses IPv6 addresses) after its
+    // batch replaced that copy.
+    ns.exec(&["sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1"]);
+    let out = call("ADD", &ns, &plugin_stdin(&annotations, Some(&prev_result(true))));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "the previous copy of our nftables tables cannot be restored (it held a rule in ip tproxy-cni \
+             nat_output that tproxy-cni does not write): removing ours"
+        ),
+        "{err}"
+    );
+    assert!(ns.nft_table(Fam::V4).is_empty() && ns.nft_table(Fam::V6).is_empty(), "{}", ns.nft_ruleset());
+    assert_eq!(ns.passthrough_v6(), 0);
+}
+
+#[test]
 fn nft_makes_of_the_rendered_script_what_the_engine_installs() {
     if !privileged() {
         return;
