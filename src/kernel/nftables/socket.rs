@@ -35,8 +35,9 @@ pub enum SocketError {
         #[source]
         source: io::Error,
     },
-    #[error("the kernel did not answer within {}s while trying to {what}", TIMEOUT.as_secs())]
-    Timeout { what: &'static str },
+    /// `allowed`: [`TIMEOUT`], or the caller's budget when its deadline came first.
+    #[error("the kernel did not answer within {} ms while trying to {what}", allowed.as_millis())]
+    Timeout { what: &'static str, allowed: Duration },
     #[error("the kernel refused {what}")]
     Refused {
         what: String,
@@ -185,27 +186,32 @@ impl NfSocket {
         }
     }
 
-    /// When the exchange starting now must end.
-    fn exchange_deadline(&self) -> Instant {
-        let own = Instant::now() + TIMEOUT;
+    /// When the exchange starting now must end, and the limit that sets it, for the message of a
+    /// timeout: [`TIMEOUT`], or the caller's budget when its deadline comes first.
+    fn exchange_deadline(&self) -> (Instant, Duration) {
         match self.deadline {
-            Some(d) => own.min(Instant::now() + d.remaining()),
-            None => own,
+            Some(d) if d.remaining() < TIMEOUT => (Instant::now() + d.remaining(), d.budget()),
+            _ => (Instant::now() + TIMEOUT, TIMEOUT),
         }
     }
 
-    fn recv(&self, buf: &mut [u8], deadline: Instant, what: &'static str) -> Result<usize, SocketError> {
+    fn recv(
+        &self,
+        buf: &mut [u8],
+        (deadline, allowed): (Instant, Duration),
+        what: &'static str,
+    ) -> Result<usize, SocketError> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(SocketError::Timeout { what });
+                return Err(SocketError::Timeout { what, allowed });
             }
             // A read blocks no longer than what is left of the exchange.
             set_timeout(&self.sock, left).map_err(|source| SocketError::Io { what, source })?;
             match self.sock.recv(&mut &mut buf[..], 0) {
                 Ok(n) => return Ok(n),
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                    return Err(SocketError::Timeout { what });
+                    return Err(SocketError::Timeout { what, allowed });
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(source) => return Err(SocketError::Io { what, source }),
