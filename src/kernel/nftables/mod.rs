@@ -3,13 +3,13 @@
 //!
 //! Each operation is one exchange of netlink messages with the kernel in the pod's namespace:
 //!
-//! - ADD reads which of our tables exist (one small dump: none, in a fresh namespace) and sends
-//!   **one nf_tables batch** that deletes those with everything in them and creates each wanted
-//!   table anew with its sets, chains and rules. The kernel commits a batch atomically: the
-//!   namespace goes from whatever it held (nothing, or an older copy of ours) to exactly one
-//!   complete copy, or — if the kernel refuses any message — stays exactly as it was. An older
-//!   copy is read whole first, so that a caller failing after the batch (Kuma's `::6`) can put
-//!   it back ([`Nftables::undo`]).
+//! - ADD sends **one nf_tables batch** that creates each wanted table with its sets, chains and
+//!   rules — in a fresh namespace, every pod's first ADD, nothing else: no read before it. The
+//!   kernel commits a batch atomically: the namespace goes from nothing of ours to exactly one
+//!   complete copy, or — if the kernel refuses any message — stays exactly as it was. Where a
+//!   table of ours exists already (a repeated ADD), the kernel refuses that batch; ADD then reads
+//!   the older copy whole, so that a caller failing after the batch (Kuma's `::6`) can put it
+//!   back ([`Nftables::undo`]), and sends the batch that deletes it and creates the new one.
 //! - CHECK dumps our tables (sets and their elements, chains, rules) and compares them, element by
 //!   element, with what ADD would install ([`check`]).
 //! - DEL reads which of our tables exist and deletes them in one batch.
@@ -297,37 +297,45 @@ impl Nftables {
     }
 }
 
-/// Installs `rules` with one batch that deletes only the tables of ours that exist, and returns
-/// what of ours was there. Deleting costs the kernel a grace period before it frees what was
-/// deleted, which the socket's close then waits for (milliseconds on a busy node); a first ADD
-/// into a fresh namespace deletes nothing and does not wait, and reads nothing more than the list
-/// of tables. Tables of ours that exist (a repeated ADD) are read whole before the batch replaces
-/// them, for [`Nftables::undo`]. Should a table of ours appear between the read and the batch (a
-/// concurrent ADD), the kernel refuses the batch, changing nothing; what appeared is read, and
-/// the batch that replaces every family is sent instead.
+/// Installs `rules` and returns what of ours was there before.
+///
+/// Most ADDs are a pod's first, into a namespace without tables of ours, so the first batch only
+/// creates ours, without asking what is there: creating is done with `NLM_F_EXCL`, and should a
+/// table of ours exist, the kernel refuses the whole batch, changing nothing. Such a repeated ADD
+/// then reads our tables whole (for [`Nftables::undo`]) and sends the batch that deletes exactly
+/// those and creates the new ones. A batch that deletes nothing also leaves the kernel nothing to
+/// free after a grace period, which the socket's close would wait for (milliseconds on a busy
+/// node). Should a table of ours appear between that read and the second batch (a concurrent
+/// ADD), what appeared is read and the batch that replaces every family is sent instead.
 fn install(sock: &mut NfSocket, rules: &Ruleset) -> Result<Before, SocketError> {
+    let exists = |r: &Result<(), SocketError>| matches!(r, Err(SocketError::Refused { source, .. }) if source.raw_os_error() == Some(libc::EEXIST));
+    let batch = encode::install(rules, &[], sock.next_seq());
+    let bytes = batch.end_bytes();
+    let sent = sock.send(&batch, &bytes);
+    if !exists(&sent) {
+        sent?;
+        log::debug!(
+            "created our nftables tables with one batch ({} messages, {} bytes)",
+            batch.what.len(),
+            bytes.len()
+        );
+        return Ok(Before::Nothing);
+    }
     let present = our_families(sock)?;
-    let before = if present.is_empty() { Before::Nothing } else { Before::of(&read_families(sock, &present, true)?) };
+    let before = Before::of(&read_families(sock, &present, true)?);
     let batch = encode::install(rules, &present, sock.next_seq());
     let bytes = batch.end_bytes();
-    match sock.send(&batch, &bytes) {
-        Err(SocketError::Refused { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
-            log::debug!("a table of ours appeared meanwhile: replacing every family");
-            let before = Before::of(&read(sock, true)?);
-            let batch = encode::replace(rules, sock.next_seq());
-            sock.send(&batch, &batch.end_bytes())?;
-            Ok(before)
-        }
-        Ok(()) => {
-            log::debug!(
-                "installed our nftables tables with one batch ({} messages, {} bytes, replacing {present:?})",
-                batch.what.len(),
-                bytes.len()
-            );
-            Ok(before)
-        }
-        Err(e) => Err(e),
+    let sent = sock.send(&batch, &bytes);
+    if !exists(&sent) {
+        sent?;
+        log::debug!("replaced our nftables tables ({present:?}) with one batch ({} messages)", batch.what.len());
+        return Ok(before);
     }
+    log::debug!("a table of ours appeared meanwhile: replacing every family");
+    let before = Before::of(&read(sock, true)?);
+    let batch = encode::replace(rules, sock.next_seq());
+    sock.send(&batch, &batch.end_bytes())?;
+    Ok(before)
 }
 
 /// CHECK's failures.
