@@ -10,7 +10,8 @@
 //! through the redirect with a thousand excluded networks.
 //!
 //!   cargo bench --bench cni_add            (hack/bench.sh builds and runs it)
-//!   BENCH_RUNS=200 (default) runs per row; BENCH_QUICK=1 for a smoke run.
+//!   BENCH_RUNS=200 (default) runs per row; BENCH_QUICK=1 for a smoke run; BENCH_PLUGIN=PATH
+//!   measures that binary instead of cargo's build (hack/bench.sh: the static musl build).
 
 // The API-server stand-in of the integration tests; the benchmark uses part of it.
 #[allow(dead_code)]
@@ -32,8 +33,10 @@ use tproxy_cni::core::mesh::{self, PodNetwork};
 use tproxy_cni::core::redirect::Family;
 use tproxy_cni::core::{nft, rules};
 
+/// The plugin measured: `BENCH_PLUGIN` (hack/bench.sh sets it to the statically linked musl
+/// build, the binary the image ships), else the build cargo made for this benchmark.
 fn plugin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_tproxy-cni"))
+    std::env::var_os("BENCH_PLUGIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tproxy-cni")), PathBuf::from)
 }
 
 /// A fresh, empty network namespace, removed on drop.
@@ -528,7 +531,8 @@ fn main() {
     let runs: usize =
         std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick { 10 } else { 200 });
     let started = Instant::now();
-    println!("load average at start: {}\n", loadavg());
+    println!("load average at start: {}", loadavg());
+    println!("plugin measured: {}\n", plugin().display());
 
     let api = ApiServer::start();
     let kubeconfig = api.default_kubeconfig();

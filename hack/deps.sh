@@ -12,7 +12,9 @@
 #                               the test starts a private instance itself (a system one is never used)
 #   libc6-dev                   libc.a, for the static pause program tests/it/cri.rs builds (gcc comes with g++)
 #   protobuf-compiler           protoc, for the k8s-cri dev-dependency's build script (tests/it/cri.rs's CRI client)
-# and cargo-deny (the licence, ban and source checks of hack/test.sh), compiled from crates.io once
+#   musl-tools                  musl-gcc, for ring's C code in the <arch>-unknown-linux-musl build the image ships
+#                               (hack/test.sh lints that build, hack/bench.sh measures it)
+# and rustup's <arch>-unknown-linux-musl target (its standard library), and cargo-deny (the licence, ban and source checks of hack/test.sh), compiled from crates.io once
 # into ~/.cargo/bin (no prebuilt binary is reachable; keep ~/.cargo/bin between CI runs and this is
 # skipped). It has no optional features to leave out; its release profile's fat LTO with one
 # codegen unit is switched off instead: the same 4.5 min of CPU on 2 shared cores, but half the
@@ -20,7 +22,7 @@
 # tool whose check takes a second either way.
 set -euo pipefail
 pkgs=(iptables nftables iproute2 util-linux containernetworking-plugins golang-go golang-github-appc-cni-dev systemd g++
-  podman runc busybox-static containerd libc6-dev protobuf-compiler)
+  podman runc busybox-static containerd libc6-dev protobuf-compiler musl-tools)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -29,6 +31,11 @@ if ((${#missing[@]})); then
   echo "== installing ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+musl="$(uname -m)-unknown-linux-musl"
+if ! rustup target list --installed | grep -qx "$musl"; then
+  echo "== adding the $musl target (rustup)"
+  rustup target add "$musl" >/dev/null
 fi
 deny_version=0.20.2
 if [ "$(cargo deny --version 2>/dev/null)" != "cargo-deny $deny_version" ]; then

@@ -16,6 +16,8 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy -q --all-targets -- -D warnings
 (cd fuzz && cargo clippy -q --all-targets -- -D warnings)
+echo "== cargo clippy, the static musl build the image ships (installer/Dockerfile)"
+cargo clippy -q --target "$(uname -m)-unknown-linux-musl" -- -D warnings
 echo "== cargo deny check licenses bans sources (deny.toml; docs/dependencies.md#licences)"
 cargo deny check licenses bans sources
 cargo deny --manifest-path fuzz/Cargo.toml --config deny.toml check licenses bans sources

@@ -274,7 +274,7 @@ pub fn run(args: &RedirectArgs, ssh_connection: Option<&str>) -> Result<Report, 
         }
         return Ok(Report::out(out));
     }
-    let prepared = netlink::prepare(&ns, redirect, deadline)?;
+    let mut prepared = netlink::prepare(&ns, redirect, deadline)?;
     let applied = engine.apply(&ns, &sets)?;
     // Kuma's `::6` after the rules, as in ADD: an interrupted command never leaves the address alone.
     if let Err(e) = prepared.add_address(&ns, deadline) {

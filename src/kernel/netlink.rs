@@ -53,6 +53,7 @@ pub enum NetlinkError {
 }
 
 /// A `NETLINK_ROUTE` socket bound to a pod's network namespace.
+#[derive(Debug)]
 pub struct RouteSocket {
     fd: OwnedFd,
     seq: u32,
@@ -68,31 +69,18 @@ impl RouteSocket {
         Ok(RouteSocket { fd, seq: 0, deadline })
     }
 
-    /// Lets the next send or receive wait at most what is left of the deadline.
+    /// Lets the next send (`SO_SNDTIMEO`) or receive (`SO_RCVTIMEO`) wait at most what is left
+    /// of the deadline.
     fn bound(&self, option: libc::c_int, what: &'static str) -> Result<(), NetlinkError> {
         let left = self.deadline.remaining();
         if left.is_zero() {
             return Err(NetlinkError::TimedOut { what, budget: self.deadline.budget() });
         }
-        // A zero timeval means "wait forever": never ask for less than a microsecond.
-        let tv = libc::timeval {
-            tv_sec: left.as_secs() as libc::time_t,
-            tv_usec: libc::suseconds_t::from(left.subsec_micros().max(1)),
-        };
-        // Safety: `tv` is a valid timeval and its size is passed along; the descriptor is open.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(NetlinkError::Io { what: "set a netlink timeout", source: io::Error::last_os_error() });
-        }
-        Ok(())
+        // A zero timeout means "wait forever": never ask for less than a microsecond.
+        let left = Some(left.max(Duration::from_micros(1)));
+        let sock = socket2::SockRef::from(&self.fd);
+        let set = if option == libc::SO_SNDTIMEO { sock.set_write_timeout(left) } else { sock.set_read_timeout(left) };
+        set.map_err(|source| NetlinkError::Io { what: "set a netlink timeout", source })
     }
 
     /// A failed send or receive: a timeout when the socket gave up waiting.
@@ -284,16 +272,18 @@ fn parse_address(payload: &[u8]) -> Option<(u32, Ipv6Addr)> {
 #[derive(Debug)]
 pub struct Prepared {
     pub redirect: Redirect,
+    /// The socket that read the namespace's addresses, kept for adding the address.
+    sock: Option<RouteSocket>,
 }
 
 /// Decides the IPv6 pass, reading the namespace's addresses; changes nothing. Costs nothing (no
 /// socket) for redirects that do not depend on the namespace.
 pub fn prepare(ns: &Netns, redirect: Redirect, deadline: Deadline) -> Result<Prepared, NetlinkError> {
     if !redirect.ipv6_follows_netns() {
-        return Ok(Prepared { redirect });
+        return Ok(Prepared { redirect, sock: None });
     }
     let mut sock = RouteSocket::open_in(ns, deadline)?;
-    Ok(Prepared { redirect: resolve_ipv6(&mut sock, redirect)? })
+    Ok(Prepared { redirect: resolve_ipv6(&mut sock, redirect)?, sock: Some(sock) })
 }
 
 /// Does the namespace have any IPv6 address besides `::1`? (Link-local ones count: traffic to
@@ -307,9 +297,13 @@ impl Prepared {
     /// Adds the loopback address the IPv6 pass needs (Kuma's `::6`), if any, after the rules are
     /// installed: an ADD killed before this point leaves rules, which DEL removes together with
     /// the address, never an address without the rules that account for it.
-    pub fn add_address(&self, ns: &Netns, deadline: Deadline) -> Result<(), NetlinkError> {
+    pub fn add_address(&mut self, ns: &Netns, deadline: Deadline) -> Result<(), NetlinkError> {
         let Some(addr) = self.redirect.ipv6_passthrough_address() else { return Ok(()) };
-        if RouteSocket::open_in(ns, deadline)?.add_loopback_address(addr)? {
+        let sock = match &mut self.sock {
+            Some(sock) => sock,
+            None => self.sock.insert(RouteSocket::open_in(ns, deadline)?),
+        };
+        if sock.add_loopback_address(addr)? {
             log::debug!("added {addr}/128 to lo");
         } else {
             log::debug!("{addr}/128 is already on lo");

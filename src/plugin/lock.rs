@@ -75,14 +75,8 @@ impl NetnsLock {
         let id = ns.id().map_err(|source| LockError::Io { netns: netns.clone(), path: dir.clone(), source })?;
         let path = dir.join(format!("{id}.lock"));
         let fail = |source| LockError::Io { netns: netns.clone(), path: path.clone(), source };
-        std::fs::create_dir_all(&dir).map_err(|source| LockError::Io {
-            netns: netns.clone(),
-            path: dir.clone(),
-            source,
-        })?;
-        let mut pause = Duration::from_millis(1);
-        loop {
-            let mut file = OpenOptions::new()
+        let open = || {
+            OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
@@ -90,7 +84,22 @@ impl NetnsLock {
                 .mode(0o600)
                 .custom_flags(libc::O_CLOEXEC)
                 .open(&path)
-                .map_err(fail)?;
+        };
+        let mut pause = Duration::from_millis(1);
+        loop {
+            // The directory exists but on a node's first call after boot: make it only then.
+            let mut file = match open() {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    std::fs::create_dir_all(&dir).map_err(|source| LockError::Io {
+                        netns: netns.clone(),
+                        path: dir.clone(),
+                        source,
+                    })?;
+                    open()
+                }
+                opened => opened,
+            }
+            .map_err(fail)?;
             loop {
                 // Safety: flock on a descriptor we own; non-blocking, so it returns at once.
                 if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
@@ -117,8 +126,10 @@ impl NetnsLock {
             if !same {
                 continue;
             }
-            // For the message of a call that gives up waiting; failing to write it costs nothing else.
-            let _ = file.set_len(0).and_then(|()| write!(file, "pid {}", std::process::id()));
+            // For the message of a call that gives up waiting; failing to write it costs nothing
+            // else. Always the same length, so that it overwrites an earlier holder's without
+            // truncating (a truncated file on a disk file system is written back when closed).
+            let _ = file.write_all(format!("pid {:<10}\n", std::process::id()).as_bytes());
             return Ok(NetnsLock { _held: file, path });
         }
     }

@@ -232,8 +232,8 @@ fn add(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
         Some(_) => redirect,
         None => found.redirect(pod_network(conf, &ns, deadline)?)?.expect("a mesh pod stays one"),
     };
-    let prepared = netlink::prepare(&ns, redirect, deadline)?;
-    let (redirect, sets) = (&prepared.redirect, rules::build(&prepared.redirect));
+    let mut prepared = netlink::prepare(&ns, redirect, deadline)?;
+    let sets = rules::build(&prepared.redirect);
     let engine = Engine::new(conf.backend, conf.iptables_mode, deadline);
     let applied = engine.apply(&ns, &sets)?;
     if let Err(e) = prepared.add_address(&ns, deadline) {
@@ -243,7 +243,7 @@ fn add(conf: &NetConf, inv: &Invocation) -> Result<String, Error> {
     }
     drop(lock);
     let families: Vec<_> = sets.iter().map(|s| s.family.name()).collect();
-    log::info!("{} redirect installed ({}, {})", redirect.mesh(), families.join("+"), engine.name());
+    log::info!("{} redirect installed ({}, {})", prepared.redirect.mesh(), families.join("+"), engine.name());
     status.iter().for_each(|s| s.report(pod::CONSUL_STATUS_COMPLETE));
     Ok(output)
 }

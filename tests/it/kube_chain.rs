@@ -1,6 +1,7 @@
 //! The API-server path through the real chain: libcni (`cnidrv`) drives bridge + host-local +
 //! tproxy-cni with no runtime annotations, and the plugin finds each pod through the stand-in API
-//! server over real TLS. Real rules in real namespaces, proven with real traffic.
+//! server over real TLS. Real rules in real namespaces, proven with real traffic. Every test runs
+//! on both engines (`…::iptables` with iptables-nft, `…::nftables`: [`both_engines!`]).
 //!
 //! Needs root (skips on a laptop, fails in CI without it).
 
@@ -10,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::process::Command;
 
+use crate::both_engines;
 use crate::support::*;
 use apiserver::{ApiServer, Fault, KubeconfigSpec, PodFixture, TOKEN};
 use serde_json::{Value, json};
@@ -18,15 +20,28 @@ const PROXY_UID: u32 = 5995;
 const ANY4: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
 const TPROXY_STATUS: &str = "consul.hashicorp.com/transparent-proxy-status";
 
-/// A network on nft whose tproxy-cni entry looks pods up through `kubeconfig`, with `extra`'s keys;
-/// `None` when the test cannot run here. It declares no capability, so libcni hands the plugin no
-/// annotations, as a runtime that does not know the capability would.
-fn network(kubeconfig: &Path, extra: Value) -> Option<Fixture> {
+/// A network on `engine` whose tproxy-cni entry looks pods up through `kubeconfig`, with
+/// `extra`'s keys; `None` when the test cannot run here. It declares no capability, so libcni
+/// hands the plugin no annotations, as a runtime that does not know the capability would.
+fn network(engine: Engine, kubeconfig: &Path, extra: Value) -> Option<Network> {
     let mut conf = json!({"kubeconfig": kubeconfig, "api_timeout": "2s", "capabilities": {}});
-    for (k, v) in extra.as_object().unwrap() {
+    for (k, v) in engine.conf().as_object().unwrap().iter().chain(extra.as_object().unwrap()) {
         conf[k] = v.clone();
     }
-    Fixture::new("nft", conf)
+    privileged().then(|| Network::new(conf))
+}
+
+/// How many rules of ours one family of `ns` holds, as `engine` installs them.
+fn rules(engine: Engine, ns: &Netns, family: Fam) -> usize {
+    ns.our_rule_count(family, engine.backend())
+}
+
+/// Everything of ours in one family of `ns`, as text: `iptables-save`, or our nftables table.
+fn listing(engine: Engine, ns: &Netns, family: Fam) -> String {
+    match engine {
+        Engine::Iptables(backend) => ns.save(family, backend),
+        Engine::Nftables => ns.nft_table(family),
+    }
 }
 
 /// The sibling pod that plays the remote host: answers "server …" on 8080.
@@ -58,12 +73,12 @@ fn status_body(value: &str) -> Value {
     json!({"metadata": {"annotations": {TPROXY_STATUS: value}}})
 }
 
-#[test]
-fn a_consul_pod_found_through_the_api_server_gets_its_redirect() {
+both_engines!(a_consul_pod_found_through_the_api_server_gets_its_redirect);
+fn a_consul_pod_found_through_the_api_server_gets_its_redirect(engine: Engine) {
     let api = ApiServer::start();
     api.add_pod(PodFixture::consul("default", "app"));
     api.add_pod(PodFixture::new("default", "server"));
-    let Some(net) = network(&api.default_kubeconfig(), json!({})) else { return };
+    let Some(net) = network(engine, &api.default_kubeconfig(), json!({})) else { return };
     let (srv, s4, _srv_listener) = server(&net, None);
     let app = net.pod("app", None);
     let _proxy = proxy(&app.ns);
@@ -76,8 +91,13 @@ fn a_consul_pod_found_through_the_api_server_gets_its_redirect() {
     let a4 = app.addr(Fam::V4);
     assert_eq!(dial(&srv.ns, None, sa(a4, 7000)), Ok(format!("inbound {a4}:7000")));
     // The pod outside the mesh got nothing.
-    assert_eq!(srv.ns.our_rule_count(Fam::V4, "nft") + srv.ns.our_rule_count(Fam::V6, "nft"), 0);
-    assert!(app.ns.our_rule_count(Fam::V4, "nft") > 0 && app.ns.our_rule_count(Fam::V6, "nft") > 0);
+    assert_eq!(engine.our_rules(&srv.ns), 0);
+    assert!(rules(engine, &app.ns, Fam::V4) > 0 && rules(engine, &app.ns, Fam::V6) > 0);
+    if engine == Engine::Nftables {
+        // Exactly the tables of the served pod's annotations (the pod has IPv6).
+        let served = json!(PodFixture::consul("default", "app").annotations);
+        assert_eq!(nft_tables(&app.ns), nft_reference(&served, true));
+    }
 
     // consul-cni's progress report: waiting, then complete, as merge patches of that one key.
     assert_eq!(status_patches(&api, "app"), [(status_body("waiting"), 200), (status_body("complete"), 200)]);
@@ -93,33 +113,33 @@ fn a_consul_pod_found_through_the_api_server_gets_its_redirect() {
     assert!(log.contains("pod=default/app") && log.contains("consul redirect installed"), "{log}");
     let out = app.del(None);
     assert!(out.status.success(), "DEL: {}", text(&out));
-    assert_eq!(app.ns.our_rule_count(Fam::V4, "nft") + app.ns.our_rule_count(Fam::V6, "nft"), 0);
+    assert_eq!(engine.our_rules(&app.ns), 0);
 }
 
-#[test]
-fn a_pod_outside_the_mesh_passes_through_untouched() {
+both_engines!(a_pod_outside_the_mesh_passes_through_untouched);
+fn a_pod_outside_the_mesh_passes_through_untouched(engine: Engine) {
     let api = ApiServer::start();
     api.add_pod(PodFixture::new("default", "server"));
     api.add_pod(PodFixture::new("default", "plain").annotation("app.kubernetes.io/name", "plain"));
-    let Some(net) = network(&api.default_kubeconfig(), json!({})) else { return };
+    let Some(net) = network(engine, &api.default_kubeconfig(), json!({})) else { return };
     let (_srv, s4, _l) = server(&net, None);
     let plain = net.pod("plain", None);
-    let before = plain.ns.snapshot();
-    assert_eq!(plain.ns.our_rule_count(Fam::V4, "nft") + plain.ns.our_rule_count(Fam::V6, "nft"), 0);
+    let before = engine.snapshot(&plain.ns);
+    assert_eq!(engine.our_rules(&plain.ns), 0);
     assert_eq!(who(&dial(&plain.ns, None, sa(s4, 8080))), "server");
     let out = plain.check(None);
     assert!(out.status.success(), "CHECK: {}", text(&out));
-    assert_eq!(plain.ns.snapshot(), before);
+    assert_eq!(engine.snapshot(&plain.ns), before);
     assert!(api.patches().is_empty());
 }
 
-#[test]
-fn a_pod_in_an_excluded_namespace_starts_while_the_api_server_is_down() {
+both_engines!(a_pod_in_an_excluded_namespace_starts_while_the_api_server_is_down);
+fn a_pod_in_an_excluded_namespace_starts_while_the_api_server_is_down(engine: Engine) {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let files = ApiServer::start(); // only writes the kubeconfig; nothing listens where it points
     let kc =
         files.kubeconfig("down", &KubeconfigSpec { server: Some(format!("https://{dead}")), ..Default::default() });
-    let Some(net) = network(&kc, json!({"api_timeout": "1s"})) else { return };
+    let Some(net) = network(engine, &kc, json!({"api_timeout": "1s"})) else { return };
 
     let system = net.pod_unstarted("coredns");
     let args = format!(
@@ -130,7 +150,7 @@ fn a_pod_in_an_excluded_namespace_starts_while_the_api_server_is_down() {
     assert!(out.status.success(), "ADD in kube-system: {}", text(&out));
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(result["ips"].as_array().is_some_and(|ips| !ips.is_empty()), "the chain's result is passed on: {result}");
-    assert_eq!(system.ns.our_rule_count(Fam::V4, "nft"), 0);
+    assert_eq!(engine.our_rules(&system.ns), 0);
 
     // A pod that does need the API server to be classified cannot start: try again later.
     let web = net.pod_unstarted("web");
@@ -148,24 +168,24 @@ fn a_pod_in_an_excluded_namespace_starts_while_the_api_server_is_down() {
     assert!(out.status.success(), "DEL: {}", text(&out));
 }
 
-#[test]
-fn a_failed_status_patch_does_not_fail_add() {
+both_engines!(a_failed_status_patch_does_not_fail_add);
+fn a_failed_status_patch_does_not_fail_add(engine: Engine) {
     let api = ApiServer::start();
     api.add_pod(PodFixture::consul("default", "app-a"));
     api.add_pod(PodFixture::consul("default", "app-b"));
-    let Some(net) = network(&api.default_kubeconfig(), json!({"api_timeout": "1s"})) else { return };
+    let Some(net) = network(engine, &api.default_kubeconfig(), json!({"api_timeout": "1s"})) else { return };
 
     // RBAC without "patch pods": both reports are refused at once; the pod starts redirected.
     api.fail_patches(Some(403));
     let a = net.pod("app-a", None);
-    assert!(a.ns.our_rule_count(Fam::V4, "nft") > 0);
+    assert!(rules(engine, &a.ns, Fam::V4) > 0);
     assert_eq!(status_patches(&api, "app-a"), [(status_body("waiting"), 403), (status_body("complete"), 403)]);
 
     // The API server fails every patch: "waiting" is retried until the deadline, then "complete"
     // is not attempted (it would only wait out another deadline); the pod starts redirected.
     api.fail_patches(Some(500));
     let b = net.pod("app-b", None);
-    assert!(b.ns.our_rule_count(Fam::V4, "nft") > 0);
+    assert!(rules(engine, &b.ns, Fam::V4) > 0);
     let patches = status_patches(&api, "app-b");
     assert!(patches.len() > 1 && patches.iter().all(|p| *p == (status_body("waiting"), 500)), "{patches:?}");
     let log = net.plugin_log();
@@ -173,23 +193,27 @@ fn a_failed_status_patch_does_not_fail_add() {
     assert!(log.contains("not setting consul.hashicorp.com/transparent-proxy-status=complete"), "{log}");
 }
 
-#[test]
-fn the_status_annotation_can_be_switched_off() {
+both_engines!(the_status_annotation_can_be_switched_off);
+fn the_status_annotation_can_be_switched_off(engine: Engine) {
     let api = ApiServer::start();
     api.add_pod(PodFixture::consul("default", "app"));
-    let Some(net) = network(&api.default_kubeconfig(), json!({"consul_status_annotation": false})) else { return };
+    let Some(net) = network(engine, &api.default_kubeconfig(), json!({"consul_status_annotation": false})) else {
+        return;
+    };
     let app = net.pod("app", None);
-    assert!(app.ns.our_rule_count(Fam::V4, "nft") > 0);
+    assert!(rules(engine, &app.ns, Fam::V4) > 0);
     assert!(api.patches().is_empty());
 }
 
-#[test]
-fn nomad_hands_the_configuration_in_cni_args_and_no_api_call_is_made() {
+both_engines!(nomad_hands_the_configuration_in_cni_args_and_no_api_call_is_made);
+fn nomad_hands_the_configuration_in_cni_args_and_no_api_call_is_made(engine: Engine) {
     let api = ApiServer::start();
     api.set_fault(Some(Fault::Status(503)));
-    let Some(net) =
-        network(&api.default_kubeconfig(), json!({"capabilities": {"io.kubernetes.cri.pod-annotations": true}}))
-    else {
+    let Some(net) = network(
+        engine,
+        &api.default_kubeconfig(),
+        json!({"capabilities": {"io.kubernetes.cri.pod-annotations": true}}),
+    ) else {
         return;
     };
     // The sibling gets (empty) runtime annotations: no lookup for it either.
@@ -205,8 +229,8 @@ fn nomad_hands_the_configuration_in_cni_args_and_no_api_call_is_made() {
     assert!(api.requests().is_empty(), "Nomad's path made an API call: {:?}", api.requests());
 }
 
-#[test]
-fn without_a_previous_result_the_plugin_answers_an_empty_result_and_still_redirects() {
+both_engines!(without_a_previous_result_the_plugin_answers_an_empty_result_and_still_redirects);
+fn without_a_previous_result_the_plugin_answers_an_empty_result_and_still_redirects(engine: Engine) {
     if !privileged() {
         return;
     }
@@ -220,10 +244,14 @@ fn without_a_previous_result_the_plugin_answers_an_empty_result_and_still_redire
         "cniVersion": "1.0.0",
         "name": "tproxy-cni",
         "plugins": [{
-            "type": "tproxy-cni", "kubeconfig": api.default_kubeconfig(), "iptables_mode": "nft",
+            "type": "tproxy-cni", "kubeconfig": api.default_kubeconfig(),
             "log_level": "debug", "log_file": dir.path().join("plugin.log"),
         }],
     });
+    let mut conf = conf;
+    for (k, v) in engine.conf().as_object().unwrap() {
+        conf["plugins"][0][k] = v.clone();
+    }
     std::fs::write(&conflist, conf.to_string()).unwrap();
     let ns = Netns::new("tk");
     let id = unique("tkc");
@@ -242,15 +270,15 @@ fn without_a_previous_result_the_plugin_answers_an_empty_result_and_still_redire
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["cniVersion"], "1.0.0");
     assert!(result.get("ips").is_none() && result.get("interfaces").is_none(), "{result}");
-    assert!(ns.our_rule_count(Fam::V4, "nft") > 0);
+    assert!(rules(engine, &ns, Fam::V4) > 0);
     assert_eq!(status_patches(&api, "multus-app").len(), 2);
     let out = drive("del");
     assert!(out.status.success(), "DEL: {}", text(&out));
-    assert_eq!(ns.our_rule_count(Fam::V4, "nft"), 0);
+    assert_eq!(engine.our_rules(&ns), 0);
 }
 
-#[test]
-fn a_kuma_pod_found_through_the_api_server_is_judged_by_its_containers() {
+both_engines!(a_kuma_pod_found_through_the_api_server_is_judged_by_its_containers);
+fn a_kuma_pod_found_through_the_api_server_is_judged_by_its_containers(engine: Engine) {
     let api = ApiServer::start();
     api.add_pod(PodFixture::new("default", "server"));
     // No CNI-mode marks on the annotations: from annotations alone this would be a kuma-init pod.
@@ -270,17 +298,18 @@ fn a_kuma_pod_found_through_the_api_server_is_judged_by_its_containers() {
             .container("app")
             .container("kuma-sidecar"),
     );
-    let Some(net) = network(&api.default_kubeconfig(), json!({})) else { return };
+    let Some(net) = network(engine, &api.default_kubeconfig(), json!({})) else { return };
     let (_srv, s4, _srv_listener) = server(&net, None);
 
     let app = net.pod("kapp", None);
     let _outbound = Responder::tcp(&app.ns, sa(ANY4, 15001), "outbound");
     assert_eq!(dial(&app.ns, None, sa(s4, 8080)), Ok(format!("outbound {s4}:8080")));
-    assert!(app.ns.save(Fam::V4, "nft").contains("KUMA_MESH_OUTBOUND"));
+    assert!(listing(engine, &app.ns, Fam::V4).contains("KUMA_MESH_OUTBOUND"));
     let out = app.check(None);
     assert!(out.status.success(), "CHECK: {}", text(&out));
 
     let init = net.pod("kinit", None);
     assert_eq!(who(&dial(&init.ns, None, sa(s4, 8080))), "server");
-    assert!(!init.ns.save(Fam::V4, "nft").contains("KUMA_MESH"), "a kuma-init pod is left alone");
+    assert!(!listing(engine, &init.ns, Fam::V4).contains("KUMA_MESH"), "a kuma-init pod is left alone");
+    assert_eq!(engine.our_rules(&init.ns), 0);
 }

@@ -3,11 +3,13 @@
 //!
 //! Each operation is one exchange of netlink messages with the kernel in the pod's namespace:
 //!
-//! - ADD reads which of our tables exist (one small dump: none, in a fresh namespace) and sends
-//!   **one nf_tables batch** that deletes those with everything in them and creates each wanted
-//!   table anew with its sets, chains and rules. The kernel commits a batch atomically: the
-//!   namespace goes from whatever it held (nothing, or an older copy of ours) to exactly one
-//!   complete copy, or — if the kernel refuses any message — stays exactly as it was.
+//! - ADD sends **one nf_tables batch** that creates each wanted table with its sets, chains and
+//!   rules — in a fresh namespace, every pod's first ADD, nothing else: no read before it. The
+//!   kernel commits a batch atomically: the namespace goes from nothing of ours to exactly one
+//!   complete copy, or — if the kernel refuses any message — stays exactly as it was. Where a
+//!   table of ours exists already (a repeated ADD), the kernel refuses that batch; ADD then reads
+//!   the older copy whole, so that a caller failing after the batch (Kuma's `::6`) can put it
+//!   back ([`Nftables::undo`]), and sends the batch that deletes it and creates the new one.
 //! - CHECK dumps our tables (sets and their elements, chains, rules) and compares them, element by
 //!   element, with what ADD would install ([`check`]).
 //! - DEL reads which of our tables exist and deletes them in one batch.
@@ -27,11 +29,11 @@ use thiserror::Error;
 use self::decode::{SeenChain, SeenRule, SeenSet};
 use self::features::FeatureError;
 use self::socket::{NfSocket, SocketError};
-use crate::core::nft::{self, Ruleset, TABLE};
+use crate::core::nft::{self, NftChain, NftSet, NftTable, Ruleset, TABLE, nft_family};
 use crate::core::redirect::Family;
 use crate::core::rules::RuleSet;
 use crate::kernel::deadline::Deadline;
-use crate::kernel::netfilter::{Mismatch, Removed};
+use crate::kernel::netfilter::{Mismatch, Removed, UNDO_BUDGET};
 use crate::kernel::netns::{Netns, NetnsError};
 use netlink_packet_netfilter::NetfilterProtoFamily;
 use netlink_packet_netfilter::nftables::{
@@ -60,11 +62,35 @@ pub struct Nftables {
     deadline: Deadline,
 }
 
-/// What [`Nftables::apply`] replaced: the families where our tables existed before it.
+/// What [`Nftables::apply`] replaced, for [`Nftables::undo`].
 #[derive(Debug)]
 #[must_use = "a caller that fails after apply must undo what it applied"]
 pub struct Applied {
-    replaced: Vec<Family>,
+    before: Before,
+}
+
+/// What of ours the namespace held before an apply.
+#[derive(Debug)]
+enum Before {
+    /// No table of ours (every pod's first ADD).
+    Nothing,
+    /// Our tables, read back whole before the batch replaced them (a repeated ADD).
+    Copy(Ruleset),
+    /// Our tables held something the engine does not write (someone edited them): what it was.
+    Unrecognisable(String),
+}
+
+impl Before {
+    /// What `seen` was, as something [`Nftables::undo`] can put back.
+    fn of(seen: &Seen) -> Before {
+        if seen.tables.is_empty() {
+            return Before::Nothing;
+        }
+        match seen.tables.iter().map(SeenTable::to_table).collect() {
+            Ok(tables) => Before::Copy(Ruleset { tables }),
+            Err(what) => Before::Unrecognisable(what),
+        }
+    }
 }
 
 /// What of ours a namespace holds, as read back from the kernel.
@@ -117,6 +143,42 @@ impl Plan {
     }
 }
 
+impl SeenTable {
+    /// The table as a rule set the engine can write again, or the first thing in it that it
+    /// cannot: a set of a key type we do not use, a base chain on another hook or of another
+    /// type, a rule of expressions we do not write. (As CHECK, it does not read a base chain's
+    /// policy, which we never set: ours accept.)
+    fn to_table(&self) -> Result<NftTable, String> {
+        let at = format!("{} {TABLE}", nft_family(self.family));
+        let mut sets = Vec::with_capacity(self.sets.len());
+        for (set, intervals) in &self.sets {
+            let Some(key) = set.key else {
+                return Err(format!("set {at} {} is not an interval set of a type tproxy-cni writes", set.name));
+            };
+            sets.push(NftSet { name: set.name.clone(), key, intervals: intervals.clone() });
+        }
+        let mut chains = Vec::with_capacity(self.chains.len());
+        for c in &self.chains {
+            let hook = match &c.hook {
+                None => None,
+                Some(Ok(hook)) => Some(*hook),
+                Some(Err(other)) => return Err(format!("chain {at} {} is a base chain of {other}", c.name)),
+            };
+            chains.push(NftChain { name: c.name.clone(), hook, rules: Vec::new() });
+        }
+        for (chain, rule) in &self.rules {
+            let SeenRule::Ours(rule) = rule else {
+                return Err(format!("a rule in {at} {chain} that tproxy-cni does not write"));
+            };
+            let Some(c) = chains.iter_mut().find(|c| c.name == *chain) else {
+                return Err(format!("a rule in {at} {chain}, a chain the kernel did not list"));
+            };
+            c.rules.push(rule.clone());
+        }
+        Ok(NftTable { family: self.family, sets, chains })
+    }
+}
+
 impl Seen {
     /// Every chain of our tables, with its family.
     pub fn removed(&self) -> Removed {
@@ -143,22 +205,43 @@ impl Nftables {
         let rules = nft::from_rules(sets);
         features::require(&rules)?;
         let mut sock = self.open(ns)?;
-        let replaced = install(&mut sock, &rules).map_err(|e| socket_error(ns, e))?;
-        Ok(Applied { replaced })
+        let before = install(&mut sock, &rules).map_err(|e| socket_error(ns, e))?;
+        Ok(Applied { before })
     }
 
     /// Undoes an [`Nftables::apply`] whose caller failed afterwards (Kuma's `::6` could not be
-    /// added): removes the tables it made, which leaves a fresh namespace — every pod's first ADD —
-    /// exactly as it was. A copy of ours that the apply replaced is not put back (the batch that
-    /// replaced it freed it); the runtime then DELs and retries, as after any failed ADD. Best
-    /// effort: a failure is logged.
+    /// added): the namespace holds again what of ours it held before — nothing after a first ADD
+    /// (our tables are removed), the previous copy after a repeated one (one batch replaces ours
+    /// with it, atomically). A previous copy holding something the engine does not write (edited
+    /// by hand) cannot be written back: ours are removed, with a warning, and the runtime's DEL and
+    /// retry start afresh, as after any failed ADD. Best effort, within a budget of its own
+    /// ([`UNDO_BUDGET`] at most): a failure is logged, since the caller is already failing with
+    /// the error that matters.
     pub fn undo(&self, ns: &Netns, applied: Applied) {
-        if !applied.replaced.is_empty() {
-            log::warn!("the previous copy of our tables ({:?}) is not restored: removing ours", applied.replaced);
+        let recovery = Nftables { deadline: Deadline::after(self.deadline.budget().min(UNDO_BUDGET)) };
+        let undone = match &applied.before {
+            Before::Nothing => recovery.remove(ns).map(drop),
+            Before::Copy(rules) => recovery.put_back(ns, rules),
+            Before::Unrecognisable(what) => {
+                log::warn!(
+                    "the previous copy of our nftables tables cannot be restored (it held {what}): removing ours"
+                );
+                recovery.remove(ns).map(drop)
+            }
+        };
+        match undone {
+            Ok(()) => log::debug!("undid this call's nftables changes"),
+            Err(e) => log::warn!("cannot undo this call's nftables changes: {}", crate::text::chain(&e)),
         }
-        if let Err(e) = self.remove(ns) {
-            log::warn!("cannot undo this call's nftables changes: {}", crate::text::chain(&e));
-        }
+    }
+
+    /// Replaces our tables with `rules`, in one batch.
+    fn put_back(&self, ns: &Netns, rules: &Ruleset) -> Result<(), NftablesError> {
+        let mut sock = self.open(ns)?;
+        let batch = encode::replace(rules, sock.next_seq());
+        sock.send(&batch, &batch.end_bytes()).map_err(|e| socket_error(ns, e))?;
+        log::debug!("put the previous copy of our nftables tables back");
+        Ok(())
     }
 
     /// Removes our tables from the namespace (both families), in one batch.
@@ -214,33 +297,45 @@ impl Nftables {
     }
 }
 
-/// Installs `rules` with one batch that deletes only the tables of ours that exist. Deleting
-/// costs the kernel a grace period before it frees what was deleted, which the socket's close
-/// then waits for (milliseconds on a busy node); a first ADD into a fresh namespace deletes
-/// nothing and does not wait. Should a table of ours appear between the read and the batch (a
-/// concurrent ADD), the kernel refuses the batch, changing nothing, and the batch that replaces
-/// every family is sent instead.
-fn install(sock: &mut NfSocket, rules: &Ruleset) -> Result<Vec<Family>, SocketError> {
-    let present: Vec<Family> = read(sock, false)?.tables.iter().map(|t| t.family).collect();
+/// Installs `rules` and returns what of ours was there before.
+///
+/// Most ADDs are a pod's first, into a namespace without tables of ours, so the first batch only
+/// creates ours, without asking what is there: creating is done with `NLM_F_EXCL`, and should a
+/// table of ours exist, the kernel refuses the whole batch, changing nothing. Such a repeated ADD
+/// then reads our tables whole (for [`Nftables::undo`]) and sends the batch that deletes exactly
+/// those and creates the new ones. A batch that deletes nothing also leaves the kernel nothing to
+/// free after a grace period, which the socket's close would wait for (milliseconds on a busy
+/// node). Should a table of ours appear between that read and the second batch (a concurrent
+/// ADD), what appeared is read and the batch that replaces every family is sent instead.
+fn install(sock: &mut NfSocket, rules: &Ruleset) -> Result<Before, SocketError> {
+    let exists = |r: &Result<(), SocketError>| matches!(r, Err(SocketError::Refused { source, .. }) if source.raw_os_error() == Some(libc::EEXIST));
+    let batch = encode::install(rules, &[], sock.next_seq());
+    let bytes = batch.end_bytes();
+    let sent = sock.send(&batch, &bytes);
+    if !exists(&sent) {
+        sent?;
+        log::debug!(
+            "created our nftables tables with one batch ({} messages, {} bytes)",
+            batch.what.len(),
+            bytes.len()
+        );
+        return Ok(Before::Nothing);
+    }
+    let present = our_families(sock)?;
+    let before = Before::of(&read_families(sock, &present, true)?);
     let batch = encode::install(rules, &present, sock.next_seq());
     let bytes = batch.end_bytes();
-    match sock.send(&batch, &bytes) {
-        Err(SocketError::Refused { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
-            log::debug!("a table of ours appeared meanwhile: replacing every family");
-            let batch = encode::replace(rules, sock.next_seq());
-            sock.send(&batch, &batch.end_bytes())?;
-            Ok(Family::ALL.to_vec())
-        }
-        Ok(()) => {
-            log::debug!(
-                "installed our nftables tables with one batch ({} messages, {} bytes, replacing {present:?})",
-                batch.what.len(),
-                bytes.len()
-            );
-            Ok(present)
-        }
-        Err(e) => Err(e),
+    let sent = sock.send(&batch, &bytes);
+    if !exists(&sent) {
+        sent?;
+        log::debug!("replaced our nftables tables ({present:?}) with one batch ({} messages)", batch.what.len());
+        return Ok(before);
     }
+    log::debug!("a table of ours appeared meanwhile: replacing every family");
+    let before = Before::of(&read(sock, true)?);
+    let batch = encode::replace(rules, sock.next_seq());
+    sock.send(&batch, &batch.end_bytes())?;
+    Ok(before)
 }
 
 /// CHECK's failures.
@@ -275,19 +370,35 @@ impl Nftables {
 
 /// Reads our tables: their chains always, their sets and rules when `full`.
 fn read(sock: &mut NfSocket, full: bool) -> Result<Seen, SocketError> {
+    let families = our_families(sock)?;
+    read_families(sock, &families, full)
+}
+
+/// The families where a table of ours exists (one dump of the namespace's tables).
+fn our_families(sock: &mut NfSocket) -> Result<Vec<Family>, SocketError> {
     let tables = sock.dump(
         NetfilterProtoFamily::Unspec,
         NfTablesMessage::GetTable(TableMessage { attributes: Vec::new() }),
         "list nftables tables",
     )?;
-    let mut seen = Seen::default();
+    let mut families = Vec::new();
     for (family, msg) in tables {
         let NfTablesMessage::NewTable(TableMessage { attributes }) = msg else { continue };
         let ours = attributes.iter().any(|a| matches!(a, TableAttribute::Name(n) if n == TABLE));
-        let Some(family) = family.filter(|_| ours) else { continue };
-        seen.tables.push(read_table(sock, family, full)?);
+        if let Some(family) = family.filter(|_| ours) {
+            families.push(family);
+        }
     }
-    seen.tables.sort_by_key(|t| t.family);
+    families.sort();
+    Ok(families)
+}
+
+/// Reads our tables of `families` ([`read`]).
+fn read_families(sock: &mut NfSocket, families: &[Family], full: bool) -> Result<Seen, SocketError> {
+    let mut seen = Seen::default();
+    for family in families {
+        seen.tables.push(read_table(sock, *family, full)?);
+    }
     Ok(seen)
 }
 
@@ -348,4 +459,89 @@ fn read_table(sock: &mut NfSocket, family: Family, full: bool) -> Result<SeenTab
         }
     }
     Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode::{SeenChain, SeenRule, SeenSet};
+    use super::*;
+    use crate::core::mesh::{self, Annotations, PodNetwork};
+    use crate::core::rules;
+
+    /// What reading `t` back from the kernel gives (the decoder's own round trip of every golden
+    /// case is pinned in decode.rs).
+    fn seen(t: &NftTable) -> SeenTable {
+        SeenTable {
+            family: t.family,
+            sets: t
+                .sets
+                .iter()
+                .map(|s| (SeenSet { name: s.name.clone(), key: Some(s.key) }, s.intervals.clone()))
+                .collect(),
+            chains: t.chains.iter().map(|c| SeenChain { name: c.name.clone(), hook: c.hook.map(Ok) }).collect(),
+            rules: t
+                .chains
+                .iter()
+                .flat_map(|c| c.rules.iter().map(|r| (c.name.clone(), SeenRule::Ours(r.clone()))))
+                .collect(),
+        }
+    }
+
+    /// A dual-stack Consul pod with sets of CIDRs and ports, and a dual-stack Kuma pod.
+    fn rule_sets() -> Vec<Ruleset> {
+        let consul = serde_json::json!({"ProxyUserID": "5995", "ProxyInboundPort": 20000,
+            "ExcludeOutboundPorts": ["5432", "6379"], "ExcludeOutboundCIDRs": ["192.0.2.0/24", "198.51.100.0/24"]});
+        let pods: [Vec<(&str, String)>; 2] = [
+            vec![
+                ("consul.hashicorp.com/connect-inject-status", "injected".into()),
+                ("consul.hashicorp.com/transparent-proxy-status", "enabled".into()),
+                ("consul.hashicorp.com/redirect-traffic-config", consul.to_string()),
+            ],
+            vec![("kuma.io/sidecar-injected", "true".into()), ("k8s.v1.cni.cncf.io/networks", "kuma-cni".into())],
+        ];
+        pods.iter()
+            .map(|pod| {
+                let a: Annotations = pod.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+                let r = mesh::classify(&a, PodNetwork { has_ipv6: true }).unwrap().unwrap();
+                nft::from_rules(&rules::build(&r))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_copy_the_engine_wrote_reads_back_as_the_rule_set_it_came_from() {
+        let sets = rule_sets();
+        assert!(!sets[0].tables[0].sets.is_empty(), "the Consul pod's CIDRs and ports are sets");
+        for rs in sets {
+            let seen = Seen { tables: rs.tables.iter().map(seen).collect() };
+            match Before::of(&seen) {
+                Before::Copy(back) => assert_eq!(back, rs),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(Before::of(&Seen::default()), Before::Nothing));
+    }
+
+    #[test]
+    fn a_copy_edited_by_hand_names_what_the_engine_cannot_write_back() {
+        let rs = &rule_sets()[0];
+        let t = &rs.tables[0];
+        let unrecognisable = |edit: &dyn Fn(&mut SeenTable)| {
+            let mut s = seen(t);
+            edit(&mut s);
+            match Before::of(&Seen { tables: vec![s] }) {
+                Before::Unrecognisable(what) => what,
+                other => panic!("{other:?}"),
+            }
+        };
+        let foreign = unrecognisable(&|s| s.rules.push(("nat_output".into(), SeenRule::Foreign(vec!["meta".into()]))));
+        assert_eq!(foreign, "a rule in ip tproxy-cni nat_output that tproxy-cni does not write");
+        let set = unrecognisable(&|s| s.sets[0].0.key = None);
+        assert!(
+            set.starts_with("set ip tproxy-cni ")
+                && set.ends_with("is not an interval set of a type tproxy-cni writes")
+        );
+        let hook = unrecognisable(&|s| s.chains[0].hook = Some(Err("type route hook Some(3) priority Some(0)".into())));
+        assert!(hook.ends_with("is a base chain of type route hook Some(3) priority Some(0)"), "{hook}");
+    }
 }

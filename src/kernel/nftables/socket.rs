@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_netfilter::nftables::NfTablesMessage;
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily};
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
 use thiserror::Error;
 
 use super::encode::Batch;
@@ -24,6 +24,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(2);
 const NLMSG_HDRLEN: usize = 16;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
+/// The size of the buffer answers are read into.
+const RECV_BUF: usize = 64 * 1024;
 /// Batches larger than this raise the socket's send buffer (a batch is one datagram).
 const DEFAULT_SNDBUF: usize = 128 * 1024;
 
@@ -35,8 +37,9 @@ pub enum SocketError {
         #[source]
         source: io::Error,
     },
-    #[error("the kernel did not answer within {}s while trying to {what}", TIMEOUT.as_secs())]
-    Timeout { what: &'static str },
+    /// `allowed`: [`TIMEOUT`], or the caller's budget when its deadline came first.
+    #[error("the kernel did not answer within {} ms while trying to {what}", allowed.as_millis())]
+    Timeout { what: &'static str, allowed: Duration },
     #[error("the kernel refused {what}")]
     Refused {
         what: String,
@@ -53,6 +56,8 @@ pub struct NfSocket {
     seq: u32,
     /// No exchange goes on past this.
     deadline: Option<Deadline>,
+    /// Where answers are read into: one buffer for the socket's life, made at its first read.
+    buf: Vec<u8>,
 }
 
 impl NfSocket {
@@ -74,15 +79,14 @@ impl NfSocket {
         Ok(s)
     }
 
-    fn set_up(mut sock: Socket) -> Result<NfSocket, SocketError> {
-        let io = |what| move |source| SocketError::Io { what, source };
-        sock.bind_auto().map_err(io("bind a netfilter netlink socket"))?;
-        sock.connect(&SocketAddr::new(0, 0)).map_err(io("connect a netfilter netlink socket"))?;
+    /// Unbound and unconnected: the kernel binds it at its first send, and an unconnected
+    /// netlink socket talks to the kernel. Each read sets its own timeout.
+    fn set_up(sock: Socket) -> Result<NfSocket, SocketError> {
         // Acknowledgements of errors carry only the header of the refused message, not all of it.
-        sock.set_cap_ack(true).map_err(io("configure a netfilter netlink socket"))?;
-        set_timeout(&sock, TIMEOUT).map_err(io("set a netlink timeout"))?;
+        sock.set_cap_ack(true)
+            .map_err(|source| SocketError::Io { what: "configure a netfilter netlink socket", source })?;
         let seq = std::process::id().wrapping_mul(1000);
-        Ok(NfSocket { sock, seq, deadline: None })
+        Ok(NfSocket { sock, seq, deadline: None, buf: Vec::new() })
     }
 
     /// The sequence number to start a batch after (the batch takes numbers after it).
@@ -101,11 +105,10 @@ impl NfSocket {
         }
         self.sock.send(bytes, 0).map_err(|source| SocketError::Io { what: WHAT, source })?;
         let deadline = self.exchange_deadline();
-        let mut buf = vec![0u8; 64 * 1024];
         let mut refused: Option<(u32, i32)> = None;
         loop {
-            let n = self.recv(&mut buf, deadline, WHAT)?;
-            for (kind, seq, payload) in messages(&buf[..n]).ok_or(SocketError::Malformed { what: WHAT })? {
+            let buf = self.recv(deadline, WHAT)?;
+            for (kind, seq, payload) in messages(buf).ok_or(SocketError::Malformed { what: WHAT })? {
                 if kind != NLMSG_ERROR {
                     continue;
                 }
@@ -145,12 +148,11 @@ impl NfSocket {
         m.serialize(&mut bytes);
         self.sock.send(&bytes, 0).map_err(|source| SocketError::Io { what, source })?;
         let deadline = self.exchange_deadline();
-        let mut buf = vec![0u8; 64 * 1024];
         let mut out = Vec::new();
         loop {
-            let n = self.recv(&mut buf, deadline, what)?;
+            let buf = self.recv(deadline, what)?;
             let mut at = 0;
-            for (kind, s, payload) in messages(&buf[..n]).ok_or(SocketError::Malformed { what })? {
+            for (kind, s, payload) in messages(buf).ok_or(SocketError::Malformed { what })? {
                 let len = NLMSG_HDRLEN + payload.len();
                 let whole = &buf[at..at + len];
                 at += (len + 3) & !3;
@@ -185,27 +187,32 @@ impl NfSocket {
         }
     }
 
-    /// When the exchange starting now must end.
-    fn exchange_deadline(&self) -> Instant {
-        let own = Instant::now() + TIMEOUT;
+    /// When the exchange starting now must end, and the limit that sets it, for the message of a
+    /// timeout: [`TIMEOUT`], or the caller's budget when its deadline comes first.
+    fn exchange_deadline(&self) -> (Instant, Duration) {
         match self.deadline {
-            Some(d) => own.min(Instant::now() + d.remaining()),
-            None => own,
+            Some(d) if d.remaining() < TIMEOUT => (Instant::now() + d.remaining(), d.budget()),
+            _ => (Instant::now() + TIMEOUT, TIMEOUT),
         }
     }
 
-    fn recv(&self, buf: &mut [u8], deadline: Instant, what: &'static str) -> Result<usize, SocketError> {
+    /// Reads one datagram; its bytes.
+    fn recv(&mut self, (deadline, allowed): (Instant, Duration), what: &'static str) -> Result<&[u8], SocketError> {
+        if self.buf.is_empty() {
+            // Larger than any one message the kernel sends (a dump's part is at most 32 KiB).
+            self.buf = vec![0u8; RECV_BUF];
+        }
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(SocketError::Timeout { what });
+                return Err(SocketError::Timeout { what, allowed });
             }
             // A read blocks no longer than what is left of the exchange.
             set_timeout(&self.sock, left).map_err(|source| SocketError::Io { what, source })?;
-            match self.sock.recv(&mut &mut buf[..], 0) {
-                Ok(n) => return Ok(n),
+            match self.sock.recv(&mut &mut self.buf[..], 0) {
+                Ok(n) => return Ok(&self.buf[..n]),
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                    return Err(SocketError::Timeout { what });
+                    return Err(SocketError::Timeout { what, allowed });
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(source) => return Err(SocketError::Io { what, source }),
@@ -214,23 +221,9 @@ impl NfSocket {
     }
 }
 
+/// Bounds each read of `sock` by `timeout` (at least a microsecond: zero would mean "forever").
 fn set_timeout(sock: &Socket, timeout: Duration) -> io::Result<()> {
-    let timeout = timeout.max(Duration::from_micros(1));
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
-    };
-    // Safety: `tv` is a valid timeval and its size is passed along; the descriptor is open.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    socket2::SockRef::from(sock).set_read_timeout(Some(timeout.max(Duration::from_micros(1))))
 }
 
 /// Lets one datagram of `len` bytes through (`SO_SNDBUFFORCE`: we are root, as `nft` does).

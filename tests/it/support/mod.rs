@@ -114,11 +114,28 @@ impl Engine {
 }
 
 /// Makes a test of each engine from `fn NAME(engine: Engine)`: `NAME::iptables` (with iptables-nft,
-/// or the mode given) and `NAME::nftables`.
+/// or the mode given) and `NAME::nftables`. Given the modes as names (`both_engines!(NAME, nft,
+/// legacy)`), the iptables engine runs once per mode: `NAME::iptables::nft`, `NAME::iptables::legacy`.
 #[macro_export]
 macro_rules! both_engines {
     ($name:ident) => {
         both_engines!($name, "nft");
+    };
+    ($name:ident, $($mode:ident),+) => {
+        mod $name {
+            mod iptables {
+                $(
+                    #[test]
+                    fn $mode() {
+                        super::super::$name($crate::support::Engine::Iptables(stringify!($mode)))
+                    }
+                )+
+            }
+            #[test]
+            fn nftables() {
+                super::$name($crate::support::Engine::Nftables)
+            }
+        }
     };
     ($name:ident, $mode:literal) => {
         mod $name {
@@ -702,9 +719,8 @@ impl Drop for Network {
     }
 }
 
-/// The start every network test shares: the privileged guard, a [`Network`] whose tproxy-cni entry
-/// uses one backend, and pods holding a foreign canary whose snapshot the test compares against.
-/// Derefs to its network.
+/// The start of the iptables engine's network tests: the privileged guard and a [`Network`] whose
+/// tproxy-cni entry uses one iptables backend. Derefs to its network.
 pub struct Fixture {
     /// The backend of the network's tproxy-cni entry (`iptables_mode`).
     pub backend: &'static str,
@@ -729,14 +745,6 @@ impl Fixture {
         let mut conf = conf.clone();
         conf["iptables_mode"] = backend.into();
         Fixture { backend, net: Network::new(conf) }
-    }
-
-    /// A pod not ADDed yet whose namespace holds the canary, and the namespace's snapshot.
-    pub fn canary_pod(&self, name: &str) -> (Pod<'_>, String) {
-        let pod = self.net.pod_unstarted(name);
-        pod.ns.plant_canary(self.backend);
-        let before = pod.ns.snapshot();
-        (pod, before)
     }
 }
 
