@@ -15,7 +15,8 @@ fn main() -> ExitCode {
         std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect();
     if env.contains_key("CNI_COMMAND") {
         tproxy_cni::log::init(log::LevelFilter::Warn);
-        let mut stdin = Vec::new();
+        // Room for a usual configuration at once: two reads instead of a doubling series of small ones.
+        let mut stdin = Vec::with_capacity(16 * 1024);
         if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
             log::warn!("cannot read stdin: {e}");
         }

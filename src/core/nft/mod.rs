@@ -16,6 +16,7 @@
 
 pub mod render;
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -195,8 +196,9 @@ impl Hook {
 pub struct NftRule {
     pub matches: Vec<Match>,
     pub action: Action,
-    /// The ownership comment, as on the iptables rule.
-    pub comment: String,
+    /// The ownership comment, as on the iptables rule (borrowed from the rule set, owned when
+    /// read back from the kernel).
+    pub comment: Cow<'static, str>,
 }
 
 /// A condition on a packet.
@@ -282,7 +284,8 @@ fn uid_interval(u: UidRange) -> Interval {
 /// What a rule does with a matching packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    Jump(String),
+    /// To the named chain (borrowed from the rule set, owned when read back from the kernel).
+    Jump(Cow<'static, str>),
     Return,
     Drop,
     /// `ct zone set N`: the connection is tracked in zone N.
@@ -340,21 +343,28 @@ fn table(set: &RuleSet) -> NftTable {
             debug_assert!(regular.iter().all(|r| r.name != c.0), "chain {c} is created in two tables");
             regular.push(NftChain { name: c.0.to_owned(), hook: None, rules: Vec::new() });
         }
+        // A chain's rules come one after the other: its place is looked up once per run of them.
+        let mut at: Option<(Chain, bool, usize)> = None;
         for r in &t.rules {
-            let (name, hook) = if is_builtin(r.chain) {
-                (base_chain_name(t.table, r.chain), Some(base_hook(t.table, r.chain)))
-            } else {
-                (r.chain.0.to_owned(), None)
-            };
-            let list = if hook.is_some() { &mut base } else { &mut regular };
-            let chain = match list.iter().position(|c| c.name == name) {
-                Some(i) => &mut list[i],
-                None => {
-                    list.push(NftChain { name, hook, rules: Vec::new() });
-                    list.last_mut().expect("just pushed")
+            let (is_base, i) = match at {
+                Some((chain, is_base, i)) if chain == r.chain => (is_base, i),
+                _ => {
+                    let (name, hook) = if is_builtin(r.chain) {
+                        (base_chain_name(t.table, r.chain), Some(base_hook(t.table, r.chain)))
+                    } else {
+                        (r.chain.0.to_owned(), None)
+                    };
+                    let list = if hook.is_some() { &mut base } else { &mut regular };
+                    let i = list.iter().position(|c| c.name == name).unwrap_or_else(|| {
+                        list.push(NftChain { name, hook, rules: Vec::new() });
+                        list.len() - 1
+                    });
+                    (hook.is_some(), i)
                 }
             };
-            chain.rules.extend(rules_of(r));
+            at = Some((r.chain, is_base, i));
+            let list = if is_base { &mut base } else { &mut regular };
+            push_rules(r, &mut list[i].rules);
         }
     }
     let mut chains = base;
@@ -366,26 +376,19 @@ fn table(set: &RuleSet) -> NftTable {
     NftTable { family, sets, chains }
 }
 
-/// One iptables rule as nftables rules: one, or one per port of a `-m multiport --dports` list
-/// (a run that [`merge_runs`] turns into one set lookup).
-fn rules_of(r: &Rule) -> Vec<NftRule> {
+/// One iptables rule as nftables rules, appended to `out`: one, or one per port of a
+/// `-m multiport --dports` list (a run that [`merge_runs`] turns into one set lookup).
+fn push_rules(r: &Rule, out: &mut Vec<NftRule>) {
     match &r.dports {
-        Some(list) if r.proto.is_some() => list
-            .iter()
-            .map(|p| {
-                let mut one = r.clone();
-                one.dports = None;
-                one.dport = Some(Cond::Is(*p));
-                rule(&one)
-            })
-            .collect(),
-        _ => vec![rule(r)],
+        Some(list) if r.proto.is_some() => out.extend(list.iter().map(|p| rule(r, Some(Cond::Is(*p))))),
+        _ => out.push(rule(r, r.dport)),
     }
 }
 
-/// One iptables rule as nftables matches and an action, in `iptables-save`'s order of options.
-fn rule(r: &Rule) -> NftRule {
-    let mut m = Vec::new();
+/// One iptables rule as nftables matches and an action, in `iptables-save`'s order of options,
+/// with `dport` as its destination port match (one port of a multiport list, or the rule's own).
+fn rule(r: &Rule, dport: Option<Cond<PortRange>>) -> NftRule {
+    let mut m = Vec::with_capacity(4);
     if let Some(n) = r.source {
         m.push(Match::Saddr(Cond::Is(n)));
     }
@@ -403,7 +406,7 @@ fn rule(r: &Rule) -> NftRule {
         if let Some(s) = r.sport {
             m.push(Match::Sport(Cond::Is(s)));
         }
-        if let Some(d) = r.dport {
+        if let Some(d) = dport {
             m.push(Match::Dport(d));
         }
     }
@@ -414,7 +417,7 @@ fn rule(r: &Rule) -> NftRule {
         m.push(Match::CtState(s));
     }
     let action = match r.target {
-        Target::Jump(c) => Action::Jump(c.0.to_owned()),
+        Target::Jump(c) => Action::Jump(Cow::Borrowed(c.0)),
         Target::Return => Action::Return,
         Target::Drop => Action::Drop,
         Target::CtZone(z) => Action::CtZone(z),
@@ -423,13 +426,14 @@ fn rule(r: &Rule) -> NftRule {
         Target::DnatAddr(ip) => Action::Dnat(ip, None),
         Target::DnatSocket(ip, p) => Action::Dnat(ip, Some(p)),
     };
-    NftRule { matches: m, action, comment: r.comment.to_owned() }
+    NftRule { matches: m, action, comment: Cow::Borrowed(r.comment) }
 }
 
 /// Merges each run of rules that differ in one set-able value into one set lookup (see the
 /// module docs); the sets made are appended to `sets`.
 fn merge_runs(family: Family, chain: &str, rules: Vec<NftRule>, sets: &mut Vec<NftSet>) -> Vec<NftRule> {
-    let mut out: Vec<NftRule> = Vec::new();
+    // First where each run ends and which match varies along it (`None`: kept as they are)...
+    let mut runs: Vec<(usize, Option<usize>)> = Vec::new();
     let mut i = 0;
     while i < rules.len() {
         let first = &rules[i];
@@ -446,22 +450,27 @@ fn merge_runs(family: Family, chain: &str, rules: Vec<NftRule>, sets: &mut Vec<N
                 }
             }
         }
-        match field_at {
-            Some(pos) if end - i >= 2 => {
-                let (field, key, _) = first.matches[pos].set_value(family).expect("checked by single_difference");
-                let intervals = rules[i..end]
-                    .iter()
-                    .map(|r| r.matches[pos].set_value(family).expect("checked by single_difference").2)
-                    .collect();
-                let name = set_name(chain, field, sets);
-                sets.push(NftSet { name: name.clone(), key, intervals: normalize(intervals) });
-                let mut merged = first.clone();
-                merged.matches[pos] = field.lookup(name);
-                out.push(merged);
-            }
-            _ => out.extend(rules[i..end].iter().cloned()),
-        }
+        runs.push((end - i, field_at.filter(|_| end - i >= 2)));
         i = end;
+    }
+    // ...then the rules, moved: a run's first rule becomes its lookup, the others only give
+    // their values to the set.
+    let mut out = Vec::with_capacity(runs.len());
+    let mut rules = rules.into_iter();
+    for (len, field_at) in runs {
+        let mut run = rules.by_ref().take(len);
+        let Some(pos) = field_at else {
+            out.extend(run);
+            continue;
+        };
+        let value = |r: &NftRule| r.matches[pos].set_value(family).expect("checked by single_difference");
+        let mut merged = run.next().expect("a run has a rule");
+        let (field, key, first) = value(&merged);
+        let intervals = std::iter::once(first).chain(run.map(|r| value(&r).2)).collect();
+        let name = set_name(chain, field, sets);
+        sets.push(NftSet { name: name.clone(), key, intervals: normalize(intervals) });
+        merged.matches[pos] = field.lookup(name);
+        out.push(merged);
     }
     out
 }

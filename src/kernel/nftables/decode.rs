@@ -252,7 +252,7 @@ impl<'a> Reader<'a> {
                 return self.action().filter(|_| self.at == self.e.len()).map(|action| NftRule {
                     matches,
                     action,
-                    comment,
+                    comment: comment.into(),
                 });
             }
             matches.push(self.matcher()?);
@@ -276,7 +276,7 @@ impl<'a> Reader<'a> {
                     _ => None,
                 });
                 match (code, chain) {
-                    (Verdict::Jump, Some(c)) => Some(Action::Jump(c)),
+                    (Verdict::Jump, Some(c)) => Some(Action::Jump(c.into())),
                     (Verdict::Return, None) => Some(Action::Return),
                     (Verdict::Other(NF_DROP), None) => Some(Action::Drop),
                     _ => None,
