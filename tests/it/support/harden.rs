@@ -95,7 +95,7 @@ pub fn prev_result(v6: bool) -> Value {
 /// The network configuration the runtime hands the plugin as the last link of a chain, with the
 /// iptables engine on `backend` (`nft` or `legacy`).
 pub fn stdin(backend: &str, annotations: &Value, prev: &Value) -> String {
-    stdin_with(json!({"iptables_mode": backend}), annotations, prev)
+    stdin_with(json!({"backend": "iptables", "iptables_mode": backend}), annotations, prev)
 }
 
 /// [`stdin`] with the engine chosen by `engine_conf` (an [`Engine::conf`](super::Engine::conf)).
