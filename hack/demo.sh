@@ -90,7 +90,8 @@ iptables_ours() {
   done | grep -c -- '--comment tproxy-cni' || true
 }
 say "the rules tproxy-cni installed in hello-client's network namespace (nft list table ip tproxy-cni)"
-ip netns exec demo-hello-client nft list table ip tproxy-cni
+ip netns exec demo-hello-client nft list table ip tproxy-cni \
+  || { echo "demo FAILED: no table ip tproxy-cni in hello-client"; exit 1; }
 for ns in hello hello-client; do
   ip netns exec demo-$ns nft list table ip tproxy-cni | grep -q 'redirect to :15001' \
     || { echo "demo FAILED: no outbound redirect in $ns's table"; exit 1; }
