@@ -331,9 +331,11 @@ pub fn inspect(ns: &Netns, redirect: Redirect, deadline: Deadline) -> Result<(Re
 }
 
 /// Removes Kuma's loopback address when DEL removed a Kuma IPv6 pass of ours (it exists only for
-/// that pass; nothing else of the pod's is touched).
+/// that pass; nothing else of the pod's is touched). Any of Kuma's four IPv6 chains tells: one
+/// deleted by hand (an operator, another program) must not keep the address for good.
 pub fn release(ns: &Netns, removed: &Removed, deadline: Deadline) -> Result<(), NetlinkError> {
-    if !removed.had_chain(Family::V6, crate::core::rules::kuma::INBOUND.0) {
+    use crate::core::rules::kuma::{INBOUND, INBOUND_REDIRECT, OUTBOUND, OUTBOUND_REDIRECT};
+    if ![INBOUND, OUTBOUND, INBOUND_REDIRECT, OUTBOUND_REDIRECT].iter().any(|c| removed.had_chain(Family::V6, c.0)) {
         return Ok(());
     }
     if RouteSocket::open_in(ns, deadline)?.del_loopback_address(KUMA_INBOUND_PASSTHROUGH_V6)? {

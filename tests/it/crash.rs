@@ -1,27 +1,31 @@
-//! Crash consistency: ADD killed with SIGKILL at random moments, many times, on both backends and
-//! both meshes, into a fresh namespace and over a previous configuration.
+//! Crash consistency: ADD killed with SIGKILL at random moments, many times, on every engine (the
+//! iptables engine with each backend, the nftables engine) and both meshes, into a fresh namespace
+//! and over a previous configuration.
 //!
 //! What must hold after the kill (see `docs/reliability.md`):
-//! - within each table of each family, the namespace holds either the old rules of ours or the
-//!   new ones, never a part: `iptables-restore` commits a table at once;
-//! - across tables and families there is no such guarantee, but an order: tables are committed
+//! - the iptables engine: within each table of each family, the namespace holds either the old
+//!   rules of ours or the new ones, never a part: `iptables-restore` commits a table at once;
+//!   across tables and families there is no such guarantee, but an order: tables are committed
 //!   IPv4 then IPv6, and nat, raw, mangle within a family, so the tables already new are always a
 //!   prefix of that order;
-//! - foreign rules are intact;
+//! - the nftables engine: our tables of both families hold the old copy or the new copy, never a
+//!   mix: one batch replaces them all at once;
+//! - foreign rules are intact (for the nftables engine also a foreign nftables table, handles
+//!   included);
 //! - the runtime's next step repairs it: another ADD leaves exactly one copy of the new rules (and
 //!   Kuma's `::6` once), a DEL leaves nothing of ours (and no `::6`).
 //!
 //! Two ways to die: the plugin alone (an `iptables-restore` it started runs on to its end, or sees
 //! its input cut short), or its whole process group (the `iptables-restore` dies too, as when a node
-//! loses power or the OOM killer takes the cgroup). `TPROXY_CNI_LONG=1` runs 1000 kills instead of
-//! a few dozen; `TPROXY_CNI_SEED=N` replays a run.
+//! loses power or the OOM killer takes the cgroup); the nftables engine starts no process, so for
+//! it both are the plugin's death alone. `TPROXY_CNI_LONG=1` runs 1000 kills instead of a few
+//! dozen, spread over the engines; `TPROXY_CNI_SEED=N` replays a run.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::support::harden::*;
 use crate::support::*;
-use serde_json::Value;
 
 /// How long one of these tests may take in its own process (`TPROXY_CNI_LONG`'s 1000 kills too).
 const DEADLINE: Duration = Duration::from_secs(30 * 60);
@@ -58,27 +62,87 @@ fn become_subreaper() {
     assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
 }
 
-/// One namespace reused across kills, with its canary.
+/// One namespace reused across kills, with its canaries and how their state reads when intact.
 struct Slot {
     ns: Netns,
-    backend: &'static str,
+    engine: Engine,
+    foreign: String,
+}
+
+impl Slot {
+    fn new(engine: Engine) -> Slot {
+        let ns = Netns::new("tpk");
+        plant_canaries(engine, &ns);
+        let foreign = foreign_state(engine, &ns);
+        Slot { ns, engine, foreign }
+    }
+
+    fn stdin(&self, spec: &Spec, v6: bool) -> String {
+        stdin_with(self.engine.conf(), &spec.annotations, &prev_result(v6))
+    }
+
+    fn assert_foreign_intact(&self, context: &str) {
+        assert_eq!(foreign_state(self.engine, &self.ns), self.foreign, "{context}: foreign rules changed");
+    }
 }
 
 fn reset(slot: &Slot, spec: &Spec, id: &str) {
-    let out = call_plugin(
-        &env("DEL", slot.ns.path().to_str().unwrap(), id),
-        &stdin(slot.backend, &spec.annotations, &prev_result(true)),
-    );
+    let out = call_plugin(&env("DEL", slot.ns.path().to_str().unwrap(), id), &slot.stdin(spec, true));
     assert!(out.status.success(), "reset DEL: {}", String::from_utf8_lossy(&out.stdout));
-    assert!(ours(&slot.ns, slot.backend).values().all(Ours::is_empty), "reset left rules");
+    assert!(held(slot.engine, &slot.ns).is_nothing(), "{:?}: reset left rules", slot.engine);
     assert_eq!(slot.ns.passthrough_v6(), 0, "reset left ::6");
 }
 
 fn add(slot: &Slot, spec: &Spec, v6: bool, id: &str) -> std::process::Output {
-    call_plugin(
-        &env("ADD", slot.ns.path().to_str().unwrap(), id),
-        &stdin(slot.backend, &spec.annotations, &prev_result(v6)),
-    )
+    call_plugin(&env("ADD", slot.ns.path().to_str().unwrap(), id), &slot.stdin(spec, v6))
+}
+
+/// Where a kill left `have` between the `old` and the `new` state, as the units the engine commits
+/// at once ("V4 nat new", "tables old"); panics on a part of a unit, or (the iptables engine)
+/// units committed out of order.
+fn judge(context: &str, have: &Held, old: &Held, new: &Held) -> Vec<String> {
+    let mut signature = Vec::new();
+    match (have, old, new) {
+        (Held::Iptables(have), Held::Iptables(old), Held::Iptables(new)) => {
+            let mut seen_old_after_change = false;
+            let mut prefix_broken = false;
+            for (fam, table) in ORDER {
+                let (h, o, n) =
+                    (table_part(&have[&fam], table), table_part(&old[&fam], table), table_part(&new[&fam], table));
+                if o == n {
+                    assert_eq!(h, n, "{context}: {fam:?} {table} changed although old and new agree");
+                    continue;
+                }
+                let state = if h == n {
+                    prefix_broken |= seen_old_after_change;
+                    "new"
+                } else if h == o {
+                    seen_old_after_change = true;
+                    "old"
+                } else {
+                    panic!(
+                        "{context}: {fam:?} {table} holds a part of a rule set:\nhave {h:#?}\nold {o:#?}\nnew {n:#?}"
+                    )
+                };
+                signature.push(format!("{fam:?} {table} {state}"));
+            }
+            assert!(!prefix_broken, "{context}: tables were committed out of order: {signature:?}");
+        }
+        (Held::Nftables(h), Held::Nftables(o), Held::Nftables(n)) => {
+            // Both families' tables come and go in one batch: the pair is old or new as a whole.
+            if o == n {
+                assert_eq!(h, n, "{context}: our tables changed although old and new agree");
+            } else if h == n {
+                signature.push("tables new".to_owned());
+            } else if h == o {
+                signature.push("tables old".to_owned());
+            } else {
+                panic!("{context}: our tables are neither the old copy nor the new one:\nhave {h}\nold {o}\nnew {n}")
+            }
+        }
+        _ => unreachable!("one engine's readings"),
+    }
+    signature
 }
 
 #[test]
@@ -97,18 +161,10 @@ fn add_killed_at_random_moments_leaves_whole_tables_and_the_next_call_repairs() 
     let mut rng = Rng::new(seed);
     eprintln!("crash consistency: {kills} kills, seed {seed}");
     let specs = specs();
-    let slots: Vec<Slot> = BACKENDS
-        .iter()
-        .map(|b| {
-            let ns = Netns::new("tpk");
-            plant_canary(&ns, b);
-            Slot { ns, backend: b }
-        })
-        .collect();
-    let mut canary = canary_rules();
-    canary.sort();
+    let slots: Vec<Slot> = ENGINES.iter().map(|&e| Slot::new(e)).collect();
+    let mut wanted = Wanted::default();
 
-    // How long an ADD takes (the fastest of three), per backend, mesh and path, so kill delays
+    // How long an ADD takes (the fastest of three), per engine, mesh and path, so kill delays
     // spread over the whole call.
     let mut duration: BTreeMap<(&str, &str, bool), Duration> = BTreeMap::new();
     for slot in &slots {
@@ -122,7 +178,7 @@ fn add_killed_at_random_moments_leaves_whole_tables_and_the_next_call_repairs() 
                     let start = Instant::now();
                     assert!(add(slot, spec, true, "calib").status.success());
                     let d = start.elapsed();
-                    let e = duration.entry((slot.backend, spec.name, over_old)).or_insert(d);
+                    let e = duration.entry((slot.engine.backend(), spec.name, over_old)).or_insert(d);
                     *e = (*e).min(d);
                 }
             }
@@ -134,6 +190,7 @@ fn add_killed_at_random_moments_leaves_whole_tables_and_the_next_call_repairs() 
     let mut states: BTreeMap<String, usize> = BTreeMap::new();
     for kill in 0..kills {
         let slot = rng.pick(&slots);
+        let engine = slot.engine;
         let new = rng.pick(&specs).clone();
         let same_mesh: Vec<&Spec> = specs.iter().filter(|s| s.mesh == new.mesh).collect();
         let old = rng.chance(40).then(|| (*rng.pick(&same_mesh)).clone());
@@ -141,8 +198,7 @@ fn add_killed_at_random_moments_leaves_whole_tables_and_the_next_call_repairs() 
         let whole_group = rng.chance(50);
         let id = format!("k{kill}");
         let context = format!(
-            "kill {kill} (seed {seed}, replay with TPROXY_CNI_SEED={seed}): {} {} over {:?}, v6={v6}, {}",
-            slot.backend,
+            "kill {kill} (seed {seed}, replay with TPROXY_CNI_SEED={seed}): {engine:?} {} over {:?}, v6={v6}, {}",
             new.name,
             old.as_ref().map(|s| s.name),
             if whole_group { "whole group killed" } else { "plugin alone killed" }
@@ -152,20 +208,15 @@ fn add_killed_at_random_moments_leaves_whole_tables_and_the_next_call_repairs() 
         let old_rules = match &old {
             Some(o) => {
                 assert!(add(slot, o, v6, &id).status.success(), "{context}: installing the old configuration");
-                expected(&o.annotations, v6)
+                wanted.get(engine, &o.annotations, v6)
             }
-            None => expected(&Value::Object(Default::default()), false),
+            None => Held::nothing(engine),
         };
-        let new_rules = expected(&new.annotations, v6);
+        let new_rules = wanted.get(engine, &new.annotations, v6);
 
-        let d = duration[&(slot.backend, new.name, old.is_some())];
+        let d = duration[&(engine.backend(), new.name, old.is_some())];
         let delay = Duration::from_micros(rng.below(d.as_micros() as u64 + 1));
-        let mut child = spawn_plugin(
-            "ADD",
-            slot.ns.path().to_str().unwrap(),
-            &id,
-            &stdin(slot.backend, &new.annotations, &prev_result(v6)),
-        );
+        let mut child = spawn_plugin("ADD", slot.ns.path().to_str().unwrap(), &id, &slot.stdin(&new, v6));
         let pid = child.id() as i32;
         std::thread::sleep(delay);
         // Safety: signalling our own child (and its process group, which it leads).
@@ -173,34 +224,9 @@ fn add_killed_at_random_moments_leaves_whole_tables_and_the_next_call_repairs() 
         let status = child.wait().unwrap();
         wait_group(pid);
 
-        // Whole tables only, committed in order.
-        let have = ours(&slot.ns, slot.backend);
-        let mut signature = Vec::new();
-        let mut seen_old_after_change = false;
-        let mut prefix_broken = false;
-        for (fam, table) in ORDER {
-            let (h, o, n) = (
-                table_part(&have[&fam], table),
-                table_part(&old_rules[&fam], table),
-                table_part(&new_rules[&fam], table),
-            );
-            if o == n {
-                assert_eq!(h, n, "{context}: {fam:?} {table} changed although old and new agree");
-                continue;
-            }
-            let state = if h == n {
-                prefix_broken |= seen_old_after_change;
-                "new"
-            } else if h == o {
-                seen_old_after_change = true;
-                "old"
-            } else {
-                panic!("{context}: {fam:?} {table} holds a part of a rule set:\nhave {h:#?}\nold {o:#?}\nnew {n:#?}")
-            };
-            signature.push(format!("{fam:?} {table} {state}"));
-        }
-        assert!(!prefix_broken, "{context}: tables were committed out of order: {signature:?}");
-        assert!(foreign(&slot.ns, slot.backend).values().all(|f| *f == canary), "{context}: foreign rules changed");
+        // Whole units only (iptables: tables, committed in order; nftables: both families at once).
+        let signature = judge(&context, &held(engine, &slot.ns), &old_rules, &new_rules);
+        slot.assert_foreign_intact(&context);
         let partial = signature.iter().any(|s| s.ends_with("new")) && signature.iter().any(|s| s.ends_with("old"));
         let what = if status.success() {
             "finished before the kill".to_owned()
@@ -214,25 +240,22 @@ fn add_killed_at_random_moments_leaves_whole_tables_and_the_next_call_repairs() 
         } else {
             "killed after the last commit".to_owned()
         };
-        *states.entry(format!("{}: {what}", slot.backend)).or_default() += 1;
+        *states.entry(format!("{}: {what}", engine.backend())).or_default() += 1;
 
         // The runtime's next step repairs it.
         let kuma_v6 = new.mesh == "kuma" && v6;
         if rng.chance(50) {
             let out = add(slot, &new, v6, &id);
             assert!(out.status.success(), "{context}: repairing ADD failed: {}", String::from_utf8_lossy(&out.stdout));
-            assert_eq!(ours(&slot.ns, slot.backend), new_rules, "{context}: the repairing ADD left other rules");
+            assert_eq!(held(engine, &slot.ns), new_rules, "{context}: the repairing ADD left other rules");
             assert_eq!(slot.ns.passthrough_v6(), usize::from(kuma_v6), "{context}: ::6 after the repairing ADD");
         } else {
-            let out = call_plugin(
-                &env("DEL", slot.ns.path().to_str().unwrap(), &id),
-                &stdin(slot.backend, &new.annotations, &prev_result(v6)),
-            );
+            let out = call_plugin(&env("DEL", slot.ns.path().to_str().unwrap(), &id), &slot.stdin(&new, v6));
             assert!(out.status.success(), "{context}: DEL failed: {}", String::from_utf8_lossy(&out.stdout));
-            assert!(ours(&slot.ns, slot.backend).values().all(Ours::is_empty), "{context}: DEL left rules of ours");
+            assert!(held(engine, &slot.ns).is_nothing(), "{context}: DEL left rules of ours");
             assert_eq!(slot.ns.passthrough_v6(), 0, "{context}: DEL left ::6 on lo");
         }
-        assert!(foreign(&slot.ns, slot.backend).values().all(|f| *f == canary), "{context}: foreign rules changed");
+        slot.assert_foreign_intact(&context);
     }
     eprintln!(
         "crash consistency: {kills} kills in {:.1} s, seed {seed}; outcomes: {states:#?}",
@@ -250,11 +273,24 @@ fn children(pid: i32) -> Vec<i32> {
         .collect()
 }
 
+/// Is Kuma's `::6/128` on the loopback of the namespace this thread is in? (`if_inet6` is one
+/// small read, cheap enough to poll for.)
+fn passthrough_here() -> bool {
+    std::fs::read_to_string("/proc/thread-self/net/if_inet6")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("00000000000000000000000000000006 ") && l.trim_end().ends_with(" lo"))
+}
+
 /// Regression test: Kuma's `::6` used to be added to `lo` before the first table was committed,
 /// so an ADD killed in between left an address that no DEL ever removed. The plugin is frozen
-/// (SIGSTOP on its process group) the moment it has started its first `iptables-restore`, when no
-/// rule can be in yet: the address must not be there either; killed at that moment, DEL must leave
-/// nothing.
+/// (SIGSTOP on its process group) mid-ADD, then killed; DEL must leave nothing. When it is frozen
+/// depends on the engine:
+/// - the iptables engine: the moment it has started its first `iptables-restore`, when no rule can
+///   be in yet: the address must not be there either;
+/// - the nftables engine starts no process; it is frozen the moment `::6` appears on `lo` (polled
+///   from a thread inside the namespace), and our IPv6 table must already be there — an ADD that
+///   added the address before its batch would be caught before the batch.
 #[test]
 fn kuma_loopback_address_never_precedes_the_rules() {
     if !privileged() {
@@ -266,52 +302,64 @@ fn kuma_loopback_address_never_precedes_the_rules() {
     }
     become_subreaper();
     let kuma = specs().into_iter().find(|s| s.name == "kuma-yaml").unwrap();
-    for backend in BACKENDS {
-        let slot = Slot { ns: Netns::new("tpk"), backend };
+    for engine in ENGINES {
+        let slot = Slot::new(engine);
         let (mut frozen, mut attempts) = (0, 0);
-        while frozen < 3 {
+        while frozen < 2 {
             attempts += 1;
-            assert!(attempts <= 30, "{backend}: the plugin finished before it could be frozen, 30 times");
+            assert!(attempts <= 30, "{engine:?}: the plugin finished before it could be frozen, 30 times");
             let round = frozen;
             let id = format!("s{attempts}");
             reset(&slot, &kuma, &id);
-            let mut child = spawn_plugin(
-                "ADD",
-                slot.ns.path().to_str().unwrap(),
-                &id,
-                &stdin(backend, &kuma.annotations, &prev_result(true)),
-            );
+            let mut child = spawn_plugin("ADD", slot.ns.path().to_str().unwrap(), &id, &slot.stdin(&kuma, true));
             let pid = child.id() as i32;
-            // Poll until the plugin has a child; on a busy machine it may finish first: try again.
-            let caught = loop {
-                if !children(pid).is_empty() {
-                    break true;
-                }
-                if child.try_wait().unwrap().is_some() {
-                    break false;
-                }
-                std::hint::spin_loop();
+            // Poll until the moment to freeze; on a busy machine the plugin may finish first: try again.
+            let caught = match engine {
+                Engine::Iptables(_) => loop {
+                    if !children(pid).is_empty() {
+                        break true;
+                    }
+                    if child.try_wait().unwrap().is_some() {
+                        break false;
+                    }
+                    std::hint::spin_loop();
+                },
+                Engine::Nftables => in_netns(&slot.ns, None, || {
+                    loop {
+                        if passthrough_here() {
+                            // Safety: signals to our own child's process group.
+                            unsafe { libc::kill(-pid, libc::SIGSTOP) };
+                            break child.try_wait().unwrap().is_none();
+                        }
+                        if child.try_wait().unwrap().is_some() {
+                            break false;
+                        }
+                        std::hint::spin_loop();
+                    }
+                }),
             };
             if !caught {
+                let _ = child.wait();
                 wait_group(pid);
                 continue;
             }
             frozen += 1;
             // Safety: signals to our own child's process group.
             unsafe { libc::kill(-pid, libc::SIGSTOP) };
-            let v6_chains = !table_part(&ours(&slot.ns, backend)[&Fam::V6], "nat").chains.is_empty();
+            let v6_rules = match held(engine, &slot.ns) {
+                Held::Iptables(ours) => !table_part(&ours[&Fam::V6], "nat").chains.is_empty(),
+                Held::Nftables(_) => !slot.ns.nft_table(Fam::V6).is_empty(),
+            };
             let address = slot.ns.passthrough_v6();
-            assert!(address == 0 || v6_chains, "{backend} round {round}: ::6 on lo before the IPv6 rules");
+            assert!(address == 0 || v6_rules, "{engine:?} round {round}: ::6 on lo before the IPv6 rules");
             unsafe { libc::kill(-pid, libc::SIGKILL) };
             let _ = child.wait();
             wait_group(pid);
-            let out = call_plugin(
-                &env("DEL", slot.ns.path().to_str().unwrap(), &id),
-                &stdin(backend, &kuma.annotations, &prev_result(true)),
-            );
+            let out = call_plugin(&env("DEL", slot.ns.path().to_str().unwrap(), &id), &slot.stdin(&kuma, true));
             assert!(out.status.success());
-            assert!(ours(&slot.ns, backend).values().all(Ours::is_empty), "{backend}: DEL left rules");
-            assert_eq!(slot.ns.passthrough_v6(), 0, "{backend} round {round}: DEL after the kill left ::6 on lo");
+            assert!(held(engine, &slot.ns).is_nothing(), "{engine:?}: DEL left rules");
+            assert_eq!(slot.ns.passthrough_v6(), 0, "{engine:?} round {round}: DEL after the kill left ::6 on lo");
+            slot.assert_foreign_intact(&format!("{engine:?} round {round}"));
         }
     }
 }

@@ -1,13 +1,16 @@
 //! Harness of the hardening tests (random lifecycles, crash consistency, concurrency): mesh
 //! configurations to install, calls of the plugin binary, and an independent reading of what of
-//! ours a namespace holds, compared with what the configuration must give.
+//! ours a namespace holds, compared with what the configuration must give, for each engine.
 //!
-//! "Ours" is decided here without the plugin's own classification: a chain is ours when it has a
-//! mesh's chain name, a rule when it sits in such a chain, jumps to one, or carries our comment or
-//! Kuma's. Expected rules come from the library's pure rule builder (`rules::build`), whose output
-//! the golden tests pin.
+//! For the iptables engine "ours" is decided here without the plugin's own classification: a
+//! chain is ours when it has a mesh's chain name, a rule when it sits in such a chain, jumps to
+//! one, or carries our comment or Kuma's. Expected rules come from the library's pure rule builder
+//! (`rules::build`), whose output the golden tests pin. For the nftables engine ours are the
+//! `tproxy-cni` tables as `nft` lists them, expected to equal what `nft -f` makes of
+//! `render --backend nftables` (pinned by the golden `.nft` files); everything else `nft` lists is
+//! foreign and must stay as it was, handles included.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::{Value, json};
@@ -15,7 +18,7 @@ use tproxy_cni::core::mesh::{self, Annotations, PodNetwork};
 use tproxy_cni::core::redirect::Family;
 use tproxy_cni::core::rules;
 
-use super::{Fam, Netns, consul_pod, in_netns, kuma_pod};
+use super::{Engine, Fam, Netns, consul_pod, in_netns, kuma_pod, nft_reference, zero_counters};
 
 /// A mesh configuration a pod can carry.
 #[derive(Debug, Clone)]
@@ -93,12 +96,7 @@ pub fn prev_result(v6: bool) -> Value {
 }
 
 /// The network configuration the runtime hands the plugin as the last link of a chain, with the
-/// iptables engine on `backend` (`nft` or `legacy`).
-pub fn stdin(backend: &str, annotations: &Value, prev: &Value) -> String {
-    stdin_with(json!({"backend": "iptables", "iptables_mode": backend}), annotations, prev)
-}
-
-/// [`stdin`] with the engine chosen by `engine_conf` (an [`Engine::conf`](super::Engine::conf)).
+/// engine chosen by `engine_conf` (an [`Engine::conf`](super::Engine::conf)).
 pub fn stdin_with(engine_conf: Value, annotations: &Value, prev: &Value) -> String {
     let mut conf = json!({"cniVersion": "1.0.0", "name": "harden", "type": "tproxy-cni",
         "prevResult": prev, "runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations}});
@@ -279,6 +277,146 @@ pub fn state(ns: &Netns, backend: &str) -> (BTreeMap<Fam, Ours>, BTreeMap<Fam, V
         foreign.insert(f, v);
     }
     (ours, foreign)
+}
+
+/// The engines the hardening tests spread their runs over: the iptables engine with each backend,
+/// and the nftables engine.
+pub const ENGINES: [Engine; 3] = [Engine::Iptables("nft"), Engine::Iptables("legacy"), Engine::Nftables];
+
+/// What of ours a namespace holds, as one engine's tests compare it: for the iptables engine our
+/// chains and rules per family ([`ours`]), for the nftables engine our `tproxy-cni` tables of both
+/// families as `nft list table` prints them, counters zeroed ([`super::nft_tables`]; empty: none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Held {
+    Iptables(BTreeMap<Fam, Ours>),
+    Nftables(String),
+}
+
+impl Held {
+    /// Nothing of ours.
+    pub fn nothing(engine: Engine) -> Held {
+        match engine {
+            Engine::Iptables(_) => Held::Iptables(expected(&json!({}), false)),
+            Engine::Nftables => Held::Nftables(String::new()),
+        }
+    }
+
+    pub fn is_nothing(&self) -> bool {
+        match self {
+            Held::Iptables(o) => o.values().all(Ours::is_empty),
+            Held::Nftables(t) => t.is_empty(),
+        }
+    }
+}
+
+/// What of ours `ns` holds now, read the way `engine`'s tests compare it.
+pub fn held(engine: Engine, ns: &Netns) -> Held {
+    held_and_foreign(engine, ns).0
+}
+
+/// What a configuration must give on each engine, the nftables engine's reference made once per
+/// configuration (it costs a namespace, a render and an `nft -f`).
+#[derive(Default)]
+pub struct Wanted {
+    nft: HashMap<String, String>,
+}
+
+impl Wanted {
+    /// What `annotations` must give on `engine` for a pod with IPv6 when `v6`.
+    pub fn get(&mut self, engine: Engine, annotations: &Value, v6: bool) -> Held {
+        let iptables = expected(annotations, v6);
+        match engine {
+            Engine::Iptables(_) => Held::Iptables(iptables),
+            // A pod in no mesh: no table (`render` would print an empty script).
+            Engine::Nftables if iptables.values().all(Ours::is_empty) => Held::Nftables(String::new()),
+            Engine::Nftables => Held::Nftables(
+                self.nft.entry(format!("{annotations} {v6}")).or_insert_with(|| nft_reference(annotations, v6)).clone(),
+            ),
+        }
+    }
+}
+
+/// A foreign nftables table of another program, planted for the nftables engine beside the
+/// iptables canary: a set, a base chain on a hook our chains use, a rule.
+pub const NFT_CANARY: &str = "table inet canary {\n\
+    \tset blocked { type ipv4_addr; flags interval; elements = { 203.0.113.0/24 }; }\n\
+    \tchain out {\n\
+    \t\ttype filter hook output priority 0; policy accept;\n\
+    \t\tip daddr @blocked counter return comment \"theirs\"\n\
+    \t}\n\
+    }\n";
+
+/// Runs `nft` with `args` (and `script` on its stdin) from a thread inside `ns`, panicking if it
+/// fails; its stdout.
+pub fn nft_in(ns: &Netns, args: &[&str], script: Option<&str>) -> String {
+    use std::io::Write as _;
+    let out = in_netns(ns, None, || {
+        let mut child = Command::new("/usr/sbin/nft")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(script.unwrap_or_default().as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    });
+    assert!(out.status.success(), "nft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Plants the foreign canaries `engine`'s tests watch: the iptables [`CANARY`] in the engine's
+/// backend's tables — iptables-nft's for the nftables engine, whose chains share hooks with them —
+/// and, for the nftables engine, [`NFT_CANARY`].
+pub fn plant_canaries(engine: Engine, ns: &Netns) {
+    match engine {
+        Engine::Iptables(backend) => plant_canary(ns, backend),
+        Engine::Nftables => {
+            plant_canary(ns, "nft");
+            nft_in(ns, &["-f", "-"], Some(NFT_CANARY));
+        }
+    }
+}
+
+/// Everything foreign `engine`'s tests watch, to be found as it was after [`plant_canaries`]:
+/// for the iptables engine the foreign rules of both families (sorted, [`foreign`]); for the
+/// nftables engine the whole `nft -a list ruleset` but our two tables — iptables-nft's tables with
+/// the canary and the foreign table, handles included, so a foreign object deleted and made again
+/// would show.
+pub fn foreign_state(engine: Engine, ns: &Netns) -> String {
+    held_and_foreign(engine, ns).1
+}
+
+/// [`held`] and [`foreign_state`] together, from one `iptables-save` per family for the iptables
+/// engine, one `nft -a list ruleset` for the nftables engine (our tables cut out of it, their
+/// handles dropped: as [`super::nft_tables`] lists them).
+pub fn held_and_foreign(engine: Engine, ns: &Netns) -> (Held, String) {
+    match engine {
+        Engine::Iptables(backend) => {
+            let (ours, foreign) = state(ns, backend);
+            (Held::Iptables(ours), format!("{foreign:?}"))
+        }
+        Engine::Nftables => {
+            let (mut ours, mut foreign) = (String::new(), String::new());
+            let mut in_ours = false;
+            for line in zero_counters(&nft_in(ns, &["-a", "list", "ruleset"], None)).lines() {
+                if line.starts_with("table ip tproxy-cni ") || line.starts_with("table ip6 tproxy-cni ") {
+                    in_ours = true;
+                }
+                if in_ours {
+                    ours += line.split(" # handle ").next().unwrap();
+                    ours.push('\n');
+                } else {
+                    foreign += line;
+                    foreign.push('\n');
+                }
+                if line == "}" {
+                    in_ours = false;
+                }
+            }
+            (Held::Nftables(ours), foreign)
+        }
+    }
 }
 
 /// A small, seedable generator (SplitMix64): runs are reproducible from their seed.
