@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The tproxy-cni demo: two pods on a real bridge, set up through the real CNI chain (bridge +
 # host-local + tproxy-cni, driven by libcni), with Consul's annotations and tproxy-cni's built-in
-# defaults. `tproxy-cni validate` proves the client's redirect as an unprivileged user; then a
+# defaults (the nftables engine: our tables `ip tproxy-cni` / `ip6 tproxy-cni` in each pod). `tproxy-cni validate` proves the client's redirect as an unprivileged user; then a
 # stand-in sidecar in each pod shows the client's request crossing both proxies, an intention
 # denying it and being lifted, and everything is torn down at the end.
 #
 # Usage: sudo hack/demo.sh        (installs what it needs on Debian; about a minute on first run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "demo.sh needs root (network namespaces, iptables)"; exit 1; }
+[ "$(id -u)" = 0 ] || { echo "demo.sh needs root (network namespaces, nftables)"; exit 1; }
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 bash hack/deps.sh
@@ -55,7 +55,7 @@ cat > "$work/demo.conflist" <<JSON
   ]
 }
 JSON
-say "the node's CNI configuration (tproxy-cni chained after bridge)"
+say "the node's CNI configuration (tproxy-cni chained after bridge; no \"backend\": the default, nftables)"
 cat "$work/demo.conflist"
 
 # What Consul's webhook writes on a meshed pod with transparent proxy (ConsulDNS off).
@@ -64,7 +64,7 @@ annotations='{"consul.hashicorp.com/connect-inject-status":"injected",
  "consul.hashicorp.com/redirect-traffic-config":"{\"ConsulDNSIP\":\"\",\"ConsulDNSPort\":0,\"ProxyUserID\":\"5995\",\"ProxyInboundPort\":20000,\"ProxyOutboundPort\":15001,\"ExcludeInboundPorts\":null,\"ExcludeOutboundPorts\":null,\"ExcludeOutboundCIDRs\":null,\"ExcludeUIDs\":[\"5996\"],\"NetNS\":\"\",\"IptablesProvider\":null}"}'
 echo "$annotations" > "$work/annotations.json"
 
-say "tproxy-cni render: the transaction a pod with these annotations gets"
+say "tproxy-cni render: the nf_tables batch a pod with these annotations gets, as an nft -f script"
 "$bin/tproxy-cni" render "$work/annotations.json"
 
 # The bridge exists before the first pod, with a fixed MAC: otherwise Linux changes its address as
@@ -81,8 +81,23 @@ done
 hello_ip=$(ip netns exec demo-hello ip -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1)
 client_ip=$(ip netns exec demo-hello-client ip -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1)
 
-say "the rules tproxy-cni installed in hello-client's network namespace"
-ip netns exec demo-hello-client iptables-save -t nat | grep -v '^#'
+# Rules of ours in a pod: the nftables engine's (every rule of our tables carries a comment) and,
+# to show the default engine is the one at work, any iptables rule carrying our comment.
+nft_ours() { ip netns exec "demo-$1" nft list ruleset | grep -c 'comment "tproxy-cni"' || true; }
+iptables_ours() {
+  for t in iptables-nft-save ip6tables-nft-save iptables-legacy-save ip6tables-legacy-save; do
+    ip netns exec "demo-$1" "$t" 2>/dev/null
+  done | grep -c -- '--comment tproxy-cni' || true
+}
+say "the rules tproxy-cni installed in hello-client's network namespace (nft list table ip tproxy-cni)"
+ip netns exec demo-hello-client nft list table ip tproxy-cni \
+  || { echo "demo FAILED: no table ip tproxy-cni in hello-client"; exit 1; }
+for ns in hello hello-client; do
+  ip netns exec demo-$ns nft list table ip tproxy-cni | grep -q 'redirect to :15001' \
+    || { echo "demo FAILED: no outbound redirect in $ns's table"; exit 1; }
+  [ "$(iptables_ours $ns)" = 0 ] || { echo "demo FAILED: iptables rules of ours in $ns"; exit 1; }
+  echo "  $ns: $(nft_ours $ns) rule(s) of ours in nftables, none in iptables"
+done
 
 # What an unprivileged init container can run before the sidecar starts: validate listens on the
 # sidecar's outbound port and proves, with a token and SO_ORIGINAL_DST, that a call is redirected
@@ -131,9 +146,14 @@ for ns in hello hello-client; do
     "$(args $ns)" "{\"io.kubernetes.cri.pod-annotations\": $(tr -d '\n' < "$work/annotations.json")}" && echo "  CHECK $ns: rules as expected"
   CNI_PATH=/usr/lib/cni:$bin CNIDRV_CACHE=$work/cache "$cnidrv" del "$work/demo.conflist" /run/netns/demo-$ns "demo-$ns" "$(args $ns)"
 done
-left=$(ip netns exec demo-hello-client iptables-save | grep -c 'CONSUL' || true)
-echo "  DEL done: $left rule(s) of ours left in hello-client"
-[ "$left" = 0 ]
+for ns in hello hello-client; do
+  left=$(( $(nft_ours $ns) + $(iptables_ours $ns) ))
+  echo "  DEL done: $left rule(s) of ours left in $ns"
+  [ "$left" = 0 ] || { echo "demo FAILED: DEL left rules of ours in $ns"; exit 1; }
+  if ip netns exec demo-$ns nft list table ip tproxy-cni >/dev/null 2>&1; then
+    echo "demo FAILED: DEL left our table in $ns"; exit 1
+  fi
+done
 
 say "the plugin's log"
 sed 's/^/  /' "$work/tproxy-cni.log"

@@ -35,8 +35,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Print the rules a pod with these annotations would get: the iptables-restore input per
-    /// family, or with `--backend nftables` the `nft -f` script of the nftables engine's batch.
+    /// Print the rules a pod with these annotations would get: the `nft -f` script of the
+    /// nftables engine's batch, or with `--backend iptables` the iptables-restore input per family.
     ///
     /// The annotations are a JSON object of strings (as in a Pod's metadata.annotations), read
     /// from FILE or stdin. Nothing is applied. Prints nothing when the pod is in no mesh.
@@ -47,7 +47,7 @@ enum Cmd {
         #[arg(long)]
         pod_ipv6: bool,
         /// The engine whose rules to print.
-        #[arg(long, value_enum, value_name = "ENGINE", default_value = "iptables")]
+        #[arg(long, value_enum, value_name = "ENGINE", default_value = "nftables")]
         backend: BackendArg,
     },
     /// Install a mesh's transparent-proxy redirect on this host (or in --netns).

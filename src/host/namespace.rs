@@ -18,15 +18,15 @@ pub struct NamespaceArgs {
     #[arg(long, value_name = "PATH")]
     pub netns: Option<PathBuf>,
 
-    /// Which iptables to use. `auto` follows the node's kubelet (its KUBE-IPTABLES-HINT chain) and
+    /// Which iptables the iptables engine uses (`--backend iptables`). `auto` follows the node's kubelet (its KUBE-IPTABLES-HINT chain) and
     /// picks nft otherwise. `redirect` and `uninstall` must use the same one.
     #[arg(long, value_enum, value_name = "MODE", env = "TPROXY_CNI_IPTABLES_MODE", default_value = "auto")]
     pub iptables_mode: IptablesMode,
 
-    /// Which engine installs the rules: `iptables` runs the node's iptables-restore; `nftables`
-    /// programs tables of our own over netlink and needs no program at all. `redirect` and
-    /// `uninstall` must use the same one.
-    #[arg(long, value_enum, value_name = "ENGINE", env = "TPROXY_CNI_BACKEND", default_value = "iptables")]
+    /// Which engine installs the rules: `nftables` programs tables of our own over netlink and
+    /// needs no program at all; `iptables` runs the node's iptables-restore (for a kernel that
+    /// lacks an nf_tables feature). `redirect` and `uninstall` must use the same one.
+    #[arg(long, value_enum, value_name = "ENGINE", env = "TPROXY_CNI_BACKEND", default_value = "nftables")]
     pub backend: BackendArg,
 }
 

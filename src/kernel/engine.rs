@@ -16,10 +16,11 @@ use crate::core::rules::RuleSet;
 /// The conflist's `backend` (the host commands' `--backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EngineKind {
-    /// `iptables-restore` / `iptables-save` of the node's iptables (the default).
-    #[default]
+    /// `iptables-restore` / `iptables-save` of the node's iptables: the explicit choice for a
+    /// node whose kernel lacks an nf_tables feature the nftables engine needs.
     Iptables,
-    /// nf_tables over netlink, from the plugin's own process.
+    /// nf_tables over netlink, from the plugin's own process (the default).
+    #[default]
     Nftables,
 }
 

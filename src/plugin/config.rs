@@ -42,7 +42,7 @@ pub struct NetConf {
     pub log_level: log::LevelFilter,
     pub log_file: Option<PathBuf>,
     pub iptables_mode: Mode,
-    /// Which engine installs the rules: `iptables` (the default) or `nftables`.
+    /// Which engine installs the rules: `nftables` (the default) or `iptables`.
     pub backend: EngineKind,
     /// Kubeconfig path, resolved against `cni_net_dir` the way consul-cni does (used by the API path).
     pub kubeconfig: Option<PathBuf>,

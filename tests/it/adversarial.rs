@@ -702,7 +702,7 @@ fn log_lines_escape_what_annotations_say() {
     let log = dir.path().join("plugin.log");
     let yaml =
         "cniMode: true\nredirect:\n  dns: {enabled: true, resolvConfigPath: \"/x\\nERROR tproxy-cni: forged line\"}\n";
-    let stdin = json!({"cniVersion": "1.0.0", "name": "adv", "type": "tproxy-cni", "iptables_mode": "nft",
+    let stdin = json!({"cniVersion": "1.0.0", "name": "adv", "type": "tproxy-cni",
         "log_level": "info", "log_file": log,
         "runtimeConfig": {"io.kubernetes.cri.pod-annotations": kuma_yaml(yaml)}});
     // The namespace does not exist: ADD fails after reading the annotations (and logging about them).
@@ -743,7 +743,7 @@ fn kubeconfig_naming_a_fifo_or_a_device_fails_at_once() {
 fn a_container_id_with_multibyte_characters_does_not_panic() {
     // STATUS and GC do not validate CNI_CONTAINERID; the log context used to cut it at byte 12.
     let id = "c\"k8\u{fffd}\u{fffd}\u{fffd}.cncf.io";
-    let conf = json!({"cniVersion": "1.1.0", "name": "n", "type": "tproxy-cni", "iptables_mode": "nft"});
+    let conf = json!({"cniVersion": "1.1.0", "name": "n", "type": "tproxy-cni"});
     for command in ["STATUS", "GC"] {
         let out = call_plugin(&[("CNI_COMMAND", command), ("CNI_CONTAINERID", id)], &conf.to_string());
         if !out.status.success() {

@@ -15,7 +15,7 @@ fn annotations() -> serde_json::Value {
 
 fn stdin(mode: &str) -> String {
     json!({
-        "cniVersion": "1.0.0", "name": "backend", "type": "tproxy-cni", "iptables_mode": mode,
+        "cniVersion": "1.0.0", "name": "backend", "type": "tproxy-cni", "backend": "iptables", "iptables_mode": mode,
         "runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations()},
     })
     .to_string()

@@ -48,13 +48,17 @@ fn refused(out: &Output) -> String {
     err
 }
 
-/// The flags that choose the engine: `--iptables-mode BACKEND` for `nft` and `legacy`,
-/// `--backend nftables` for `nftables`.
-fn engine_flags(backend: &str) -> [&str; 2] {
-    if backend == "nftables" { ["--backend", "nftables"] } else { ["--iptables-mode", backend] }
+/// The flags that choose the engine: `--backend iptables --iptables-mode BACKEND` for `nft` and
+/// `legacy`, `--backend nftables` for `nftables`.
+fn engine_flags(backend: &str) -> Vec<&str> {
+    if backend == "nftables" {
+        vec!["--backend", "nftables"]
+    } else {
+        vec!["--backend", "iptables", "--iptables-mode", backend]
+    }
 }
 
-/// `redirect --netns NS --iptables-mode BACKEND FLAGS…` (or `--backend nftables`).
+/// `redirect --netns NS --backend iptables --iptables-mode BACKEND FLAGS…` (or `--backend nftables`).
 fn redirect(ns: &Netns, backend: &str, flags: &[&str], env: &[(&str, &str)]) -> Output {
     let path = ns.path();
     let mut args = vec!["redirect", "--netns", path.to_str().unwrap()];
@@ -484,6 +488,8 @@ fn the_systemd_units_verify_and_bracket_the_proxy_with_redirect_and_uninstall() 
     // What systemd would run, with the shipped environment file, in a namespace of ours.
     let flags = setting(&env_file, "TPROXY_CNI_REDIRECT_FLAGS");
     let mode = setting(&env_file, "TPROXY_CNI_IPTABLES_MODE");
+    let backend = setting(&env_file, "TPROXY_CNI_BACKEND");
+    assert_eq!(backend, "nftables", "the shipped file states the default engine");
     let run = |line: &str, ns: &Netns| {
         let words: Vec<String> = setting(&unit, line)
             .split_whitespace()
@@ -498,21 +504,22 @@ fn the_systemd_units_verify_and_bracket_the_proxy_with_redirect_and_uninstall() 
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("TPROXY_CNI_IPTABLES_MODE", &mode)
+            .env("TPROXY_CNI_BACKEND", &backend)
             .output()
             .unwrap();
         assert!(out.status.success(), "{line} {words:?}: {}", text(&out.stderr));
     };
-    let (ns, before) = Netns::with_canary("tps", "nft");
+    let ns = Netns::new("tps");
+    ns.plant_canary("nft");
+    let before = ns.snapshot_with_nft();
     run("ExecStart", &ns);
-    let v4 = ns.save(Fam::V4, "nft");
-    assert!(
-        v4.contains("-A CONSUL_PROXY_INBOUND -p tcp -m tcp --dport 22 -m comment --comment tproxy-cni -j RETURN"),
-        "{v4}"
-    );
-    assert!(v4.contains("--to-destination 127.0.0.1:8600"), "{v4}");
+    let v4 = ns.nft_table(Fam::V4);
+    assert!(v4.contains("tcp dport 22 counter packets 0 bytes 0 return"), "{v4}");
+    assert!(v4.contains("dnat to 127.0.0.1:8600"), "{v4}");
+    assert_eq!(ns.our_rule_count(Fam::V4, "nft") + ns.our_rule_count(Fam::V6, "nft"), 0, "no iptables rule of ours");
     run("ExecStart", &ns);
     run("ExecStop", &ns);
-    assert_eq!(ns.snapshot(), before, "ExecStop leaves the namespace as it was");
+    assert_eq!(ns.snapshot_with_nft(), before, "ExecStop leaves the namespace as it was");
 }
 
 /// A Kuma VM's configuration, as Kuma's YAML…

@@ -828,8 +828,9 @@ impl Runtime {
         } else if !chained {
             Outcome::NotChained
         } else {
-            let rules = ["nft", "legacy"].iter().map(|b| ns.save(crate::support::Fam::V4, b)).collect::<String>();
-            if rules.lines().any(|l| l.starts_with("-A ") && l.contains("CONSUL_")) {
+            // The installer's entry names no engine: the default one, nftables, holds our rules.
+            let table = ns.nft_table(crate::support::Fam::V4);
+            if table.lines().any(|l| l.contains("jump CONSUL_PROXY_OUTPUT")) {
                 Outcome::Redirected
             } else {
                 Outcome::PassedThrough

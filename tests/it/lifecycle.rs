@@ -317,6 +317,53 @@ fn del_removes_only_ours_and_succeeds_again_when_the_namespace_is_gone(engine: E
     }
 }
 
+/// The default engine: a configuration with no `backend` key installs our nftables tables and no
+/// iptables rule of ours (in either iptables), CHECK and DEL work on them; `"backend": "iptables"`
+/// still chooses the iptables engine, which makes no table of ours.
+#[test]
+fn without_a_backend_key_the_nftables_engine_installs_and_iptables_stays_a_choice() {
+    if !privileged() {
+        return;
+    }
+    let annotations = consul_pod(config(20000), &[]);
+    let stdin = |engine_keys: Value| {
+        let mut conf = json!({"cniVersion": "1.0.0", "name": "lifecycle", "type": "tproxy-cni",
+            "runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations}, "prevResult": prev_result(true)});
+        for (k, v) in engine_keys.as_object().unwrap() {
+            conf[k] = v.clone();
+        }
+        conf.to_string()
+    };
+    let iptables_rules = |ns: &Netns| -> usize {
+        BACKENDS.iter().map(|b| ns.our_rule_count(Fam::V4, b) + ns.our_rule_count(Fam::V6, b)).sum()
+    };
+
+    // No `backend` key: the nftables engine.
+    let (ns, before) = canary_ns(Engine::Nftables, "tpd");
+    let default = stdin(json!({}));
+    stdout_json(&call("ADD", &ns, &default));
+    let v4 = ns.exec(&["nft", "list", "table", "ip", "tproxy-cni"]);
+    assert!(v4.contains("chain CONSUL_PROXY_INBOUND") && v4.contains("redirect to :20000"), "{v4}");
+    assert_eq!(nft_tables(&ns), nft_reference(&annotations, true), "the default installs the nftables engine's tables");
+    assert_eq!(iptables_rules(&ns), 0, "the default installs no iptables rule of ours:\n{}", ns.snapshot());
+    assert!(call("CHECK", &ns, &default).status.success());
+    assert!(call("DEL", &ns, &default).status.success());
+    assert_eq!(nft_tables(&ns), "", "DEL removes the default engine's tables");
+    assert_eq!(ns.snapshot_with_nft(), before);
+
+    // `"backend": "iptables"`: the iptables engine, and no table of ours.
+    let engine = Engine::Iptables("nft");
+    let (ns, before) = canary_ns(engine, "tpi");
+    let explicit = stdin(json!({"backend": "iptables"}));
+    stdout_json(&call("ADD", &ns, &explicit));
+    // `iptables_mode` left to `auto`: whichever iptables the node uses holds all 18 + 13 rules.
+    assert_eq!(iptables_rules(&ns), 18 + 13, "{}", ns.snapshot());
+    assert_eq!(nft_tables(&ns), "", "the iptables engine makes no nftables table of ours");
+    assert!(call("CHECK", &ns, &explicit).status.success());
+    assert!(call("DEL", &ns, &explicit).status.success());
+    assert_eq!(engine.snapshot(&ns), before);
+}
+
 both_engines!(non_mesh_pod_is_byte_for_byte_untouched);
 fn non_mesh_pod_is_byte_for_byte_untouched(engine: Engine) {
     let Some(net) = network(engine) else { return };

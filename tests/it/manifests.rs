@@ -269,8 +269,11 @@ fn the_configmap_holds_a_plugin_configuration_the_plugin_accepts() {
     let text = str_at(&cm, "/data/plugin-config.json");
     let settings: serde_json::Map<String, Value> = serde_json::from_str(text).unwrap();
     tproxy_cni::installer::plugin_entry(&settings, Path::new("/etc/cni/net.d/ZZZ-tproxy-cni-kubeconfig")).unwrap();
+    // Both state the engine, the default one, so that an operator sees where to choose iptables.
+    assert_eq!(settings["backend"], "nftables", "{text}");
     let values = &documents(&installer_dir().join("helm/tproxy-cni/values.yaml"))[0];
     let settings = values["pluginConfig"].as_object().unwrap().clone();
+    assert_eq!(settings["backend"], "nftables", "{values}");
     tproxy_cni::installer::plugin_entry(&settings, Path::new("/k")).unwrap();
 }
 

@@ -94,7 +94,7 @@ fn status_is_ready_when_iptables_is_installed_and_code_50_when_it_is_not() {
     if !privileged() {
         return;
     }
-    let stdin = r#"{"cniVersion":"1.1.0","name":"n","type":"tproxy-cni","iptables_mode":"nft"}"#;
+    let stdin = r#"{"cniVersion":"1.1.0","name":"n","type":"tproxy-cni","backend":"iptables","iptables_mode":"nft"}"#;
     let out = call_plugin(&[("CNI_COMMAND", "STATUS")], stdin);
     assert!(out.status.success() && out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
 
@@ -106,6 +106,51 @@ fn status_is_ready_when_iptables_is_installed_and_code_50_when_it_is_not() {
     let doc = json_out(&out);
     assert_eq!(doc["code"], 50);
     assert!(doc["msg"].as_str().unwrap().contains("iptables-nft-restore not found"), "{doc}");
+}
+
+/// The default engine is nftables: with no `backend` key, STATUS is ready where no iptables tool
+/// exists at all (the same namespace makes the explicit iptables engine answer 50 above).
+#[test]
+fn status_of_the_default_engine_needs_no_iptables_tools() {
+    if !privileged() {
+        return;
+    }
+    let stdin = r#"{"cniVersion":"1.1.0","name":"n","type":"tproxy-cni"}"#;
+    let script = format!(
+        "mount -t tmpfs none /usr/sbin && test -z \"$(ls /usr/sbin)\" && echo '{stdin}' | CNI_COMMAND=STATUS {}",
+        plugin().display()
+    );
+    let out =
+        Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A kernel without an nf_tables feature the default engine needs: ADD's error (101) and STATUS's
+/// (50) name the feature and the way out, one line.
+#[test]
+fn a_missing_kernel_feature_names_itself_and_the_iptables_engine() {
+    use tproxy_cni::kernel::engine::NotReady;
+    use tproxy_cni::kernel::nftables::NftablesError;
+    use tproxy_cni::kernel::nftables::features::{Feature, FeatureError};
+    use tproxy_cni::plugin::{Error, to_cni_error};
+
+    let missing = || FeatureError::Missing(vec![Feature::CtZone, Feature::Log]);
+    for (what, err, code) in [
+        ("ADD", Error::Nftables(NftablesError::Feature(missing())), 101),
+        ("STATUS", Error::NotReady(NotReady::Nftables(missing())), 50),
+    ] {
+        let e = to_cni_error(&err);
+        assert_eq!(e.code.number(), code, "{what}: {e:?}");
+        assert_eq!(e.msg.lines().count(), 1, "{what}: one line: {}", e.msg);
+        for part in ["ct zone set", "log (nft_log)", r#"set "backend": "iptables" in the plugin configuration"#] {
+            assert!(e.msg.contains(part), "{what}: {part:?} missing from: {}", e.msg);
+        }
+    }
 }
 
 #[test]

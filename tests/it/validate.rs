@@ -64,8 +64,8 @@ fn redirect(ns: &Netns) {
 /// Installs a redirect in `ns` with the host command and `engine`.
 fn redirect_with(ns: &Netns, engine: Engine, flags: &[&str]) {
     let engine_flags = match engine {
-        Engine::Iptables(mode) => ["--iptables-mode", mode],
-        Engine::Nftables => ["--backend", "nftables"],
+        Engine::Iptables(mode) => vec!["--backend", "iptables", "--iptables-mode", mode],
+        Engine::Nftables => vec!["--backend", "nftables"],
     };
     let out = Command::new(plugin())
         .env_clear()

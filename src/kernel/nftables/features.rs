@@ -142,7 +142,7 @@ pub enum FeatureError {
     #[error("cannot probe the kernel's nf_tables features")]
     Probe(#[source] SocketError),
     #[error(
-        "the kernel lacks nf_tables feature(s) the nftables engine needs: {}; load the module(s) or use \"backend\": \"iptables\" on this node",
+        "the kernel lacks nf_tables feature(s) the nftables engine needs: {}; load the module(s), or set \"backend\": \"iptables\" in the plugin configuration (Helm value pluginConfig.backend, ConfigMap key plugin-config.json; host commands: --backend iptables)",
         .0.iter().map(|f| f.describe()).collect::<Vec<_>>().join(", ")
     )]
     Missing(Vec<Feature>),

@@ -193,9 +193,11 @@ impl Nftables {
         Nftables { deadline }
     }
 
-    /// Can ADD work? The kernel must have every nf_tables feature a redirect may use.
+    /// Can ADD work? The kernel must have every nf_tables feature a redirect may use; the error
+    /// names the ones it lacks.
     pub fn ready(&self) -> Result<(), FeatureError> {
-        features::probe_cached().map(drop)
+        let missing = features::probe_cached()?;
+        if missing.is_empty() { Ok(()) } else { Err(FeatureError::Missing(missing)) }
     }
 
     /// Installs `sets` (one per family) as our tables, replacing whatever of ours is there, in one

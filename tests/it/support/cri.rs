@@ -98,8 +98,8 @@ impl Engine {
     /// The keys of the plugin's conflist entry that choose this engine.
     pub fn conf(self) -> Value {
         match self {
-            Engine::IptablesNft => json!({"iptables_mode": "nft"}),
-            Engine::IptablesLegacy => json!({"iptables_mode": "legacy"}),
+            Engine::IptablesNft => json!({"backend": "iptables", "iptables_mode": "nft"}),
+            Engine::IptablesLegacy => json!({"backend": "iptables", "iptables_mode": "legacy"}),
             Engine::Nftables => json!({"backend": "nftables"}),
         }
     }

@@ -85,7 +85,7 @@ impl Engine {
     /// The keys of the plugin's configuration that choose the engine.
     pub fn conf(self) -> serde_json::Value {
         match self {
-            Engine::Iptables(mode) => serde_json::json!({"iptables_mode": mode}),
+            Engine::Iptables(mode) => serde_json::json!({"backend": "iptables", "iptables_mode": mode}),
             Engine::Nftables => serde_json::json!({"backend": "nftables"}),
         }
     }
@@ -743,6 +743,7 @@ impl Fixture {
 
     fn on(backend: &'static str, conf: &serde_json::Value) -> Fixture {
         let mut conf = conf.clone();
+        conf["backend"] = "iptables".into();
         conf["iptables_mode"] = backend.into();
         Fixture { backend, net: Network::new(conf) }
     }
