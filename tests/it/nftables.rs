@@ -165,7 +165,7 @@ fn add_check_del_need_no_iptables_and_no_nft_program() {
 
     // The same call with the iptables engine cannot work there: the hiding is real.
     let mut iptables = plugin_stdin(&annotations, Some(&prev));
-    iptables = iptables.replace("\"backend\":\"nftables\"", "\"iptables_mode\":\"nft\"");
+    iptables = iptables.replace("\"backend\":\"nftables\"", "\"backend\":\"iptables\",\"iptables_mode\":\"nft\"");
     assert!(iptables.contains("iptables_mode"));
     let mut cmd = Command::new("/usr/bin/unshare");
     let script = "/usr/bin/mount -t tmpfs none /usr/sbin && exec \"$@\"";
