@@ -196,9 +196,11 @@ impl Batch {
         let mut m = NetlinkMessage::from(msg);
         m.header.flags = flags;
         m.header.sequence_number = seq;
+        // finalize() measures the message once (a walk of every nested attribute) and records it in
+        // the header; measuring it again would walk it all again.
         m.finalize();
         let at = self.bytes.len();
-        self.bytes.resize(at + m.buffer_len(), 0);
+        self.bytes.resize(at + m.header.length as usize, 0);
         m.serialize(&mut self.bytes[at..]);
     }
 
