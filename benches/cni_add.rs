@@ -133,6 +133,8 @@ fn stdin_for(source: &Source, mode: &str) -> String {
     if mode == "nftables" {
         conf["backend"] = json!("nftables");
     } else {
+        // The iptables engine is not the default: named, as the ConfigMap of a node that keeps it.
+        conf["backend"] = json!("iptables");
         conf["iptables_mode"] = json!(mode);
     }
     match source {
