@@ -485,38 +485,6 @@ fn installed(engine: Engine) -> Sandbox {
     ns
 }
 
-/// Another program's nftables table of our name, `ip6 tproxy-cni` with `flags owner`: the kernel
-/// lets only that program's socket change or delete it, so a batch that names it is refused
-/// whole. Gone (with the program's socket) on drop.
-struct OwnedTable {
-    nft: std::process::Child,
-}
-
-impl OwnedTable {
-    fn new(ns: &Netns) -> OwnedTable {
-        let mut nft = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "nft", "-i"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdin = nft.stdin.as_mut().unwrap();
-        stdin.write_all(b"add table ip6 tproxy-cni { flags owner; }\n").unwrap();
-        stdin.flush().unwrap();
-        let owned = OwnedTable { nft };
-        wait_for(Duration::from_secs(5), "the owned table", || ns.nft_table(Fam::V6).contains("flags owner"));
-        owned
-    }
-}
-
-impl Drop for OwnedTable {
-    fn drop(&mut self) {
-        drop(self.nft.stdin.take());
-        let _ = self.nft.wait();
-    }
-}
-
 both_engines!(del_succeeds_whatever_fails_and_says_so);
 fn del_succeeds_whatever_fails_and_says_so(engine: Engine) {
     if !privileged() {
@@ -575,7 +543,7 @@ fn del_succeeds_whatever_fails_and_says_so(engine: Engine) {
 
             // The kernel refuses the batch: a table of our name in the other family belongs to
             // another program, and the one batch that deletes both is refused whole.
-            let owned = OwnedTable::new(&ns);
+            let owned = OwnedTable::hold(&ns);
             let before = ns.nft_table(Fam::V4);
             let c = call("DEL", &ns, &del());
             assert_eq!(c.code(), 0, "{}", c.msg());

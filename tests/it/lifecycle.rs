@@ -7,7 +7,7 @@
 //! its own, in both families; beside the nftables engine, in iptables-nft) that must survive
 //! everything we do. The nftables engine's snapshots hold every nftables table as well.
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use crate::both_engines;
 use crate::support::*;
@@ -460,38 +460,6 @@ fn bad_input_gets_its_code_and_a_readable_message_and_changes_nothing(engine: En
     ));
     assert_eq!(doc["code"], 4, "malformed CNI_ARGS: {doc}");
     assert_eq!(engine.snapshot(&ns), before, "{engine:?}: missing environment: the namespace must be untouched");
-}
-
-/// Another program's `nft` session holding a table of our name in the IPv6 family with `flags
-/// owner` (only its socket may change it); it ends on drop.
-struct OwnedTable(Child);
-
-impl OwnedTable {
-    fn hold(ns: &Netns) -> OwnedTable {
-        use std::io::Write;
-        let mut owner = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "nft", "-i"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdin = owner.stdin.as_mut().unwrap();
-        stdin.write_all(b"add table ip6 tproxy-cni { flags owner; }\n").unwrap();
-        stdin.flush().unwrap();
-        let held = OwnedTable(owner);
-        wait_for(std::time::Duration::from_secs(5), "the owner's table", || {
-            ns.nft_table(Fam::V6).contains("flags owner")
-        });
-        held
-    }
-}
-
-impl Drop for OwnedTable {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// What makes the IPv6 part of an ADD fail after its IPv4 part was accepted: for the iptables

@@ -41,7 +41,7 @@ fn plant_foreigners(ns: &Netns) {
         \t\tcomment \"not ours: another family\"\n\
         \t}\n\
         }\n";
-    nft(ns, &["-f", "-"], Some(script));
+    harden::nft_in(ns, &["-f", "-"], Some(script));
     let canary = "*nat\n:CANARY - [0:0]\n-A OUTPUT -p tcp -m tcp --dport 9999 -j RETURN\n-A CANARY -j RETURN\nCOMMIT\n";
     ns.restore(Fam::V4, "nft", canary);
     ns.restore(Fam::V6, "nft", canary);
@@ -49,25 +49,9 @@ fn plant_foreigners(ns: &Netns) {
 
 /// The foreign objects exactly, handles included (a table deleted and made again would differ).
 fn foreigners(ns: &Netns) -> String {
-    let mut s = nft(ns, &["-a", "list", "table", "inet", "foreign"], None);
-    s += &nft(ns, &["-a", "list", "table", "inet", "tproxy-cni"], None);
+    let mut s = harden::nft_in(ns, &["-a", "list", "table", "inet", "foreign"], None);
+    s += &harden::nft_in(ns, &["-a", "list", "table", "inet", "tproxy-cni"], None);
     s + &ns.save(Fam::V4, "nft") + &ns.save(Fam::V6, "nft")
-}
-
-/// Runs `nft` in the namespace (the test's tool; the plugin never runs it).
-fn nft(ns: &Netns, args: &[&str], stdin: Option<&str>) -> String {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "nft"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.unwrap_or_default().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "nft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn plugin_stdin(annotations: &Value, prev_result: Option<&Value>) -> String {
@@ -227,7 +211,7 @@ fn a_copy_edited_by_hand_is_removed_not_restored_when_add_fails_after_its_batch(
     ok(&call("ADD", &ns, &plugin_stdin(&annotations, Some(&prev_result(false)))));
     // Someone adds a rule to our table that the engine does not write: that copy cannot be
     // written back as it was.
-    nft(&ns, &["add", "rule", "ip", "tproxy-cni", "nat_output", "meta", "l4proto", "udp", "return"], None);
+    harden::nft_in(&ns, &["add", "rule", "ip", "tproxy-cni", "nat_output", "meta", "l4proto", "udp", "return"], None);
     // A repeated ADD with IPv6 whose `::6` fails (the loopback refuses IPv6 addresses) after its
     // batch replaced that copy.
     ns.exec(&["sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1"]);
@@ -278,7 +262,7 @@ fn nft_makes_of_the_rendered_script_what_the_engine_installs() {
         child.stdin.take().unwrap().write_all(annotations.to_string().as_bytes()).unwrap();
         let script = ok(&child.wait_with_output().unwrap());
         let by_nft = Netns::new("tpn");
-        nft(&by_nft, &["-f", "-"], Some(&script));
+        harden::nft_in(&by_nft, &["-f", "-"], Some(&script));
         // Kuma's IPv6 pass also needs ::6 on lo, which the engine's ADD added besides the rules.
         by_nft.exec(&["ip", "-6", "addr", "add", "::6/128", "dev", "lo"]);
         assert_eq!(by_engine.nft_ruleset(), by_nft.nft_ruleset(), "{golden}: the engine and nft -f differ");

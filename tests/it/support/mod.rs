@@ -1085,3 +1085,33 @@ pub fn consul_pod(config: serde_json::Value, extra: &[(&str, &str)]) -> serde_js
     }
     a
 }
+
+/// Another program's `nft` session holding a table of our name, `ip6 tproxy-cni` with `flags
+/// owner`: the kernel lets only that program's socket change or delete it, so a batch of ours that
+/// names it is refused whole. The session (and with it the table) ends on drop.
+pub struct OwnedTable(std::process::Child);
+
+impl OwnedTable {
+    pub fn hold(ns: &Netns) -> OwnedTable {
+        let mut owner = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "nft", "-i"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = owner.stdin.as_mut().unwrap();
+        stdin.write_all(b"add table ip6 tproxy-cni { flags owner; }\n").unwrap();
+        stdin.flush().unwrap();
+        let held = OwnedTable(owner);
+        wait_for(Duration::from_secs(5), "the owner's table", || ns.nft_table(Fam::V6).contains("flags owner"));
+        held
+    }
+}
+
+impl Drop for OwnedTable {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
