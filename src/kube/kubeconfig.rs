@@ -312,7 +312,7 @@ impl Kubeconfig {
         };
 
         let server = set(cluster.server).ok_or(Problem::Server { url: String::new(), reason: "is missing" })?;
-        let server = parse_server(&server).map_err(|reason| Problem::Server { url: server.clone(), reason })?;
+        let server = parse_server(&server).map_err(|reason| Problem::Server { url: excerpt(&server), reason })?;
         if set(cluster.proxy_url).is_some() {
             return Err(Problem::Unsupported {
                 what: "cluster proxy-url",
@@ -371,13 +371,25 @@ impl Kubeconfig {
         let host = host.trim();
         let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
         let url = format!("https://{authority}");
-        let server = parse_server(&url).map_err(|reason| fail(Problem::Server { url: url.clone(), reason }))?;
+        let server = parse_server(&url).map_err(|reason| fail(Problem::Server { url: excerpt(&url), reason }))?;
         let ca = read_file(account_dir, "ca.crt", "service account ca.crt").map_err(fail)?;
         let trust = Trust::Authorities(certificates(&ca, "service account ca.crt").map_err(fail)?);
         let token = TokenSource::File { path: account_dir.join("token"), inline: None };
         // Fail now, not on the first request, if the token cannot be read.
         token.current().map_err(fail)?;
         Ok(Kubeconfig { path: account_dir.to_owned(), server, trust, client_cert: None, token })
+    }
+}
+
+/// What of a refused `server` value a message may quote: its first word, at most 80 characters.
+/// A URL has no space; a value that does is a broken document whose scalar ran on into other
+/// keys — possibly the user's token — which must never reach a log.
+fn excerpt(server: &str) -> String {
+    let word = server.split(|c: char| c.is_whitespace() || c.is_control()).find(|w| !w.is_empty()).unwrap_or("");
+    match word.char_indices().nth(80) {
+        Some((cut, _)) => format!("{}…", &word[..cut]),
+        None if word.len() < server.trim().len() => format!("{word}…"),
+        None => word.to_owned(),
     }
 }
 
@@ -626,6 +638,15 @@ mod tests {
         let e = parse(&doc("    server: https://h", "    client-key-data: 8675309\n    client-certificate-data: eA=="))
             .unwrap_err();
         assert!(!crate::text::chain(&e).contains("8675309"), "{e}");
+        // A broken server scalar that ran on into the user's token (found by fuzzing): the
+        // message quotes only the value's first word.
+        let e = parse(&doc(
+            "    server: \"https:v2 k insecure token: c1VjcpmV0ets/tok1n\"",
+            "    token: c1VjcpmV0ets/tok1n",
+        ))
+        .unwrap_err();
+        let msg = crate::text::chain(&e);
+        assert!(!msg.contains("c1VjcpmV0ets") && msg.contains("\"https:v2…\""), "{msg}");
         assert!(Secret::new("a b").is_err() && Secret::new(" \n").is_err());
         assert_eq!(Secret::new(" tok\n").unwrap().expose(), "tok");
     }
