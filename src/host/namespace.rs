@@ -73,6 +73,17 @@ impl NamespaceArgs {
         Engine::new(self.backend.into(), mode, deadline)
     }
 
+    /// The engine not chosen, for rules of ours it may hold: a `redirect` made with the other
+    /// `--backend`, or before an upgrade changed the default engine.
+    pub fn other_engine(&self, deadline: Deadline) -> Engine {
+        let mut other = self.clone();
+        other.backend = match self.backend {
+            BackendArg::Iptables => BackendArg::Nftables,
+            BackendArg::Nftables => BackendArg::Iptables,
+        };
+        other.engine(deadline)
+    }
+
     /// How to name the namespace in messages.
     pub fn describe(&self) -> String {
         match &self.netns {

@@ -283,12 +283,44 @@ pub fn run(args: &RedirectArgs, ssh_connection: Option<&str>) -> Result<Report, 
     }
     let families: Vec<&str> = sets.iter().map(|s| s.family.name()).collect();
     let verb = if plan.replaces() { "replaced" } else { "installed" };
-    Ok(Report::out(format!(
+    let mut report = Report::out(format!(
         "tproxy-cni: {} redirect {verb} in {where_} ({}, {})\n",
         prepared.redirect.mesh(),
         families.join("+"),
         engine.name()
-    )))
+    ));
+    remove_the_other_engines(&args.namespace, &ns, &mut report);
+    Ok(report)
+}
+
+/// After the new redirect is in place, removes the rules of ours the other engine holds (a
+/// `redirect` made with the other `--backend`, or before an upgrade changed the default): two
+/// copies of the redirect would disagree as soon as their configurations differ — an exclusion of
+/// the new one would be redirected by the old one. Best effort: a failure is reported, the new
+/// redirect stays. Kuma's `::6` stays too: the new redirect may need it.
+fn remove_the_other_engines(namespace: &NamespaceArgs, ns: &Netns, report: &mut Report) {
+    let other = namespace.other_engine(Deadline::after(DEFAULT_BUDGET));
+    let plan = match other.plan_removal(ns) {
+        Ok(plan) if !plan.is_empty() => plan,
+        Ok(_) => return,
+        Err(e) => {
+            log::debug!("{} holds nothing that can be read: {}", other.name(), crate::text::chain(&e));
+            return;
+        }
+    };
+    match other.execute(ns, &plan) {
+        Ok(()) => {
+            report.stdout +=
+                &format!("tproxy-cni: removed the earlier rules of {}: {}\n", other.name(), plan.before().join("; "))
+        }
+        Err(e) => {
+            report.stderr += &format!(
+                "tproxy-cni: the earlier rules of {} are still there (remove them with uninstall): {}\n",
+                other.name(),
+                crate::text::chain(&e)
+            )
+        }
+    }
 }
 
 /// Where the configuration came from, to point at the right fix in messages.

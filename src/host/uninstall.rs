@@ -2,8 +2,10 @@
 //!
 //! What is ours is decided, for the iptables engine, by the marks `netfilter::save` knows (our
 //! chain names, our comments: `tproxy-cni`, and Kuma's prefix on Kuma's layout); for the nftables
-//! engine it is our tables, `ip tproxy-cni` and `ip6 tproxy-cni`. With Kuma's IPv6 pass goes the `::6/128` it
-//! needs on `lo`, as on DEL.
+//! engine it is our tables, `ip tproxy-cni` and `ip6 tproxy-cni`. Both engines are asked, whichever
+//! `--backend` says: rules of ours the other engine installed (with the other `--backend`, or
+//! before an upgrade changed the default) are removed too. With Kuma's IPv6 pass goes the
+//! `::6/128` it needs on `lo`, as on DEL.
 //! When our chain names hold rules without our comment — installed by `consul connect
 //! redirect-traffic`, kuma-init or `kumactl install transparent-proxy` — nothing is removed and the
 //! command says why: removing our half would leave theirs broken.
@@ -45,30 +47,45 @@ pub enum UninstallError {
     Netlink(#[from] NetlinkError),
 }
 
-/// Removes (or, with `--dry-run`, prints the removal of) everything of ours.
+/// Removes (or, with `--dry-run`, prints the removal of) everything of ours: what the chosen engine
+/// installed, and what the other engine did — a `redirect` made with the other `--backend`, or
+/// before an upgrade changed the default engine, is ours too. The other engine is asked only as
+/// far as it can answer (its tools or the kernel's nf_tables may be missing: then it holds nothing).
 pub fn run(args: &UninstallArgs) -> Result<Report, UninstallError> {
     let ns = args.namespace.open()?;
-    let engine = args.namespace.engine(Deadline::after(DEFAULT_BUDGET));
-    let plan = engine.plan_removal(&ns)?;
+    let chosen = args.namespace.engine(Deadline::after(DEFAULT_BUDGET));
+    let chosen_name = chosen.name();
+    let mut plans = vec![(chosen.plan_removal(&ns)?, chosen)];
+    let other = args.namespace.other_engine(Deadline::after(DEFAULT_BUDGET));
+    match other.plan_removal(&ns) {
+        Ok(plan) => plans.push((plan, other)),
+        Err(e) => log::debug!("{} holds nothing that can be read: {}", other.name(), crate::text::chain(&e)),
+    }
+    plans.retain(|(plan, _)| !plan.is_empty());
     let where_ = args.namespace.describe();
-    if plan.is_empty() {
-        let note = format!("tproxy-cni: nothing of ours in {where_} ({}): nothing to remove\n", engine.name());
+    if plans.is_empty() {
+        let note = format!("tproxy-cni: nothing of ours in {where_} ({chosen_name}): nothing to remove\n");
         // A dry run prints only transactions on stdout: there is none.
         return Ok(if args.dry_run { Report { stdout: String::new(), stderr: note } } else { Report::out(note) });
     }
-    // Kuma's IPv6 pass needs ::6 on lo; it goes with the pass, as on DEL.
-    let removed = plan.removed();
-    let kuma_ipv6 = removed.had_chain(Family::V6, kuma::INBOUND.0);
     if args.dry_run {
-        let mut out = plan.render();
-        if kuma_ipv6 {
-            out += &format!(
-                "# lo: remove {KUMA_INBOUND_PASSTHROUGH_V6}/128 (the source of Kuma's IPv6 inbound passthrough)\n"
-            );
+        let mut out = String::new();
+        for (plan, _) in &plans {
+            out += &plan.render();
+            // Kuma's IPv6 pass needs ::6 on lo; it goes with the pass, as on DEL.
+            if plan.removed().had_chain(Family::V6, kuma::INBOUND.0) {
+                out += &format!(
+                    "# lo: remove {KUMA_INBOUND_PASSTHROUGH_V6}/128 (the source of Kuma's IPv6 inbound passthrough)\n"
+                );
+            }
         }
         return Ok(Report::out(out));
     }
-    engine.execute(&ns, &plan)?;
-    netlink::release(&ns, &removed, Deadline::after(DEFAULT_BUDGET))?;
-    Ok(Report::out(format!("tproxy-cni: removed from {where_} ({}): {}\n", engine.name(), plan.before().join("; "))))
+    let mut out = String::new();
+    for (plan, engine) in &plans {
+        engine.execute(&ns, plan)?;
+        netlink::release(&ns, &plan.removed(), Deadline::after(DEFAULT_BUDGET))?;
+        out += &format!("tproxy-cni: removed from {where_} ({}): {}\n", engine.name(), plan.before().join("; "));
+    }
+    Ok(Report::out(out))
 }

@@ -194,6 +194,48 @@ fn traffic_follows_the_redirect_and_flows_directly_again_after_uninstall(engine:
     assert_eq!(engine.our_rules(&vm.ns), 0);
 }
 
+/// A host upgraded across the change of the default engine (or a `redirect` run with the other
+/// `--backend`) must not keep two redirects that disagree: the one left by the other engine would
+/// still redirect what the new one excludes. `redirect` removes the other engine's rules once its
+/// own are in place, and `uninstall` removes both engines' rules, whichever `--backend` it is given.
+#[test]
+fn the_other_engines_earlier_redirect_is_replaced_and_uninstalled_too() {
+    if !privileged() {
+        return;
+    }
+    let net = Network::new(Engine::Nftables.conf());
+    let sibling = Sibling::new(&net, &[8080, 5432], &["198.18.0.200/24", "fd18::200/64"]);
+    let s4 = sibling.v4;
+    let vm = net.pod("vm", None);
+    let _l = consul_app_listeners(&vm.ns);
+    let path = vm.ns.path();
+    let netns = path.to_str().unwrap();
+    let proxy = ["--proxy-uid", "5995", "--proxy-outbound-port", "15001", "--proxy-inbound-port", "20000"];
+    let iptables = Engine::Iptables("nft");
+
+    // Before the upgrade: the iptables engine, every port redirected.
+    ok(&redirect(&vm.ns, "nft", &proxy, &[]));
+    assert_eq!(who(&dial(&vm.ns, None, sa(s4, 5432))), "outbound");
+    // After it: the default engine, no --backend, and port 5432 now excluded.
+    let mut args = vec!["redirect", "--netns", netns, "--exclude-outbound-port", "5432"];
+    args.extend_from_slice(&proxy);
+    let out = ok(&tproxy(&args, &[]));
+    assert!(out.contains(", nftables)") && out.contains("removed the earlier rules of iptables-nft"), "{out}");
+    assert_eq!(iptables.our_rules(&vm.ns), 0, "{}", vm.ns.snapshot());
+    assert_eq!(who(&dial(&vm.ns, None, sa(s4, 5432))), "server:5432", "the new exclusion holds");
+    assert_eq!(who(&dial(&vm.ns, None, sa(s4, 8080))), "outbound");
+
+    // The other way round, then an uninstall with the default engine removes the iptables rules.
+    let out = ok(&redirect(&vm.ns, "nft", &proxy, &[]));
+    assert!(out.contains("removed the earlier rules of nftables"), "{out}");
+    assert_eq!(Engine::Nftables.our_rules(&vm.ns), 0, "{}", vm.ns.nft_ruleset());
+    let out = ok(&tproxy(&["uninstall", "--netns", netns], &[]));
+    assert!(out.contains("(iptables-nft): ipv4"), "{out}");
+    assert_eq!(iptables.our_rules(&vm.ns) + Engine::Nftables.our_rules(&vm.ns), 0);
+    assert_eq!(who(&dial(&vm.ns, None, sa(s4, 8080))), "server:8080", "no redirect once uninstalled");
+    assert!(ok(&tproxy(&["uninstall", "--netns", netns], &[])).contains("nothing to remove"));
+}
+
 #[test]
 fn uninstall_restores_the_namespace_exactly_and_dry_runs_change_nothing() {
     if !privileged() {
