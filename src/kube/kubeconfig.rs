@@ -292,13 +292,13 @@ impl Kubeconfig {
             .contexts
             .into_iter()
             .find(|c| c.name == context_name)
-            .ok_or_else(|| Problem::NoContext(context_name.clone()))?
+            .ok_or_else(|| Problem::NoContext(excerpt(&context_name)))?
             .context;
         let cluster = raw
             .clusters
             .into_iter()
             .find(|c| c.name == context.cluster)
-            .ok_or_else(|| Problem::NoCluster { context: context_name.clone(), cluster: context.cluster.clone() })?
+            .ok_or_else(|| Problem::NoCluster { context: excerpt(&context_name), cluster: excerpt(&context.cluster) })?
             .cluster;
         // A context without a user is anonymous; one that names a user must find it.
         let user = if context.user.is_empty() {
@@ -307,7 +307,7 @@ impl Kubeconfig {
             raw.users
                 .into_iter()
                 .find(|u| u.name == context.user)
-                .ok_or_else(|| Problem::NoUser { context: context_name.clone(), user: context.user.clone() })?
+                .ok_or_else(|| Problem::NoUser { context: excerpt(&context_name), user: excerpt(&context.user) })?
                 .user
         };
 
@@ -381,9 +381,10 @@ impl Kubeconfig {
     }
 }
 
-/// What of a refused `server` value a message may quote: its first word, at most 80 characters.
-/// A URL has no space; a value that does is a broken document whose scalar ran on into other
-/// keys — possibly the user's token — which must never reach a log.
+/// What of a refused value (a `server`, a context, cluster or user name) a message may quote: its
+/// first word, at most 80 characters. A URL has no space, nor, in practice, does a name; a value
+/// that does is a broken document whose scalar ran on into other keys — possibly the user's
+/// token — which must never reach a log.
 fn excerpt(server: &str) -> String {
     let word = server.split(|c: char| c.is_whitespace() || c.is_control()).find(|w| !w.is_empty()).unwrap_or("");
     match word.char_indices().nth(80) {
@@ -647,6 +648,11 @@ mod tests {
         .unwrap_err();
         let msg = crate::text::chain(&e);
         assert!(!msg.contains("c1VjcpmV0ets") && msg.contains("\"https:v2…\""), "{msg}");
+        // The same for the names a context refers to.
+        let run_on = doc("    server: https://h", "    token: c1VjcpmV0ets/tok1n")
+            .replace("current-context: c\n", "current-context: \"c token: c1VjcpmV0ets/tok1n\"\n");
+        let msg = crate::text::chain(&parse(&run_on).unwrap_err());
+        assert!(!msg.contains("c1VjcpmV0ets") && msg.contains("current-context \"c…\""), "{msg}");
         assert!(Secret::new("a b").is_err() && Secret::new(" \n").is_err());
         assert_eq!(Secret::new(" tok\n").unwrap().expose(), "tok");
     }
