@@ -13,15 +13,6 @@ use crate::both_engines;
 use crate::support::*;
 use serde_json::{Value, json};
 
-fn config(inbound: u16) -> Value {
-    json!({
-        "ConsulDNSIP": "127.0.0.1", "ConsulDNSPort": 8600, "ProxyUserID": "5995",
-        "ProxyInboundPort": inbound, "ProxyOutboundPort": 15001,
-        "ExcludeInboundPorts": ["9090"], "ExcludeOutboundPorts": ["5432", "6379"],
-        "ExcludeOutboundCIDRs": ["192.0.2.0/24", "198.51.100.0/24", "2001:db8::/32"], "ExcludeUIDs": ["5996"]
-    })
-}
-
 /// The network configuration a runtime hands our plugin as the last link of the chain.
 fn plugin_stdin(engine: Engine, annotations: Option<&Value>, prev_result: Option<&Value>) -> String {
     let mut conf = json!({"cniVersion": "1.0.0", "name": "lifecycle", "type": "tproxy-cni"});
@@ -216,7 +207,7 @@ both_engines!(repeated_add_leaves_exactly_one_copy, nft, legacy);
 fn repeated_add_leaves_exactly_one_copy(engine: Engine) {
     let Some(net) = network(engine) else { return };
     let (pod, _) = canary_pod(&net, engine, "web");
-    let annotations = consul_pod(config(20000), &[]);
+    let annotations = consul_pod(consul_config(20000), &[]);
     let result = stdout_json(&pod.add(Some(&annotations)));
     let once = engine.snapshot(&pod.ns);
     assert_one_copy(engine, &pod.ns, &annotations);
@@ -238,9 +229,9 @@ both_engines!(repeated_add_with_a_new_configuration_replaces_the_old_one, nft, l
 fn repeated_add_with_a_new_configuration_replaces_the_old_one(engine: Engine) {
     let Some(net) = network(engine) else { return };
     let (pod, before) = canary_pod(&net, engine, "web");
-    let old = consul_pod(config(20000), &[]);
+    let old = consul_pod(consul_config(20000), &[]);
     let result = stdout_json(&pod.add(Some(&old)));
-    let new = consul_pod(config(21000), &[]);
+    let new = consul_pod(consul_config(21000), &[]);
     // Without IPv6 in the previous result, the new set is IPv4 only: the IPv6 pass must go.
     let mut v4_only = result.clone();
     v4_only["ips"] = json!([result["ips"][0]]);
@@ -264,7 +255,7 @@ fn repeated_add_with_a_new_configuration_replaces_the_old_one(engine: Engine) {
 both_engines!(check_passes_after_add_and_names_what_was_tampered_with, nft, legacy);
 fn check_passes_after_add_and_names_what_was_tampered_with(engine: Engine) {
     let Some(net) = network(engine) else { return };
-    let annotations = consul_pod(config(20000), &[]);
+    let annotations = consul_pod(consul_config(20000), &[]);
     let pod = net.pod_unstarted("web");
     let result = stdout_json(&pod.add(Some(&annotations)));
     assert!(pod.check(Some(&annotations)).status.success(), "{engine:?}: CHECK right after ADD");
@@ -296,7 +287,7 @@ both_engines!(del_removes_only_ours_and_succeeds_again_when_the_namespace_is_gon
 fn del_removes_only_ours_and_succeeds_again_when_the_namespace_is_gone(engine: Engine) {
     let Some(net) = network(engine) else { return };
     let (pod, before) = canary_pod(&net, engine, "web");
-    let annotations = consul_pod(config(20000), &[]);
+    let annotations = consul_pod(consul_config(20000), &[]);
     assert!(pod.add(Some(&annotations)).status.success());
     assert_ne!(engine.snapshot(&pod.ns), before);
 
@@ -325,7 +316,7 @@ fn without_a_backend_key_the_nftables_engine_installs_and_iptables_stays_a_choic
     if !privileged() {
         return;
     }
-    let annotations = consul_pod(config(20000), &[]);
+    let annotations = consul_pod(consul_config(20000), &[]);
     let stdin = |engine_keys: Value| {
         let mut conf = json!({"cniVersion": "1.0.0", "name": "lifecycle", "type": "tproxy-cni",
             "runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations}, "prevResult": prev_result(true)});
@@ -398,15 +389,15 @@ fn bad_input_gets_its_code_and_a_readable_message_and_changes_nothing(engine: En
         }
         conf.to_string()
     };
-    let mut bad_port = config(20000);
+    let mut bad_port = consul_config(20000);
     bad_port["ProxyInboundPort"] = json!(65536);
-    let mut bad_cidr = config(20000);
+    let mut bad_cidr = consul_config(20000);
     bad_cidr["ExcludeOutboundCIDRs"] = json!(["10.0.0.0/33"]);
-    let mut bad_uid = config(20000);
+    let mut bad_uid = consul_config(20000);
     bad_uid["ProxyUserID"] = json!("envoy");
-    let mut injected = config(20000);
+    let mut injected = consul_config(20000);
     injected["ExcludeInboundPorts"] = json!(["22\n-A OUTPUT -j ACCEPT"]);
-    let mut option_text = config(20000);
+    let mut option_text = consul_config(20000);
     option_text["ExcludeOutboundCIDRs"] = json!(["0.0.0.0/0 -j ACCEPT"]);
 
     let cases: Vec<(&str, String, u64, &str)> = vec![
@@ -428,7 +419,7 @@ fn bad_input_gets_its_code_and_a_readable_message_and_changes_nothing(engine: En
     }
 
     // Missing environment.
-    let stdin = with_config(config(20000));
+    let stdin = with_config(consul_config(20000));
     let netns = ns.path();
     for (drop, msg) in [
         ("CNI_CONTAINERID", "CNI_CONTAINERID is required"),
@@ -531,7 +522,7 @@ fn a_failed_transaction_leaves_the_namespace_as_it_was(engine: Engine) {
     if !privileged() {
         return;
     }
-    let first = consul_pod(config(21000), &[]);
+    let first = consul_pod(consul_config(21000), &[]);
     // Into a namespace with nothing of ours, and over an IPv4-only copy of another configuration.
     for earlier in [None, Some(&first)] {
         let (ns, _) = canary_ns(engine, "tpf");
@@ -540,8 +531,11 @@ fn a_failed_transaction_leaves_the_namespace_as_it_was(engine: Engine) {
         }
         let fault = Fault::plant(engine, &ns);
         let before = transaction_state(engine, &ns);
-        let out =
-            call("ADD", &ns, &plugin_stdin(engine, Some(&consul_pod(config(20000), &[])), Some(&prev_result(true))));
+        let out = call(
+            "ADD",
+            &ns,
+            &plugin_stdin(engine, Some(&consul_pod(consul_config(20000), &[])), Some(&prev_result(true))),
+        );
         let doc = error_of(&out);
         assert_eq!(doc["code"], 101, "{engine:?}: {doc}");
         for s in fault.says() {

@@ -16,15 +16,6 @@ use std::process::{Command, Output, Stdio};
 use crate::support::*;
 use serde_json::{Value, json};
 
-fn config(inbound: u16) -> Value {
-    json!({
-        "ConsulDNSIP": "127.0.0.1", "ConsulDNSPort": 8600, "ProxyUserID": "5995",
-        "ProxyInboundPort": inbound, "ProxyOutboundPort": 15001,
-        "ExcludeInboundPorts": ["9090"], "ExcludeOutboundPorts": ["5432", "6379"],
-        "ExcludeOutboundCIDRs": ["192.0.2.0/24", "198.51.100.0/24", "2001:db8::/32"], "ExcludeUIDs": ["5996"]
-    })
-}
-
 /// Foreign things that must survive: an nftables table of another program (with a set, a base
 /// chain and a rule), a table with our name in a family we never use, and an iptables-nft rule
 /// and chain in the nat table our base chains share hooks with.
@@ -110,7 +101,7 @@ fn add_check_del_need_no_iptables_and_no_nft_program() {
         return;
     }
     let ns = Netns::new("tpn");
-    let annotations = consul_pod(config(20000), &[]);
+    let annotations = consul_pod(consul_config(20000), &[]);
     let prev = prev_result(true);
     // A mount namespace of the plugin's own in which every directory that holds iptables or nft
     // programs is an empty tmpfs, and PATH names an empty directory: if the plugin started any
@@ -176,7 +167,7 @@ fn foreign_tables_and_iptables_rules_survive_add_check_del_byte_for_byte() {
     plant_foreigners(&pod.ns);
     let before = pod.ns.snapshot_with_nft();
     let theirs = foreigners(&pod.ns);
-    let annotations = consul_pod(config(20000), &[]);
+    let annotations = consul_pod(consul_config(20000), &[]);
     let result: Value = serde_json::from_str(&ok(&pod.add(Some(&annotations)))).unwrap();
     let once = pod.ns.snapshot_with_nft();
     assert_ne!(once, before);

@@ -1073,6 +1073,17 @@ pub fn kuma_pod(yaml: Option<&str>, extra: &[(&str, &str)]) -> serde_json::Value
     a
 }
 
+/// A Consul webhook's `redirect-traffic-config` with both families' exclusions (ports, CIDRs, a
+/// UID) and `inbound` as the proxy's inbound port: the lifecycle and nftables suites' pod.
+pub fn consul_config(inbound: u16) -> serde_json::Value {
+    serde_json::json!({
+        "ConsulDNSIP": "127.0.0.1", "ConsulDNSPort": 8600, "ProxyUserID": "5995",
+        "ProxyInboundPort": inbound, "ProxyOutboundPort": 15001,
+        "ExcludeInboundPorts": ["9090"], "ExcludeOutboundPorts": ["5432", "6379"],
+        "ExcludeOutboundCIDRs": ["192.0.2.0/24", "198.51.100.0/24", "2001:db8::/32"], "ExcludeUIDs": ["5996"]
+    })
+}
+
 /// Consul annotations as the webhook writes them, with the given redirect-traffic-config JSON.
 pub fn consul_pod(config: serde_json::Value, extra: &[(&str, &str)]) -> serde_json::Value {
     let mut a = serde_json::json!({
